@@ -1,0 +1,167 @@
+"""BERT as published (Devlin et al. 2019): post-LayerNorm blocks, exact GELU, learned positions.
+
+Shapes: B batch, T sequence, D hidden, N heads, H head size, F feed-forward, P masked positions,
+V vocabulary. Parameters are float32; `dtype` is the compute dtype. Every weight carries logical
+axis names; `training/mesh.py` maps them onto the mesh.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import constrain, dropout, fold, layer_norm, normal, zeros
+
+# name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
+SIZES = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    remat: bool = False
+
+    @classmethod
+    def of_size(cls, size: str, vocab_size: int, **overrides) -> "BertConfig":
+        if size not in SIZES:
+            raise ValueError(f"unknown BERT size {size!r}; choose one of {', '.join(SIZES)}")
+        layers, hidden, heads = SIZES[size]
+        base = cls(vocab_size=vocab_size, num_layers=layers, hidden_size=hidden,
+                   num_heads=heads, intermediate_size=4 * hidden)
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def from_model_config(cls, model_cfg) -> "BertConfig":
+        """From a run config's `model` group (size, vocab_size and the fields named like ours)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+        overrides = {k: v for k, v in dict(model_cfg).items() if k in fields}
+        return cls.of_size(model_cfg["size"], model_cfg["vocab_size"], **overrides)
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def _dense(cfg: BertConfig, d_in, d_out, in_axes, out_axes, rngs, axis=-1) -> nnx.LinearGeneral:
+    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
+    return nnx.LinearGeneral(
+        d_in, d_out, axis=axis, dtype=jnp.dtype(cfg.dtype),
+        kernel_init=normal(cfg.initializer_range, *in_axes, *out_axes),
+        bias_init=zeros(*out_axes), rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        init = lambda *axes: normal(cfg.initializer_range, *axes)
+        self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init("vocab", "embed"), rngs=rngs)
+        self.position = nnx.Embed(cfg.max_position, cfg.hidden_size, embedding_init=init(None, "embed"), rngs=rngs)
+        self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init(None, "embed"), rngs=rngs)
+        self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+        self.cfg = cfg
+
+    def __call__(self, input_ids, token_type_ids, key):
+        T = input_ids.shape[1]
+        x_BTD = self.word(input_ids) + self.position(jnp.arange(T))[None] + self.token_type(token_type_ids)
+        x_BTD = self.norm(x_BTD).astype(self.cfg.dtype)
+        return constrain(dropout(x_BTD, self.cfg.dropout, key), "batch", "seq", None)
+
+
+class Layer(nnx.Module):
+    """One post-LayerNorm transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        D, N, H, F = cfg.hidden_size, cfg.num_heads, cfg.head_size, cfg.intermediate_size
+        self.query = _dense(cfg, D, (N, H), ["embed"], ["heads", "kv"], rngs)
+        self.key = _dense(cfg, D, (N, H), ["embed"], ["heads", "kv"], rngs)
+        self.value = _dense(cfg, D, (N, H), ["embed"], ["heads", "kv"], rngs)
+        self.attn_out = _dense(cfg, (N, H), D, ["heads", "kv"], ["embed"], rngs, axis=(-2, -1))
+        self.attn_norm = layer_norm(D, cfg.layer_norm_eps, rngs)
+        self.mlp_in = _dense(cfg, D, F, ["embed"], ["mlp"], rngs)
+        self.mlp_out = _dense(cfg, F, D, ["mlp"], ["embed"], rngs)
+        self.mlp_norm = layer_norm(D, cfg.layer_norm_eps, rngs)
+        self.cfg = cfg
+
+    def __call__(self, x_BTD, mask_BT, key):
+        cfg = self.cfg
+        q_BTNH = constrain(self.query(x_BTD), "batch", "seq", "heads", "kv")
+        k_BSNH = constrain(self.key(x_BTD), "batch", "seq", "heads", "kv")
+        v_BSNH = constrain(self.value(x_BTD), "batch", "seq", "heads", "kv")
+        scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32)
+        scores_BNTS = scores_BNTS / jnp.sqrt(cfg.head_size).astype(jnp.float32)
+        scores_BNTS = jnp.where(mask_BT[:, None, None, :], scores_BNTS, jnp.finfo(jnp.float32).min)
+        probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(cfg.dtype)
+        probs_BNTS = dropout(probs_BNTS, cfg.attention_dropout, fold(key, 0))
+        ctx_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+        attn_BTD = dropout(self.attn_out(ctx_BTNH), cfg.dropout, fold(key, 1))
+        x_BTD = self.attn_norm(x_BTD + attn_BTD).astype(cfg.dtype)
+
+        h_BTF = constrain(jax.nn.gelu(self.mlp_in(x_BTD), approximate=False), "batch", "seq", "mlp")
+        mlp_BTD = dropout(self.mlp_out(h_BTF), cfg.dropout, fold(key, 2))
+        x_BTD = self.mlp_norm(x_BTD + mlp_BTD).astype(cfg.dtype)
+        return constrain(x_BTD, "batch", "seq", None)
+
+
+class BertEncoder(nnx.Module):
+    """Embeddings, the transformer stack and the tanh pooler over [CLS]."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.embed = Embeddings(cfg, rngs)
+        self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, ["embed"], [None], rngs)
+        self.cfg = cfg
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
+        """Returns (hidden states BTD, pooled BD). `key=None` disables dropout."""
+        mask_BT = attention_mask.astype(bool)
+        x_BTD = self.embed(input_ids, token_type_ids, fold(key, 0))
+        for i, layer in enumerate(self.layers):
+            call = nnx.remat(type(layer).__call__) if self.cfg.remat else type(layer).__call__
+            x_BTD = call(layer, x_BTD, mask_BT, fold(key, i + 1))
+        pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0]))
+        return x_BTD, pooled_BD
+
+
+class BertForPreTraining(nnx.Module):
+    """Encoder with the MLM head (tied to the word embeddings) and the NSP head."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.mlm_transform = _dense(cfg, cfg.hidden_size, cfg.hidden_size, ["embed"], [None], rngs)
+        self.mlm_norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
+        self.mlm_bias = nnx.Param(zeros("vocab")(rngs.params(), (cfg.vocab_size,)))
+        self.nsp = _dense(cfg, cfg.hidden_size, 2, ["embed"], [None], rngs)
+        self.cfg = cfg
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, masked_positions=None, *, key=None):
+        """Returns (MLM logits, NSP logits BC), both float32.
+
+        With `masked_positions` (BP) the vocabulary projection runs only at those P positions,
+        as the original BERT did (logits BPV); without, at every position (logits BTV).
+        """
+        x_BTD, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=key)
+        if masked_positions is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, masked_positions[..., None], axis=1)
+        h_BTD = jax.nn.gelu(self.mlm_transform(x_BTD), approximate=False)
+        h_BTD = self.mlm_norm(h_BTD).astype(self.cfg.dtype)
+        logits_BTV = self.encoder.embed.word.attend(h_BTD).astype(jnp.float32) + self.mlm_bias[...]
+        logits_BTV = constrain(logits_BTV, "batch", None, "vocab")
+        return logits_BTV, self.nsp(pooled_BD).astype(jnp.float32)

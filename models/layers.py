@@ -1,0 +1,56 @@
+"""Blocks shared by the model families: sharded initialisers, activation constraints, dropout.
+
+Model code names logical axes only (`batch, seq, embed, heads, kv, mlp, vocab, patch`); the one
+table that maps them onto the `(data, fsdp, tensor)` mesh lives in `training/mesh.py` and is in
+force through `flax.core.spmd.logical_axis_rules` while a step is traced.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec as P
+
+
+def sharded(init, *axes):
+    """An initialiser whose variable carries logical axis names (None: never sharded)."""
+    return nnx.with_partitioning(init, axes)
+
+
+def normal(stddev: float, *axes):
+    return sharded(nnx.initializers.normal(stddev), *axes)
+
+
+def zeros(*axes):
+    return sharded(nnx.initializers.zeros_init(), *axes)
+
+
+def ones(*axes):
+    return sharded(nnx.initializers.ones_init(), *axes)
+
+
+def constrain(x: jax.Array, *axes) -> jax.Array:
+    """Pin an activation's sharding by logical axis names; a no-op outside a mesh and rules."""
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spmd.apply_rules(P(*axes), ()))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout from an explicit key; `key=None` means deterministic (eval)."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def fold(key: jax.Array | None, i: int) -> jax.Array | None:
+    """A sub-stream of `key` for site `i` (None stays None), so every dropout site differs."""
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Statistics in float32 whatever the compute dtype: bf16 variance loses too much.
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32,
+                         scale_init=ones("embed"), bias_init=zeros("embed"), rngs=rngs)

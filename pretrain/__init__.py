@@ -1,0 +1,1 @@
+"""BERT pretraining with MLM and NSP: `python -m pretrain`."""

@@ -1,0 +1,224 @@
+"""BERT pretraining (MLM + NSP): the loop, top to bottom.
+
+`train_and_evaluate(config, workdir)` builds the mesh, the data, the sharded train state (or
+restores the latest checkpoint in the workdir), then runs jit-compiled steps with explicit
+shardings and donated state, evaluating, logging and checkpointing as configured.
+"""
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.core import spmd
+from tqdm import tqdm
+
+from data.pretraining import build_pretraining_corpus
+from models.bert import BertConfig, BertForPreTraining
+from pretrain import objectives
+from training import mesh as mesh_lib
+from training.checkpoint import Checkpointer
+from training.config import save_config
+from training.errors import UserError
+from training.metrics import MetricsWriter
+from training.optim import learning_rate_schedule, make_optimizer
+from training.perf import peak_flops_per_device
+from training.state import abstract_state, create_train_state
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+def make_train_step(graphdef, tx, *, seed: int, grad_accum: int):
+    """One optimizer update over the global batch, split into `grad_accum` microbatches.
+
+    Each microbatch's loss is normalised by the *global* prediction counts, so the summed
+    gradient equals the full-batch gradient. Dropout keys derive from (seed, step, microbatch).
+    """
+
+    def loss_fn(params, micro, norm, key):
+        model = nnx.merge(graphdef, params)
+        mlm_BPV, nsp_BC = model(micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
+                                micro["masked_positions"], key=key)
+        sums = objectives.mlm_nsp_sums(mlm_BPV, nsp_BC, micro)
+        return objectives.total_loss(sums, norm), sums
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        norm = objectives.normalisers(batch)
+        # Microbatch i takes rows i, i+A, i+2A...: every device keeps its own rows, no shuffle.
+        micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def accumulate(carry, i):
+            grads, sums = carry
+            mb = jax.tree.map(lambda x: x[i], micro)
+            g, s = grad_fn(state["params"], mb, norm, jax.random.fold_in(key, i))
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in objectives.SUM_KEYS}
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), jnp.arange(grad_accum))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {"params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, {**sums, "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        mlm_BPV, nsp_BC = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                batch["masked_positions"])
+        return objectives.mlm_nsp_sums(mlm_BPV, nsp_BC, batch)
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping: SIGTERM / Ctrl-C finish the current step, save, and exit; a rerun resumes.
+# ---------------------------------------------------------------------------------------------
+
+class StopRequest:
+    def __init__(self):
+        self.signal = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+
+    # ---- Mesh and data ----------------------------------------------------------------------
+    mesh = mesh_lib.make_mesh(config.mesh)
+    mesh_lib.check_divisible(tc.batch_size, mesh)
+    if tc.batch_size % (tc.grad_accum * mesh_lib.data_parallel_size(mesh)):
+        raise UserError(f"train.batch_size={tc.batch_size} must divide into train.grad_accum="
+                        f"{tc.grad_accum} microbatches of a multiple of the data-parallel size "
+                        f"{mesh_lib.data_parallel_size(mesh)}")
+    dc = config.data
+    corpus = build_pretraining_corpus(
+        dc.source, Path(dc.data_dir).expanduser(), workdir, vocab_size=dc.vocab_size,
+        max_seq_len=dc.max_seq_len, short_seq_prob=dc.short_seq_prob, dupe_factor=dc.dupe_factor,
+        eval_fraction=dc.eval_fraction, seed=tc.seed, tokenizer_dir=dc.tokenizer or None)
+    batch_kwargs = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
+                        whole_word=dc.whole_word, process_index=jax.process_index(),
+                        process_count=jax.process_count())
+
+    # ---- Model and train state --------------------------------------------------------------
+    with config.unlocked():
+        # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
+        config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
+    model_cfg = BertConfig.from_model_config(config.model)
+    model_fn = lambda rngs: BertForPreTraining(model_cfg, rngs)
+    tx = make_optimizer(config.optim, tc.steps)
+    target, shardings, graphdef = abstract_state(model_fn, tx, mesh)
+    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+    start = ckpt.latest_step()
+    if start is None:
+        state, _, _ = create_train_state(model_fn, tx, mesh, tc.seed)
+        start = 0
+    else:
+        state, data_state = ckpt.restore(start, target)
+        assert data_state["next_step"] == start, data_state
+    if jax.process_index() == 0:
+        save_config(config, workdir / "config.json")
+
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    train_step = jax.jit(make_train_step(graphdef, tx, seed=tc.seed, grad_accum=tc.grad_accum),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, None), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding))
+
+    def evaluate(params) -> dict[str, float]:
+        totals = None
+        for i in range(min(corpus.num_eval_batches(tc.batch_size), config.eval.max_batches)):
+            local = corpus.eval_batch(i, tc.batch_size, **batch_kwargs)
+            sums = eval_step(params, mesh_lib.global_batch(local, mesh))
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        return objectives.summarize(jax.device_get(totals), "eval") if totals else {}
+
+    # ---- Loop -------------------------------------------------------------------------------
+    metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
+    flops = objectives.bert_train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions)
+    peak = peak_flops_per_device(config.perf.peak_tflops) * jax.device_count()
+    tokens_per_step = tc.batch_size * dc.max_seq_len
+    lr = learning_rate_schedule(config.optim, tc.steps)
+    stop = StopRequest()
+    bar = tqdm(total=tc.steps, initial=start, disable=jax.process_index() != 0, unit="step",
+               dynamic_ncols=True, desc="pretrain")
+    window_sums, window_start, window_steps = None, time.perf_counter(), 0
+    final_eval = {}
+    step = start
+    try:
+        with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
+            while step < tc.steps and stop.signal is None:
+                local = corpus.batch("train", step, tc.batch_size, **batch_kwargs)
+                state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
+                step += 1
+                window_steps += 1
+                window_sums = sums if window_sums is None else jax.tree.map(jnp.add, window_sums, sums)
+                bar.update(1)
+
+                if step % tc.log_every == 0 or step == tc.steps:
+                    host = jax.device_get(window_sums)
+                    elapsed = time.perf_counter() - window_start
+                    out = objectives.summarize(host, "train")
+                    if not math.isfinite(out["train/loss"]):
+                        raise UserError(f"loss became {out['train/loss']} by step {step}; lower "
+                                        f"optim.lr or raise optim.warmup_steps, then rerun to "
+                                        f"resume from the last good checkpoint")
+                    out["train/grad_norm"] = float(host["grad_norm"]) / window_steps
+                    out["train/lr"] = float(lr(step - 1))
+                    out["perf/steps_per_sec"] = window_steps / elapsed
+                    out["perf/tokens_per_sec"] = window_steps * tokens_per_step / elapsed
+                    if peak:
+                        out["perf/mfu"] = window_steps * flops / elapsed / peak
+                    metrics.write(step, out)
+                    bar.set_postfix(loss=f"{out['train/loss']:.3f}",
+                                    tok_s=f"{out['perf/tokens_per_sec']:.0f}", refresh=False)
+                    window_sums, window_start, window_steps = None, time.perf_counter(), 0
+
+                if step % config.eval.every_steps == 0 or step == tc.steps:
+                    final_eval = evaluate(state["params"])
+                    metrics.write(step, final_eval)
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
+                    window_start = time.perf_counter()  # eval time is not train throughput
+
+                ckpt.maybe_save(step, state, {"next_step": step},
+                                force=step == tc.steps or stop.signal is not None)
+    finally:
+        stop.restore()
+        bar.close()
+        ckpt.wait()
+        ckpt.close()
+        metrics.close()
+    if stop.signal is not None and step < tc.steps:
+        print(f"{stop.signal}: stopped at step {step}, checkpoint saved in {ckpt.directory}; "
+              f"run the same command again to resume")
+    return final_eval

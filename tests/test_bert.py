@@ -1,0 +1,53 @@
+"""The BERT model and its objectives against independent references."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from conftest import random_batch
+from models.bert import SIZES, BertConfig, BertForPreTraining
+from pretrain import objectives
+
+
+def test_masked_position_mlm_loss_equals_dense_reference():
+    cfg = BertConfig.of_size("tiny", 256, max_position=32)
+    with nnx.use_eager_sharding(False):
+        model = BertForPreTraining(cfg, nnx.Rngs(0))
+    b = random_batch(np.random.default_rng(1), 4, 32, 256, 6)
+    args = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    mlm_BPV, nsp_BC = model(*args, b["masked_positions"])
+    sums = objectives.mlm_nsp_sums(mlm_BPV, nsp_BC, b)
+
+    # Reference: logits at every position, labels scattered into a dense (B, T) grid, -1 elsewhere.
+    dense_BTV, _ = model(*args)
+    labels = np.full(b["input_ids"].shape, -1)
+    for row in range(4):
+        keep = b["masked_weights"][row] > 0
+        labels[row, b["masked_positions"][row][keep]] = b["masked_ids"][row][keep]
+    logp = np.asarray(jax.nn.log_softmax(dense_BTV, axis=-1), np.float64)
+    rows, cols = np.nonzero(labels >= 0)
+    reference = -logp[rows, cols, labels[rows, cols]].mean()
+    np.testing.assert_allclose(float(sums["mlm_loss"] / sums["mlm_count"]), reference, atol=1e-5)
+    assert sums["mlm_count"] == len(rows)
+
+
+def test_size_table_and_parameter_count():
+    # BERT-base has 110M parameters (Devlin et al.), with the 30,522-token vocabulary.
+    cfg = BertConfig.of_size("base", 30522)
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: BertForPreTraining(cfg, nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert 109e6 < count < 111e6, count
+    assert SIZES["large"] == (24, 1024, 16)
+
+
+def test_dropout_is_active_only_with_a_key():
+    cfg = BertConfig.of_size("tiny", 256, max_position=32)
+    with nnx.use_eager_sharding(False):
+        model = BertForPreTraining(cfg, nnx.Rngs(0))
+    b = random_batch(np.random.default_rng(2), 2, 32, 256, 4)
+    args = (b["input_ids"], b["token_type_ids"], b["attention_mask"], b["masked_positions"])
+    eval_a, eval_b = model(*args)[0], model(*args)[0]
+    train_a, train_b = model(*args, key=jax.random.key(0))[0], model(*args, key=jax.random.key(1))[0]
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_a, train_b) and not np.allclose(train_a, eval_a)

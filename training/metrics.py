@@ -1,0 +1,52 @@
+"""The one metrics sink: JSONL always, TensorBoard, W&B when configured; process 0 writes."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, wandb_project: str = "", run_name: str = "", config=None,
+                 after_step: int = 0):
+        """`after_step`: the step a resumed run starts from; later lines of a killed run go."""
+        self.enabled = jax.process_index() == 0
+        self._jsonl = self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        workdir = Path(workdir)
+        path = workdir / "metrics.jsonl"
+        kept = [line for line in read_metrics(workdir) if line["step"] <= after_step]
+        path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        self._jsonl = open(path, "a", buffering=1)
+        from tensorboardX import SummaryWriter  # imported late: it is slow to import
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if wandb_project:
+            import wandb
+            self._wandb = wandb.init(project=wandb_project, name=run_name or workdir.name,
+                                     config=config, dir=str(workdir), resume="allow")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled or not metrics:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+        for k, v in metrics.items():
+            if math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

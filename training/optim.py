@@ -1,0 +1,37 @@
+"""AdamW with BERT's recipe: linear warmup, then linear or cosine decay; no decay on norms, biases."""
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    warmup = min(optim_cfg.warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    end = optim_cfg.lr * optim_cfg.end_lr_ratio
+    if optim_cfg.decay == "linear":
+        decay = optax.linear_schedule(optim_cfg.lr, end, decay_steps)
+    elif optim_cfg.decay == "cosine":
+        decay = optax.cosine_decay_schedule(optim_cfg.lr, decay_steps, alpha=optim_cfg.end_lr_ratio)
+    elif optim_cfg.decay == "constant":
+        decay = optax.constant_schedule(optim_cfg.lr)
+    else:
+        raise ValueError(f"optim.decay={optim_cfg.decay!r}: choose linear, cosine or constant")
+    warm = optax.linear_schedule(0.0, optim_cfg.lr, max(warmup, 1))
+    return optax.join_schedules([warm, decay], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: LayerNorm scales and all biases are exempt, as in BERT."""
+    def keep(path, _):
+        name = getattr(path[-1], "key", "")
+        return name not in ("bias", "scale") and not str(name).endswith("_bias")
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
+    return optax.chain(
+        optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask),
+    )
