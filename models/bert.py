@@ -80,7 +80,11 @@ class Embeddings(nnx.Module):
 
     def __call__(self, input_ids, token_type_ids, key):
         T = input_ids.shape[1]
-        x_BTD = self.word(input_ids) + self.position(jnp.arange(T))[None] + self.token_type(token_type_ids)
+        # Gather the fsdp-sharded table before the lookup (as FSDP does for every weight), so
+        # the partitioner never has to reshard the gather's output from the table's layout.
+        table_VD = constrain(self.word.embedding[...], "vocab", None)
+        words_BTD = jnp.take(table_VD, input_ids, axis=0)
+        x_BTD = words_BTD + self.position(jnp.arange(T))[None] + self.token_type(token_type_ids)
         x_BTD = self.norm(x_BTD).astype(self.cfg.dtype)
         return constrain(dropout(x_BTD, self.cfg.dropout, key), "batch", "seq", None)
 

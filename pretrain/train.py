@@ -172,7 +172,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     stop = StopRequest()
     bar = tqdm(total=tc.steps, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc="pretrain")
-    window_sums, window_start, window_steps = None, time.perf_counter(), 0
+    # Losses average over the log window; throughput over the timed steps in it, which leave
+    # out compilation (the first step) and evaluation.
+    window_sums, window_steps = None, 0
+    timer_start, timed_steps = time.perf_counter(), 0
     final_eval = {}
     step = start
     try:
@@ -181,13 +184,16 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                 local = corpus.batch("train", step, tc.batch_size, **batch_kwargs)
                 state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
                 step += 1
-                window_steps += 1
+                window_steps, timed_steps = window_steps + 1, timed_steps + 1
                 window_sums = sums if window_sums is None else jax.tree.map(jnp.add, window_sums, sums)
                 bar.update(1)
+                if step == start + 1:
+                    jax.block_until_ready(sums)
+                    timer_start, timed_steps = time.perf_counter(), 0
 
                 if step % tc.log_every == 0 or step == tc.steps:
                     host = jax.device_get(window_sums)
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - timer_start
                     out = objectives.summarize(host, "train")
                     if not math.isfinite(out["train/loss"]):
                         raise UserError(f"loss became {out['train/loss']} by step {step}; lower "
@@ -195,20 +201,22 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                                         f"resume from the last good checkpoint")
                     out["train/grad_norm"] = float(host["grad_norm"]) / window_steps
                     out["train/lr"] = float(lr(step - 1))
-                    out["perf/steps_per_sec"] = window_steps / elapsed
-                    out["perf/tokens_per_sec"] = window_steps * tokens_per_step / elapsed
-                    if peak:
-                        out["perf/mfu"] = window_steps * flops / elapsed / peak
+                    if timed_steps:
+                        out["perf/steps_per_sec"] = timed_steps / elapsed
+                        out["perf/tokens_per_sec"] = timed_steps * tokens_per_step / elapsed
+                        if peak:
+                            out["perf/mfu"] = timed_steps * flops / elapsed / peak
                     metrics.write(step, out)
                     bar.set_postfix(loss=f"{out['train/loss']:.3f}",
-                                    tok_s=f"{out['perf/tokens_per_sec']:.0f}", refresh=False)
-                    window_sums, window_start, window_steps = None, time.perf_counter(), 0
+                                    tok_s=f"{out.get('perf/tokens_per_sec', 0):.0f}", refresh=False)
+                    window_sums, window_steps = None, 0
+                    timer_start, timed_steps = time.perf_counter(), 0
 
                 if step % config.eval.every_steps == 0 or step == tc.steps:
                     final_eval = evaluate(state["params"])
                     metrics.write(step, final_eval)
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
-                    window_start = time.perf_counter()  # eval time is not train throughput
+                    timer_start, timed_steps = time.perf_counter(), 0
 
                 ckpt.maybe_save(step, state, {"next_step": step},
                                 force=step == tc.steps or stop.signal is not None)

@@ -14,25 +14,32 @@ from training.errors import UserError
 
 
 def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=True, read_only=read_only)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "data"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
+                                           create=not read_only, read_only=read_only,
+                                           enable_async_checkpointing=True)
+    # Standard and PyTree handlers share one on-disk format; reading uses PyTree for its
+    # partial restore.
+    state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+    handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
-def _check_shapes(saved_tree, target_tree, where: Path) -> None:
-    saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-             jax.tree_util.tree_leaves_with_path(saved_tree) if hasattr(v, "shape")}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(target_tree):
-        # Orbax stores dict keys as strings: layer 0 comes back as '0'.
-        key = jax.tree_util.keystr(path).replace("[", "['").replace("]", "']").replace("''", "'")
-        shape = saved.get(jax.tree_util.keystr(path), saved.get(key))
-        if shape is None:
-            raise UserError(f"checkpoint {where} has no {jax.tree_util.keystr(path)}: it was written "
-                            f"by a different model; use another --workdir or the matching config")
-        if shape != tuple(leaf.shape):
-            raise UserError(f"checkpoint {where} holds {jax.tree_util.keystr(path)} of shape {shape} "
-                            f"but this config's model needs {tuple(leaf.shape)}; use another "
-                            f"--workdir or the config it was trained with")
+def _flat_shapes(tree) -> dict[str, tuple]:
+    # Orbax stores every dict key as a string (layer 0 comes back as '0'): compare by name.
+    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return {name(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_params_shapes(saved_params, target_params, where: Path) -> None:
+    saved, wanted = _flat_shapes(saved_params), _flat_shapes(target_params)
+    for name, shape in wanted.items():
+        if name not in saved:
+            raise UserError(f"checkpoint {where} has no parameter {name}: it was written by a "
+                            f"different model; use another --workdir or the matching config")
+        if saved[name] != shape:
+            raise UserError(f"checkpoint {where} holds {name} of shape {saved[name]} but this "
+                            f"config's model needs {shape}; use another --workdir or the config "
+                            f"it was trained with")
 
 
 class Checkpointer:
@@ -56,8 +63,8 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """Restore into `abstract_state` (ShapeDtypeStructs with this run's shardings)."""
-        _check_shapes(self._manager.item_metadata(step)["state"], abstract_state,
-                      self.directory / str(step))
+        _check_params_shapes(self._manager.item_metadata(step)["state"]["params"],
+                             abstract_state["params"], self.directory / str(step))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
@@ -96,8 +103,15 @@ def read_params(src: str | Path, shardings=None) -> tuple[dict, int]:
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                               meta, shardings)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    # Restore only the params: optimizer state is never read (partial restore).
+    # Restore only the params: the optimizer state is never read.
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
     manager.close()
-    return restored["state"]["params"], step
+    return _int_keys(restored["state"]["params"]), step
+
+
+def _int_keys(tree):
+    """Orbax returns list indices of an `nnx.List` ('0', '1', ...) as strings; make them ints."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}

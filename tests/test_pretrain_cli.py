@@ -1,0 +1,93 @@
+"""`python -m pretrain` end to end: resume after SIGTERM is bitwise exact; bad input is one line."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.__main__ import main
+from training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_flags(data_dir, **extra) -> list[str]:
+    flags = dict(data__source="pydocs", data__vocab_size=512, data__max_seq_len=32,
+                 data__max_predictions=5, data__dupe_factor=1, train__batch_size=16,
+                 train__log_every=1, optim__warmup_steps=2, eval__every_steps=1000,
+                 eval__max_batches=2, perf__peak_tflops=0.0, data__data_dir=str(data_dir), **extra)
+    return [f"--config.{k.replace('__', '.')}={v}" for k, v in flags.items()]
+
+
+def cli(workdir, data_dir, **extra) -> list[str]:
+    return [sys.executable, "-m", "pretrain", "--workdir", str(workdir), *tiny_flags(data_dir, **extra)]
+
+
+def losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+def test_sigterm_then_rerun_resumes_bitwise(tmp_path, data_dir):
+    steps = dict(train__steps=14, checkpoint__every_steps=4)
+    full = subprocess.run(cli(tmp_path / "full", data_dir, **steps), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    workdir = tmp_path / "stopped"
+    proc = subprocess.Popen(cli(workdir, data_dir, **steps), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while max(losses(workdir), default=0) < 6 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    stopped_at = max(losses(workdir))
+    assert 6 <= stopped_at < 14, "the run finished before it was stopped; nothing was tested"
+    assert f"SIGTERM: stopped at step {stopped_at}" in out
+    assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
+
+    again = subprocess.run(cli(workdir, data_dir, **steps), cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert losses(workdir) == losses(tmp_path / "full")  # every step, bitwise
+    assert sorted(losses(workdir)) == list(range(1, 15))
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_unknown_config_key_names_the_closest(capsys, tmp_path):
+    err = one_line_error(capsys, ["--workdir", str(tmp_path), "--config.train.bach_size=8"])
+    assert "did you mean --config.train.batch_size" in err
+
+
+def test_mesh_that_does_not_match_the_devices(capsys, tmp_path, data_dir):
+    err = one_line_error(capsys, ["--workdir", str(tmp_path), *tiny_flags(data_dir), "--config.mesh.data=3"])
+    assert "(3, 1, 1)" in err and "8 devices" in err
+
+
+def test_batch_not_divisible_by_data_parallel_size(capsys, tmp_path, data_dir):
+    err = one_line_error(capsys, ["--workdir", str(tmp_path), *tiny_flags(data_dir),
+                                  "--config.train.batch_size=12"])
+    assert "not divisible by the data-parallel size 8" in err
+
+
+def test_workdir_of_another_model_shape(capsys, tmp_path, data_dir):
+    main(["--workdir", str(tmp_path), *tiny_flags(data_dir, train__steps=1)])
+    config_before = (tmp_path / "config.json").read_text()
+    err = one_line_error(capsys, ["--workdir", str(tmp_path), *tiny_flags(data_dir, train__steps=1),
+                                  "--config.model.size=mini"])
+    assert "shape" in err and "another --workdir" in err
+    assert (tmp_path / "config.json").read_text() == config_before  # nothing written is lost
+    assert json.loads(config_before)["model"]["size"] == "tiny"
