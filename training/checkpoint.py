@@ -4,6 +4,7 @@ Saves are asynchronous (training goes on while the previous step is written); a 
 half-way leaves only an `*.orbax-checkpoint-tmp` folder, which restores never see.
 """
 
+import json
 from pathlib import Path
 
 import jax
@@ -115,3 +116,21 @@ def _int_keys(tree):
     if not isinstance(tree, dict):
         return tree
     return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+
+
+def load_checkpoint_params(src: str | Path) -> tuple[dict, dict, Path | None, str]:
+    """A run's params, its `model` config group, its tokenizer folder and its kind.
+
+    SRC is a pretraining or fine-tuning workdir or one of its `checkpoints/<step>` folders.
+    """
+    directory, _ = resolve_step_dir(src)
+    workdir = directory.parent
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{config_path} not found: pass a workdir written by python -m pretrain "
+                        f"or python -m finetune (or one of its checkpoints/<step> folders)")
+    config = json.loads(config_path.read_text())
+    params, _ = read_params(src)
+    tokenizer = workdir / "tokenizer"
+    return params, config["model"], tokenizer if tokenizer.is_dir() else None, \
+        "finetune" if "task" in config else "pretrain"
