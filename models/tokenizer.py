@@ -1,0 +1,146 @@
+"""BERT WordPiece tokenizer: a thin wrapper around a HuggingFace `tokenizers.Tokenizer`.
+
+The setup is BERT's own (BertNormalizer, BertPreTokenizer, WordPiece with `##` continuations,
+[CLS] A [SEP] B [SEP] post-processing), so the saved `vocab.txt` gives the same ids in
+`transformers.BertTokenizer` and the saved `tokenizer.json` loads in `AutoTokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+# At the front of the vocabulary, so [PAD] is id 0 like in BERT's vocab.txt.
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+
+
+def _bert_pipeline(model: models.WordPiece, lowercase: bool) -> _HFTokenizer:
+    tok = _HFTokenizer(model)
+    # strip_accents=None follows `lowercase`, as in BERT (uncased strips accents, cased keeps them).
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _add_post_processor(tok: _HFTokenizer) -> None:
+    cls_id, sep_id = tok.token_to_id(CLS), tok.token_to_id(SEP)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+        special_tokens=[(CLS, cls_id), (SEP, sep_id)])
+
+
+class Tokenizer:
+    """WordPiece tokenizer with BERT's special tokens."""
+
+    def __init__(self, tokenizer: _HFTokenizer):
+        self._tok = tokenizer
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer vocabulary lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            ids[t] for t in SPECIAL_TOKENS)
+        self.special_ids = frozenset(ids.values())
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        self._tokens = [""] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            self._tokens[i] = token
+        # Lookup table for word_starts: one bool per id.
+        self._is_continuation = np.array([t.startswith("##") for t in self._tokens], dtype=bool)
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> "Tokenizer":
+        """Learns a WordPiece vocabulary of `vocab_size` tokens (special tokens included)."""
+        tok = _bert_pipeline(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"),
+                             lowercase)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+            continuing_subword_prefix="##", show_progress=False,
+            limit_alphabet=1000)  # as in HuggingFace's BERT recipe: rare characters become [UNK]
+        tok.train_from_iterator(texts, trainer=trainer)
+        _add_post_processor(tok)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Tokenizer":
+        """Loads `tokenizer.json`, or a HuggingFace BERT folder with only `vocab.txt`."""
+        directory = Path(directory)
+        if (directory / "tokenizer.json").exists():
+            return cls(_HFTokenizer.from_file(str(directory / "tokenizer.json")))
+        if not (directory / "vocab.txt").exists():
+            raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt")
+        lowercase = True  # BERT's default; tokenizer_config.json says otherwise for cased models.
+        config = directory / "tokenizer_config.json"
+        if config.exists():
+            lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+        # One token per line; split on "\n" only, like BERT's load_vocab (not on other breaks).
+        lines = (directory / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n")
+        vocab = {token.rstrip("\r"): i for i, token in enumerate(lines.split("\n"))}
+        tok = _bert_pipeline(
+            models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"), lowercase)
+        # Special tokens are never split, as when trained (and in transformers' BertTokenizer).
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        _add_post_processor(tok)
+        return cls(tok)
+
+    def save(self, directory: str | Path) -> None:
+        """Writes `tokenizer.json` and `vocab.txt` (one token per line, in id order)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Write then rename: several processes may save the same tokenizer to a shared folder.
+        suffix = f".{os.getpid()}.partial"
+        self._tok.save(str(directory / f"tokenizer.json{suffix}"))
+        (directory / f"vocab.txt{suffix}").write_text(
+            "".join(t + "\n" for t in self._tokens), encoding="utf-8")
+        for name in ("tokenizer.json", "vocab.txt"):
+            os.replace(directory / f"{name}{suffix}", directory / name)
+
+    # --- encoding ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of many texts at once (Rust, multi-threaded), without special tokens."""
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def encode_pair(self, a: str, b: str | None, max_len: int) -> tuple[list[int], list[int]]:
+        """`[CLS] a [SEP] b [SEP]` ids and token types; the longer side is cut to fit max_len."""
+        ids_a, ids_b = self.encode(a), (self.encode(b) if b is not None else [])
+        budget = max_len - (3 if b is not None else 2)
+        if budget < 0:
+            raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
+        while len(ids_a) + len(ids_b) > budget:  # BERT's truncate_seq_pair: cut the longer one
+            (ids_a if len(ids_a) > len(ids_b) else ids_b).pop()
+        ids = [self.cls_id, *ids_a, self.sep_id]
+        types = [0] * len(ids)
+        if b is not None:
+            ids += [*ids_b, self.sep_id]
+            types += [1] * (len(ids_b) + 1)
+        return ids, types
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str:
+        return self._tokens[i]
+
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        """True where a token starts a word (does not begin with ##); same shape as `ids`."""
+        return ~self._is_continuation[np.asarray(ids)]

@@ -1,0 +1,200 @@
+"""BERT pretraining examples: next-sentence pairs and masked tokens.
+
+Same semantics as google-research/bert `create_pretraining_data.py` (written anew here):
+`create_nsp_instances` is its `create_instances_from_document` over every document, and
+`mask_tokens` its `create_masked_lm_predictions`, vectorised over a batch so that masks can be
+drawn afresh for every batch (dynamic masking) instead of once when the data is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Next-sentence pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def _truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int,
+                       rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Cuts one token at a time from the longer side (B on ties), from its front or back at random.
+
+    Cutting both ends, not only the back, avoids a bias towards sentence starts. The coins are
+    drawn at once (the same numbers as one draw per cut) and the cuts are counted, then sliced.
+    """
+    excess = len(tokens_a) + len(tokens_b) - max_num_tokens
+    if excess <= 0:
+        return tokens_a, tokens_b
+    a0, a1, b0, b1 = 0, len(tokens_a), 0, len(tokens_b)  # the kept ranges
+    for front in rng.random(excess) < 0.5:
+        if a1 - a0 > b1 - b0:
+            a0, a1 = (a0 + 1, a1) if front else (a0, a1 - 1)
+        else:
+            b0, b1 = (b0 + 1, b1) if front else (b0, b1 - 1)
+    return tokens_a[a0:a1], tokens_b[b0:b1]
+
+
+def _instances_from_document(documents: list[list[list[int]]], doc_index: int, max_num_tokens: int,
+                             short_seq_prob: float, rng: np.random.Generator):
+    """Yields (tokens_a, tokens_b, is_random_next) for one document."""
+    document = documents[doc_index]
+    # Mostly fill the whole sequence, but sometimes (short_seq_prob) aim shorter so the model also
+    # sees short inputs like those of fine-tuning tasks.
+    target_len = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_len = int(rng.integers(2, max_num_tokens + 1))
+
+    chunk: list[list[int]] = []
+    chunk_len = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_len += len(document[i])
+        if i == len(document) - 1 or chunk_len >= target_len:
+            # Segment A is the first a_end sentences of the chunk.
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            tokens_a = [t for sentence in chunk[:a_end] for t in sentence]
+            if len(chunk) == 1 or rng.random() < 0.5:
+                # Random next: B comes from another document (up to 10 tries to avoid this one).
+                is_random_next = True
+                target_b_len = target_len - len(tokens_a)
+                for _ in range(10):
+                    other = int(rng.integers(0, len(documents)))
+                    if other != doc_index:
+                        break
+                other_doc = documents[other]
+                tokens_b = []
+                for sentence in other_doc[int(rng.integers(0, len(other_doc))):]:
+                    tokens_b.extend(sentence)
+                    if len(tokens_b) >= target_b_len:
+                        break
+                # The chunk's sentences after A were not used: put them back for the next chunk.
+                i -= len(chunk) - a_end
+            else:
+                is_random_next = False
+                tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
+            tokens_a, tokens_b = _truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+            yield tokens_a, tokens_b, is_random_next
+            chunk, chunk_len = [], 0
+        i += 1
+
+
+def create_nsp_instances(documents: list[list[list[int]]], max_seq_len: int, short_seq_prob: float,
+                         rng: np.random.Generator, cls_id: int, sep_id: int,
+                         pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One pass of `[CLS] A [SEP] B [SEP]` pairs over every document, in document order.
+
+    documents: lists of sentences, each a list of token ids (without special tokens). Empty
+    sentences and documents are dropped first. Half the time (and always when a chunk holds a
+    single sentence) B is a random span of another document.
+
+    Returns padded arrays: input_ids, token_type_ids, attention_mask (1 on real tokens) int32 [N, T]
+    and next_sentence_labels int32 [N] (0 = B follows A, 1 = B is random, as in HuggingFace).
+    Call it with several generators (BERT's dupe_factor) to get differently cut pairs.
+    """
+    max_num_tokens = max_seq_len - 3  # room for [CLS], [SEP], [SEP]
+    if max_num_tokens < 2:
+        raise ValueError(f"max_seq_len={max_seq_len} is too short for a sentence pair")
+    documents = [d for d in ([s for s in doc if len(s)] for doc in documents) if d]
+
+    rows, labels = [], []
+    for doc_index in range(len(documents)):
+        for tokens_a, tokens_b, is_random in _instances_from_document(
+            documents, doc_index, max_num_tokens, short_seq_prob, rng):
+            rows.append((tokens_a, tokens_b))
+            labels.append(int(is_random))
+
+    n = len(rows)
+    input_ids = np.full((n, max_seq_len), pad_id, np.int32)
+    token_type_ids = np.zeros((n, max_seq_len), np.int32)
+    attention_mask = np.zeros((n, max_seq_len), np.int32)
+    for r, (a, b) in enumerate(rows):
+        ids = [cls_id, *a, sep_id, *b, sep_id]
+        input_ids[r, :len(ids)] = ids
+        token_type_ids[r, len(a) + 2:len(ids)] = 1
+        attention_mask[r, :len(ids)] = 1
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids,
+            "attention_mask": attention_mask,
+            "next_sentence_labels": np.asarray(labels, np.int32).reshape(n)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.random.Generator, *,
+                vocab_size: int, mask_id: int, special_ids: Collection[int],
+                mask_prob: float = 0.15, max_predictions: int,
+                word_starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Chooses tokens to predict and corrupts them, BERT style, for a batch [N, T].
+
+    Each row predicts round(real_len * mask_prob) tokens (real_len counts [CLS]/[SEP]), at least 1
+    and at most max_predictions, chosen at random among real non-special tokens. A chosen token
+    becomes [MASK] 80% of the time, a random non-special token 10%, and stays as it is 10%.
+
+    With word_starts (bool [N, T], True where a token does not begin with ##) whole words are
+    chosen: words are taken in random order and a word that would overshoot the row's count is
+    skipped, so a word is never split (rows may then predict a little fewer tokens).
+
+    Returns input_ids (corrupted copy), and for P = max_predictions slots, sorted by position:
+    masked_positions int32 [N, P], masked_ids int32 [N, P] (original ids), masked_weights float32
+    [N, P] (1 on real predictions, 0 on unused slots, whose position and id are 0).
+    """
+    input_ids = np.asarray(input_ids)
+    n, t = input_ids.shape
+    special = np.isin(input_ids, np.fromiter(special_ids, np.int64))
+    candidate = (np.asarray(attention_mask) != 0) & ~special
+    real_len = (np.asarray(attention_mask) != 0).sum(1)
+    # np.round rounds half to even, like Python's round in the original.
+    target = np.round(real_len * mask_prob).astype(np.int64)
+    target = np.minimum(max_predictions, np.maximum(1, target))
+
+    # Words: a candidate starts a new word unless it is a ## continuation of the candidate just
+    # before it. Without word_starts every candidate token is its own word.
+    starts = candidate.copy()
+    if word_starts is not None:
+        prev_candidate = np.pad(candidate[:, :-1], ((0, 0), (1, 0)))
+        starts &= np.asarray(word_starts, bool) | ~prev_candidate
+    word_id = np.where(candidate, np.cumsum(starts, axis=1) - 1, t)  # t = "no word" bucket
+    flat_word = (np.arange(n)[:, None] * (t + 1) + word_id).ravel()
+    word_len = np.bincount(flat_word, minlength=n * (t + 1)).reshape(n, t + 1)[:, :t]
+
+    # Visit the words of each row in a random order; take a word while it fits in the row's count.
+    order = np.argsort(np.where(word_len > 0, rng.random((n, t)), 2.0), axis=1)
+    lens_in_order = np.take_along_axis(word_len, order, axis=1)
+    taken_in_order = np.zeros((n, t), bool)
+    count = np.zeros(n, np.int64)
+    for r in range(t):  # over word ranks, vectorised across rows
+        length = lens_in_order[:, r]
+        if not length.any() or (count >= target).all():  # no words left, or every row is full
+            break
+        fits = (length > 0) & (count + length <= target)
+        taken_in_order[:, r] = fits
+        count += np.where(fits, length, 0)
+    word_taken = np.zeros((n, t + 1), bool)
+    np.put_along_axis(word_taken, order, taken_in_order, axis=1)
+    chosen = np.take_along_axis(word_taken, word_id, axis=1)
+
+    # Corrupt the chosen tokens: 80% [MASK], 10% random token, 10% unchanged (decided per token).
+    non_special = np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, np.int64))
+    u = rng.random((n, t))
+    random_tokens = non_special[rng.integers(0, len(non_special), (n, t))]
+    masked = np.where(chosen & (u < 0.8), mask_id, input_ids)
+    masked = np.where(chosen & (u >= 0.8) & (u < 0.9), random_tokens, masked)
+    masked = masked.astype(input_ids.dtype)
+
+    # Chosen positions first, in ascending order (stable sort of "not chosen").
+    p = max_predictions
+    positions = np.argsort(~chosen, axis=1, kind="stable")[:, :p]
+    if positions.shape[1] < p:
+        positions = np.pad(positions, ((0, 0), (0, p - positions.shape[1])))
+    valid = np.arange(p)[None, :] < chosen.sum(1, keepdims=True)
+    positions = np.where(valid, positions, 0)
+    ids = np.where(valid, np.take_along_axis(input_ids, positions, axis=1), 0)
+    return {"input_ids": masked,
+            "masked_positions": positions.astype(np.int32),
+            "masked_ids": ids.astype(np.int32),
+            "masked_weights": valid.astype(np.float32)}
