@@ -11,29 +11,31 @@ import pytest  # noqa: E402
 from configs import bert_tiny  # noqa: E402
 
 
+# The default config shrunk for tests: pydocs corpus (no download), short sequences, tiny batches.
+TINY = {
+    "data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 32,
+    "data.max_predictions": 5, "data.dupe_factor": 1, "train.steps": 6, "train.batch_size": 16,
+    "train.log_every": 1, "optim.warmup_steps": 2, "checkpoint.every_steps": 3,
+    "eval.every_steps": 1000, "eval.max_batches": 2, "perf.peak_tflops": 0.0,
+}
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    """The default config shrunk for tests: pydocs corpus (no download), short sequences."""
     c = bert_tiny.get_config()
-    c.data.source = "pydocs"
-    c.data.vocab_size = 512
-    c.data.max_seq_len = 32
-    c.data.max_predictions = 5
-    c.data.dupe_factor = 1
-    c.train.steps = 6
-    c.train.batch_size = 16
-    c.train.log_every = 1
-    c.optim.warmup_steps = 2
-    c.checkpoint.every_steps = 3
-    c.eval.every_steps = 1000
-    c.eval.max_batches = 2
-    c.perf.peak_tflops = 0.0
-    for key, value in overrides.items():
-        node = c
+    for key, value in {**TINY, **overrides}.items():
         *parents, leaf = key.split(".")
+        node = c
         for p in parents:
             node = node[p]
         node[leaf] = value
     return c
+
+
+def tiny_flags(data_dir, **overrides) -> list[str]:
+    """TINY as `--config.KEY=VALUE` flags; override keys use `__` for dots (train__steps=3)."""
+    values = {**TINY, "data.data_dir": str(data_dir),
+              **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return [f"--config.{k}={v}" for k, v in values.items()]
 
 
 @pytest.fixture(scope="session")

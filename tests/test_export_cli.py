@@ -12,7 +12,7 @@ from models import hf
 from models.bert import BertConfig, BertForPreTraining
 from models.tokenizer import Tokenizer
 from pretrain.__main__ import main as pretrain
-from test_pretrain_cli import tiny_flags
+from conftest import tiny_flags
 from training.checkpoint import read_params
 from training.state import abstract_model
 

@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_flags
 from pretrain.__main__ import main
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_flags(data_dir, **extra) -> list[str]:
-    flags = dict(data__source="pydocs", data__vocab_size=512, data__max_seq_len=32,
-                 data__max_predictions=5, data__dupe_factor=1, train__batch_size=16,
-                 train__log_every=1, optim__warmup_steps=2, eval__every_steps=1000,
-                 eval__max_batches=2, perf__peak_tflops=0.0, data__data_dir=str(data_dir), **extra)
-    return [f"--config.{k.replace('__', '.')}={v}" for k, v in flags.items()]
 
 
 def cli(workdir, data_dir, **extra) -> list[str]:
