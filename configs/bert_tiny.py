@@ -23,9 +23,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.remat = False
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "news"           # news | pydocs | files:/path/*.txt
-    c.data.data_dir = "~/.cache/pretrax"
-    c.data.tokenizer = ""            # a tokenizer folder to reuse; empty: train WordPiece
+    c.data.source = "news"           # news | pydocs | files:/path/*.txt|*.jsonl | tfds:NAME[:SPLIT]
+    c.data.data_dir = "~/.cache/pretrax"  # TFDS datasets and prepared data (data_dir/prepared)
+    c.data.tokenizer = ""            # a tokenizer / HuggingFace model folder; empty: train WordPiece
+    c.data.objective = "nsp"         # nsp | sop (sentence order) | mlm_packed (MLM only, no NSP loss)
+    c.data.seed = 0                  # eval split and pair cutting (train.seed: shuffle and masks)
     c.data.vocab_size = 8192
     c.data.max_seq_len = 128
     c.data.max_predictions = 20
@@ -34,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.short_seq_prob = 0.1
     c.data.dupe_factor = 5
     c.data.eval_fraction = 0.02
+    c.data.max_doc_tokens = 100_000  # longer documents are split into several
+    c.data.shard_documents = 2000    # documents per prepared shard (a unit of parallel work)
+    c.data.prepare_workers = 0       # tokenising processes; -1: one per CPU, 0: this process (fastest on 2 cores)
+    c.data.workers = 0               # grain worker processes making batches; 0: threads only
+    c.data.prefetch = 4              # batches read ahead
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 3000

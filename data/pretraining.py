@@ -1,261 +1,189 @@
-"""In-memory BERT pretraining data: build NSP pairs once, cache them, mask per batch.
+"""BERT pretraining batches: a grain pipeline over prepared ArrayRecord examples.
 
-The small interface (`build_pretraining_corpus`, `PretrainingCorpus.batch`, `eval_batch`) is what
-the trainer sees; a grain pipeline can replace it later for corpora that do not fit in memory.
+`python -m pretrain.prepare` (or `python -m pretrain`, which prepares when needed) writes a folder
+of example shards (see data/records.py and pretrain/prepare.py); `PretrainingData(folder)` opens
+it. The train stream is
 
-A batch is a pure function of (seed, step): examples come from a seeded permutation per epoch and
-masks from `np.random.default_rng([seed, step])`, so a resumed run sees exactly the same batches
-and no iterator state needs saving.
+    ArrayRecord examples -> global shuffle (reshuffled every epoch) -> repeat forever
+      -> pad + mask each example with rng([seed, step, index in the global batch])
+      -> batches of batch_size / process_count -> this process's batches only
+      -> prefetch in threads, or in `workers` processes (grain.mp_prefetch)
+
+Global batch `step` is stream positions [step * B, (step + 1) * B); process i reads and masks only
+positions step * B + i * B/P ... of it, so the processes' shares are disjoint and together make the
+single-process batch, masks included, for any process count. The iterator's state is grain's
+(a small JSON dict); saved with every checkpoint, it resumes the stream exactly.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
+import grain
 import numpy as np
 
-from data.corpora import load_documents, split_sentences
-from data.wheels import DataError
+from data import records
 from models.tokenizer import Tokenizer
-from pretrain.examples import create_nsp_instances, mask_tokens
+from data.examples import mask_tokens
 
-_FORMAT_VERSION = 1  # bump when the cached arrays change meaning
-# Tags keep the seeded streams apart from each other and from the [seed, step] mask streams.
-_PERM_TAG = 0x5045524D  # "PERM": epoch permutations
-_EVAL_TAG = 0x4556414C  # "EVAL": eval masks
-_SPLIT_TAG = 0x53504C54  # "SPLT": train/eval document split
-_PAIRS_TAG = 0x50414952  # "PAIR": NSP instance creation
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
         "masked_weights", "next_sentence_labels")
+# Tags keep the seeded streams apart from each other.
+_PERM_TAG = 0x5045524D  # "PERM": epoch shuffles
+_TRAIN_TAG = 0x4D41534B  # "MASK": train masks
+_EVAL_TAG = 0x4556414C  # "EVAL": eval masks
 
 
-class PretrainingCorpus:
-    """Train and eval NSP instances in memory, with the tokenizer that made them.
+def _grain_seed(seed: int) -> int:
+    digest = hashlib.sha256(json.dumps([seed, _PERM_TAG]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")  # grain wants [0, 2**32)
 
-    `train` / `eval` hold input_ids, token_type_ids, attention_mask [N, T] and next_sentence_labels
-    [N], stored in small integer types; batches come out as int32 (masked_weights float32).
+
+class MaskExample:
+    """grain map_with_index transform: stream position, record -> one padded, masked example.
+
+    The masks are drawn from rng([seed, tag, step, index]) with (step, index) = divmod(position,
+    global batch size): a pure function of where the example sits in the global stream.
     """
 
-    def __init__(self, tokenizer: Tokenizer, train: dict[str, np.ndarray],
-                 eval: dict[str, np.ndarray]):
-        self.tokenizer = tokenizer
-        self.train = train
-        self.eval = eval
-        self._perms: dict[tuple[str, int, int], np.ndarray] = {}
+    def __init__(self, *, dtype: str, max_seq_len: int, global_batch: int, seed: int, tag: int,
+                 vocab_size: int, mask_id: int, special_ids, mask_prob: float,
+                 max_predictions: int, is_continuation: np.ndarray | None):
+        self.dtype, self.max_seq_len, self.global_batch = np.dtype(dtype), max_seq_len, global_batch
+        self.seed, self.tag = seed, tag
+        self.vocab_size, self.mask_id, self.special_ids = vocab_size, mask_id, tuple(special_ids)
+        self.mask_prob, self.max_predictions = mask_prob, max_predictions
+        self.is_continuation = is_continuation
+
+    def __call__(self, position: int, record: bytes) -> dict[str, np.ndarray]:
+        example = records.pad_example(record, self.dtype, self.max_seq_len)
+        step, index = divmod(int(position), self.global_batch)
+        rng = np.random.default_rng([self.seed, self.tag, step, index])
+        ids = example["input_ids"][None]
+        masked = mask_tokens(
+            ids, example["attention_mask"][None], rng, vocab_size=self.vocab_size,
+            mask_id=self.mask_id, special_ids=self.special_ids, mask_prob=self.mask_prob,
+            max_predictions=self.max_predictions,
+            word_starts=None if self.is_continuation is None else ~self.is_continuation[ids])
+        out = {**example, **{k: v[0] for k, v in masked.items()}}
+        return {k: out[k] for k in KEYS}
+
+
+class PretrainingData:
+    """A prepared folder: its tokenizer, its train/eval example shards, and batches of them."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.tokenizer = Tokenizer.load(self.folder.parent / "tokenizer")
+        self.max_seq_len = self.meta["max_seq_len"]
+        self.objective = self.meta["objective"]
+        self._paths = {split: [str(self.folder / f) for f in self.meta[f"{split}_files"]]
+                       for split in ("train", "eval")}
+        self._sources: dict[str, grain.sources.ArrayRecordDataSource] = {}
 
     def __len__(self) -> int:
-        return len(self.train["input_ids"])
+        return self.meta["train_examples"]
 
-    # --- batches ----------------------------------------------------------------------------
+    def num_examples(self, split: str) -> int:
+        return self.meta[f"{split}_examples"]
 
-    def _permutation(self, split: str, seed: int, epoch: int) -> np.ndarray:
-        key = (split, seed, epoch)
-        if key not in self._perms:
-            if len(self._perms) > 4:  # a batch touches at most two epochs; keep a few
-                self._perms.clear()
-            n = len(self._split(split)["input_ids"])
-            self._perms[key] = np.random.default_rng([seed, _PERM_TAG, epoch]).permutation(n)
-        return self._perms[key]
+    def source(self, split: str):
+        if split not in self._sources:
+            if not self._paths[split]:
+                raise ValueError(f"the {split} split is empty")
+            self._sources[split] = grain.sources.ArrayRecordDataSource(self._paths[split])
+        return self._sources[split]
 
-    def _split(self, split: str) -> dict[str, np.ndarray]:
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-        return self.train if split == "train" else self.eval
+    # --- datasets -------------------------------------------------------------------------
 
-    def _make_batch(self, split: str, rows: np.ndarray, rng: np.random.Generator,
-                    max_predictions: int, mask_prob: float, whole_word: bool,
-                    process_index: int, process_count: int) -> dict[str, np.ndarray]:
-        batch_size = len(rows)
+    def _masker(self, global_batch: int, seed: int, tag: int, max_predictions: int,
+                mask_prob: float, whole_word: bool) -> MaskExample:
+        tok = self.tokenizer
+        return MaskExample(dtype=self.meta["dtype"], max_seq_len=self.max_seq_len,
+                           global_batch=global_batch, seed=seed, tag=tag,
+                           vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                           special_ids=sorted(tok.special_ids), mask_prob=mask_prob,
+                           max_predictions=max_predictions,
+                           is_continuation=tok._is_continuation if whole_word else None)
+
+    @staticmethod
+    def _share(ds: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int) -> grain.MapDataset:
         if batch_size % process_count:
             raise ValueError(f"batch size {batch_size} does not divide by {process_count} "
                              "processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-        data = self._split(split)
-        input_ids = data["input_ids"][rows].astype(np.int32)
-        attention_mask = data["attention_mask"][rows].astype(np.int32)
-        tok = self.tokenizer
-        # Masks are drawn for the whole global batch, so they do not depend on process_count.
-        masked = mask_tokens(input_ids, attention_mask, rng, vocab_size=tok.vocab_size,
-                             mask_id=tok.mask_id, special_ids=tok.special_ids, mask_prob=mask_prob,
-                             max_predictions=max_predictions,
-                             word_starts=tok.word_starts(input_ids) if whole_word else None)
-        batch = {"token_type_ids": data["token_type_ids"][rows].astype(np.int32),
-                 "attention_mask": attention_mask,
-                 "next_sentence_labels": data["next_sentence_labels"][rows].astype(np.int32),
-                 **masked}
-        local = slice(process_index * batch_size // process_count,
-                      (process_index + 1) * batch_size // process_count)
-        return {k: batch[k][local] for k in KEYS}
+        local = batch_size // process_count
+        # Local batch k holds stream positions [k * local, (k + 1) * local): global batch s is
+        # local batches s*P .. s*P + P-1, and process i takes the i-th of them.
+        return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
-    def batch(self, split: str, step: int, batch_size: int, *, seed: int, max_predictions: int,
-              mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
-              process_count: int = 1) -> dict[str, np.ndarray]:
-        """This process's rows of global batch `step`: shuffled epochs, fresh masks per step."""
-        n = len(self._split(split)["input_ids"])
-        if n == 0:
-            raise ValueError(f"the {split} split is empty")
-        positions = step * batch_size + np.arange(batch_size)  # in the endless stream of epochs
-        epochs, offsets = np.divmod(positions, n)
-        rows = np.empty(batch_size, np.int64)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            rows[sel] = self._permutation(split, seed, int(epoch))[offsets[sel]]
-        return self._make_batch(split, rows, np.random.default_rng([seed, step]), max_predictions,
-                                mask_prob, whole_word, process_index, process_count)
+    def train_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
+                      mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
+                      process_count: int = 1) -> grain.MapDataset:
+        """This process's batches of the endless train stream, as a random-access dataset."""
+        ds = grain.MapDataset.source(self.source("train")).shuffle(_grain_seed(seed)).repeat(None)
+        ds = ds.map_with_index(self._masker(batch_size, seed, _TRAIN_TAG, max_predictions,
+                                            mask_prob, whole_word))
+        return self._share(ds, batch_size, process_index, process_count)
+
+    def train_iterator(self, batch_size: int, *, seed: int, max_predictions: int,
+                       mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
+                       process_count: int = 1, workers: int = 0, prefetch: int = 4,
+                       threads: int = 2) -> grain.DatasetIterator:
+        """An iterator over `train_dataset` with prefetching; `get_state()` / `set_state()`
+        give and take its position as a JSON-able dict. With `workers` > 0 batches are made in
+        that many processes (the caller's main module needs an `if __name__ == "__main__":`
+        guard). Call `close()` when done."""
+        ds = self.train_dataset(batch_size, seed=seed, max_predictions=max_predictions,
+                                mask_prob=mask_prob, whole_word=whole_word,
+                                process_index=process_index, process_count=process_count)
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1),
+                                                     prefetch_buffer_size=max(prefetch, 1)))
+        if workers > 0:
+            from absl import flags  # grain reads absl flags in its workers; we parse none
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
+        return iter(it_ds)
+
+    def batch(self, step: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
+        """Train batch `step` read directly (no iterator): for tests and tools."""
+        return self.train_dataset(batch_size, **kwargs)[step]
+
+    # --- eval -----------------------------------------------------------------------------
 
     def num_eval_batches(self, batch_size: int) -> int:
         """Batches in one eval pass: the eval split in order, the last partial batch dropped.
 
         A split smaller than one batch still gives one batch (its rows wrap around).
         """
-        n = len(self.eval["input_ids"])
+        n = self.num_examples("eval")
         return max(1, n // batch_size) if n else 0
 
-    def eval_batch(self, index: int, batch_size: int, *, seed: int, max_predictions: int,
-                   mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
-                   process_count: int = 1) -> dict[str, np.ndarray]:
-        """Eval batch `index`: eval rows in order with masks fixed by (seed, index)."""
-        n = len(self.eval["input_ids"])
-        if n == 0:
-            raise ValueError("the eval split is empty")
-        rows = (index * batch_size + np.arange(batch_size)) % n
-        rng = np.random.default_rng([seed, _EVAL_TAG, index])
-        return self._make_batch("eval", rows, rng, max_predictions, mask_prob, whole_word,
-                                process_index, process_count)
+    def eval_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
+                     mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+        ds = grain.MapDataset.source(self.source("eval")).repeat(None)
+        ds = ds.map_with_index(self._masker(batch_size, seed, _EVAL_TAG, max_predictions,
+                                            mask_prob, whole_word))
+        return self._share(ds, batch_size, process_index, process_count)
 
-    def eval_batches(self, batch_size: int, **kwargs):
-        """Yields every eval batch in order (kwargs as for eval_batch)."""
-        for index in range(self.num_eval_batches(batch_size)):
-            yield self.eval_batch(index, batch_size, **kwargs)
+    def eval_batch(self, index: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
+        """Eval batch `index`: eval examples in order with masks fixed by (seed, index)."""
+        return self.eval_dataset(batch_size, **kwargs)[index]
 
-
-# ---------------------------------------------------------------------------------------------
-# Building and caching
-# ---------------------------------------------------------------------------------------------
-
-
-def _compact(arrays: dict[str, np.ndarray], vocab_size: int) -> dict[str, np.ndarray]:
-    """Smallest integer types that hold the values: about a quarter of int32's memory."""
-    ids_type = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    return {"input_ids": arrays["input_ids"].astype(ids_type),
-            "token_type_ids": arrays["token_type_ids"].astype(np.int8),
-            "attention_mask": arrays["attention_mask"].astype(np.int8),
-            "next_sentence_labels": arrays["next_sentence_labels"].astype(np.int8)}
-
-
-def _cache_key(source: str, settings: dict, tokenizer_dir: str | Path | None) -> str:
-    key = json.dumps([_FORMAT_VERSION, source, settings], sort_keys=True)
-    digest = hashlib.sha256(key.encode())
-    if source.startswith("files:"):  # the files' names, sizes and times stand for their contents
-        for path in sorted(glob.glob(source[len("files:"):], recursive=True)):
-            st = os.stat(path)
-            digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
-            if (Path(tokenizer_dir) / name).exists():
-                digest.update((Path(tokenizer_dir) / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _load_cached(folder: Path) -> PretrainingCorpus:
-    def load(name):
-        with np.load(folder / name, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    return PretrainingCorpus(Tokenizer.load(folder / "tokenizer"), load("train.npz"),
-                             load("eval.npz"))
-
-
-def build_pretraining_corpus(source: str, data_dir: str | Path, out_dir: str | Path, *,
-                             vocab_size: int, max_seq_len: int, short_seq_prob: float,
-                             dupe_factor: int, eval_fraction: float, seed: int,
-                             tokenizer_dir: str | Path | None = None) -> PretrainingCorpus:
-    """NSP instances of a text source, cached in `data_dir` by a hash of the arguments.
-
-    Documents are split into train/eval by a seeded shuffle (eval_fraction of them, at least one
-    when eval_fraction > 0). The WordPiece tokenizer is trained on the train documents, or loaded
-    from tokenizer_dir, and saved to `out_dir/tokenizer/`. Train instances are made in dupe_factor
-    passes with different generators (different cuts of the same text), eval in one pass.
-    """
-    settings = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, short_seq_prob=short_seq_prob,
-                    dupe_factor=dupe_factor, eval_fraction=eval_fraction, seed=seed,
-                    tokenizer_dir=None if tokenizer_dir is None else str(tokenizer_dir))
-    data_dir = Path(data_dir)
-    cache = data_dir / "pretraining" / _cache_key(source, settings, tokenizer_dir)
-    if (cache / "report.json").exists():
-        corpus = _load_cached(cache)
-        report = json.loads((cache / "report.json").read_text())
-        print(f"pretraining data {source}: {report['train_instances']} train / "
-              f"{report['eval_instances']} eval instances from the cache {cache}")
-        corpus.tokenizer.save(Path(out_dir) / "tokenizer")
-        return corpus
-
-    start = time.perf_counter()
-    texts = load_documents(source, data_dir)
-    documents = [split_sentences(text) for text in texts]
-    documents = [d for d in documents if d]
-    if len(documents) < 2:
-        raise DataError(f"{source} gave {len(documents)} documents with text; next-sentence "
-                        "pairs need at least two")
-    order = np.random.default_rng([seed, _SPLIT_TAG]).permutation(len(documents))
-    n_eval = min(len(documents) - 2, int(np.ceil(eval_fraction * len(documents))))
-    n_eval = max(0, n_eval)
-    eval_docs = [documents[i] for i in sorted(order[:n_eval])]
-    train_docs = [documents[i] for i in sorted(order[n_eval:])]
-
-    if tokenizer_dir is not None:
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    else:
-        tokenizer = Tokenizer.train(("\n".join(d) for d in train_docs), vocab_size)
-
-    def tokenize(docs: list[list[str]]) -> list[list[list[int]]]:
-        flat = tokenizer.encode_batch([s for d in docs for s in d])
-        out, i = [], 0
-        for d in docs:
-            out.append(flat[i:i + len(d)])
-            i += len(d)
-        return out
-
-    train_tok, eval_tok = tokenize(train_docs), tokenize(eval_docs)
-
-    def make(docs, rng):
-        return create_nsp_instances(docs, max_seq_len, short_seq_prob, rng, tokenizer.cls_id,
-                                    tokenizer.sep_id, tokenizer.pad_id)
-
-    passes = [make(train_tok, np.random.default_rng([seed, _PAIRS_TAG, d]))
-              for d in range(dupe_factor)]
-    train = {k: np.concatenate([p[k] for p in passes]) for k in passes[0]}
-    eval = make(eval_tok, np.random.default_rng([seed, _PAIRS_TAG, _EVAL_TAG]))
-    train, eval = _compact(train, tokenizer.vocab_size), _compact(eval, tokenizer.vocab_size)
-
-    report = dict(source=source, documents=len(documents), train_documents=len(train_docs),
-                  eval_documents=len(eval_docs), sentences=sum(map(len, documents)),
-                  tokens=int(sum(len(s) for d in train_tok + eval_tok for s in d)),
-                  train_instances=len(train["input_ids"]), eval_instances=len(eval["input_ids"]),
-                  build_seconds=round(time.perf_counter() - start, 1), **settings)
-    print(f"pretraining data {source}: {report['documents']} documents, {report['sentences']} "
-          f"sentences, {report['tokens']} tokens -> {report['train_instances']} train / "
-          f"{report['eval_instances']} eval instances of {max_seq_len} tokens "
-          f"({report['build_seconds']} s)")
-
-    # Write into a temporary folder and rename it, so a crash never leaves a half-written cache and
-    # processes building the same corpus at once do not see each other's partial files.
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=".partial-"))
-    np.savez(tmp / "train.npz", **train)
-    np.savez(tmp / "eval.npz", **eval)
-    tokenizer.save(tmp / "tokenizer")
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    try:
-        os.replace(tmp, cache)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save(Path(out_dir) / "tokenizer")
-    return PretrainingCorpus(tokenizer, train, eval)
+    def eval_batches(self, batch_size: int, max_batches: int | None = None, **kwargs):
+        """Yields the eval batches in order (kwargs as for eval_dataset)."""
+        n = self.num_eval_batches(batch_size)
+        if max_batches is not None:
+            n = min(n, max_batches)
+        if n:
+            ds = self.eval_dataset(batch_size, **kwargs)
+            for index in range(n):
+                yield ds[index]

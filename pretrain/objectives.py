@@ -37,11 +37,12 @@ def normalisers(batch) -> dict[str, jax.Array]:
             "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
 
 
-def total_loss(sums, norm) -> jax.Array:
-    return sums["mlm_loss"] / norm["mlm"] + sums["nsp_loss"] / norm["nsp"]
+def total_loss(sums, norm, nsp_weight: float = 1.0) -> jax.Array:
+    """MLM loss plus nsp_weight x NSP loss (0 for MLM-only objectives such as packed rows)."""
+    return sums["mlm_loss"] / norm["mlm"] + nsp_weight * sums["nsp_loss"] / norm["nsp"]
 
 
-def summarize(sums: dict, prefix: str) -> dict[str, float]:
+def summarize(sums: dict, prefix: str, nsp_weight: float = 1.0) -> dict[str, float]:
     """Sums (possibly added over many batches) -> mean losses and accuracies."""
     mlm_n, nsp_n = max(float(sums["mlm_count"]), 1.0), max(float(sums["nsp_count"]), 1.0)
     out = {
@@ -50,7 +51,7 @@ def summarize(sums: dict, prefix: str) -> dict[str, float]:
         f"{prefix}/nsp_loss": float(sums["nsp_loss"]) / nsp_n,
         f"{prefix}/nsp_accuracy": float(sums["nsp_correct"]) / nsp_n,
     }
-    out[f"{prefix}/loss"] = out[f"{prefix}/mlm_loss"] + out[f"{prefix}/nsp_loss"]
+    out[f"{prefix}/loss"] = out[f"{prefix}/mlm_loss"] + nsp_weight * out[f"{prefix}/nsp_loss"]
     return out
 
 

@@ -20,9 +20,10 @@ from flax import nnx
 from flax.core import spmd
 from tqdm import tqdm
 
-from data.pretraining import build_pretraining_corpus
+from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
 from pretrain import objectives
+from pretrain.prepare import prepare
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
@@ -37,7 +38,7 @@ from training.state import abstract_state, create_train_state
 # The step
 # ---------------------------------------------------------------------------------------------
 
-def make_train_step(graphdef, tx, *, seed: int, grad_accum: int):
+def make_train_step(graphdef, tx, *, seed: int, grad_accum: int, nsp_weight: float = 1.0):
     """One optimizer update over the global batch, split into `grad_accum` microbatches.
 
     Each microbatch's loss is normalised by the *global* prediction counts, so the summed
@@ -49,7 +50,7 @@ def make_train_step(graphdef, tx, *, seed: int, grad_accum: int):
         mlm_BPV, nsp_BC = model(micro["input_ids"], micro["token_type_ids"], micro["attention_mask"],
                                 micro["masked_positions"], key=key)
         sums = objectives.mlm_nsp_sums(mlm_BPV, nsp_BC, micro)
-        return objectives.total_loss(sums, norm), sums
+        return objectives.total_loss(sums, norm, nsp_weight), sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -122,10 +123,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                         f"{tc.grad_accum} microbatches of a multiple of the data-parallel size "
                         f"{mesh_lib.data_parallel_size(mesh)}")
     dc = config.data
-    corpus = build_pretraining_corpus(
-        dc.source, Path(dc.data_dir).expanduser(), workdir, vocab_size=dc.vocab_size,
-        max_seq_len=dc.max_seq_len, short_seq_prob=dc.short_seq_prob, dupe_factor=dc.dupe_factor,
-        eval_fraction=dc.eval_fraction, seed=tc.seed, tokenizer_dir=dc.tokenizer or None)
+    corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
+    corpus.tokenizer.save(workdir / "tokenizer")
+    nsp_weight = 0.0 if dc.objective == "mlm_packed" else 1.0  # packed rows have no sentence pair
     batch_kwargs = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
                         whole_word=dc.whole_word, process_index=jax.process_index(),
                         process_count=jax.process_count())
@@ -140,28 +140,31 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     target, shardings, graphdef = abstract_state(model_fn, tx, mesh)
     ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
     start = ckpt.latest_step()
+    train_batches = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch,
+                                          **batch_kwargs)
     if start is None:
         state, _, _ = create_train_state(model_fn, tx, mesh, tc.seed)
         start = 0
     else:
         state, data_state = ckpt.restore(start, target)
         assert data_state["next_step"] == start, data_state
+        train_batches.set_state(data_state["iterator"])  # grain's JSON state: the exact position
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
 
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, tx, seed=tc.seed, grad_accum=tc.grad_accum),
+    train_step = jax.jit(make_train_step(graphdef, tx, seed=tc.seed, grad_accum=tc.grad_accum,
+                                         nsp_weight=nsp_weight),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, None), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings["params"], batch_sharding))
 
     def evaluate(params) -> dict[str, float]:
         totals = None
-        for i in range(min(corpus.num_eval_batches(tc.batch_size), config.eval.max_batches)):
-            local = corpus.eval_batch(i, tc.batch_size, **batch_kwargs)
+        for local in corpus.eval_batches(tc.batch_size, config.eval.max_batches, **batch_kwargs):
             sums = eval_step(params, mesh_lib.global_batch(local, mesh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        return objectives.summarize(jax.device_get(totals), "eval") if totals else {}
+        return objectives.summarize(jax.device_get(totals), "eval", nsp_weight) if totals else {}
 
     # ---- Loop -------------------------------------------------------------------------------
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
@@ -181,7 +184,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     try:
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
             while step < tc.steps and stop.signal is None:
-                local = corpus.batch("train", step, tc.batch_size, **batch_kwargs)
+                local = next(train_batches)
                 state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
                 step += 1
                 window_steps, timed_steps = window_steps + 1, timed_steps + 1
@@ -194,7 +197,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                 if step % tc.log_every == 0 or step == tc.steps:
                     host = jax.device_get(window_sums)
                     elapsed = time.perf_counter() - timer_start
-                    out = objectives.summarize(host, "train")
+                    out = objectives.summarize(host, "train", nsp_weight)
                     if not math.isfinite(out["train/loss"]):
                         raise UserError(f"loss became {out['train/loss']} by step {step}; lower "
                                         f"optim.lr or raise optim.warmup_steps, then rerun to "
@@ -218,10 +221,11 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
                     timer_start, timed_steps = time.perf_counter(), 0
 
-                ckpt.maybe_save(step, state, {"next_step": step},
+                ckpt.maybe_save(step, state, {"next_step": step, "iterator": train_batches.get_state()},
                                 force=step == tc.steps or stop.signal is not None)
     finally:
         stop.restore()
+        train_batches.close()
         bar.close()
         ckpt.wait()
         ckpt.close()

@@ -11,9 +11,12 @@ import pytest
 
 from data import wheels
 from data.corpora import load_documents, pydocs_documents, split_sentences
-from data.pretraining import KEYS, build_pretraining_corpus
+from data import records
+from data.pretraining import KEYS, PretrainingData
 from data.wheels import DataError, fetch_wheel_member
 from models.tokenizer import Tokenizer
+from pretrain.prepare import prepare
+from conftest import tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Wheels
@@ -99,8 +102,8 @@ def test_file_sources(tmp_path):
     assert docs == ["First doc, sentence one.\nSentence two \ufffd here.", "Second doc."]
     assert [split_sentences(d) for d in docs] == [
         ["First doc, sentence one.", "Sentence two \ufffd here."], ["Second doc."]]
-    assert load_documents(f"files:{tmp_path}/*.jsonl", tmp_path) == ["Third doc. Two sentences."]
-    assert len(load_documents(f"files:{tmp_path}/*", tmp_path)) == 3
+    assert load_documents(f"files:{tmp_path}/*.jsonl", tmp_path) == ["Third doc. Two sentences.", " "]
+    assert len(load_documents(f"files:{tmp_path}/*", tmp_path)) == 4
     (tmp_path / "bad.jsonl").write_text('{"title": "no text"}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: expected a JSON object"):
         load_documents(f"files:{tmp_path}/bad.jsonl", tmp_path)
@@ -238,11 +241,11 @@ def test_cased_tokenizer_keeps_case_and_accents():
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining loader
+# Pretraining data: prepared examples and the grain pipeline
 # ---------------------------------------------------------------------------------------------
 
 BUILD = dict(vocab_size=1000, max_seq_len=64, short_seq_prob=0.1, dupe_factor=2,
-             eval_fraction=0.1, seed=0)
+             eval_fraction=0.1)
 BATCH = dict(seed=7, max_predictions=10)
 
 
@@ -251,10 +254,16 @@ def corpus_dirs(tmp_path_factory):
     return tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("out")
 
 
+def _data_config(data_dir, **overrides):
+    c = tiny_config().data
+    for k, v in {**BUILD, "data_dir": str(data_dir), "prepare_workers": 0, **overrides}.items():
+        c[k] = v
+    return c
+
+
 @pytest.fixture(scope="session")
 def corpus(corpus_dirs):
-    data_dir, out_dir = corpus_dirs
-    return build_pretraining_corpus("pydocs", data_dir, out_dir, **BUILD)
+    return PretrainingData(prepare(_data_config(corpus_dirs[0])))
 
 
 def _unmasked(batch):
@@ -265,59 +274,63 @@ def _unmasked(batch):
     return ids
 
 
+def _all_rows(corpus, split):
+    return [records.pad_example(r, np.dtype(corpus.meta["dtype"]), corpus.max_seq_len)
+            for r in corpus.source(split)]
+
+
 def test_corpus_build_and_cache(corpus, corpus_dirs, capsys):
-    data_dir, out_dir = corpus_dirs
-    assert len(corpus) == len(corpus.train["input_ids"]) > 3000
-    assert 50 < len(corpus.eval["input_ids"]) < len(corpus) // 10
-    assert (out_dir / "tokenizer" / "vocab.txt").exists()
+    data_dir, _ = corpus_dirs
+    assert len(corpus) > 3000
+    assert 50 < corpus.num_examples("eval") < len(corpus) // 10
+    assert (corpus.folder.parent / "tokenizer" / "vocab.txt").exists()
     start = time.perf_counter()
-    again = build_pretraining_corpus("pydocs", data_dir, out_dir, **BUILD)
+    again = PretrainingData(prepare(_data_config(data_dir)))
     assert time.perf_counter() - start < 1.0
-    assert "from the cache" in capsys.readouterr().out
-    for split in ("train", "eval"):
-        for key, value in getattr(corpus, split).items():
-            np.testing.assert_array_equal(getattr(again, split)[key], value)
+    assert again.folder == corpus.folder and len(again) == len(corpus)
     assert again.tokenizer.encode("hello world") == corpus.tokenizer.encode("hello world")
-    # The cache holds arrays and text only.
-    for f in (data_dir / "pretraining").rglob("*.npz"):
-        with np.load(f, allow_pickle=False) as z:
-            assert all(z[k].dtype != object for k in z.files)
+    report = json.loads((corpus.folder.parent / "report.json").read_text())
+    assert report["documents_read"] == 79 and report["tokens"] > 100_000
+    # The prepared files hold raw integer bytes; every record decodes to a valid example.
+    for row in _all_rows(corpus, "eval"):
+        n = row["attention_mask"].sum()
+        assert row["input_ids"][0] == corpus.tokenizer.cls_id
+        assert row["input_ids"][n - 1] == corpus.tokenizer.sep_id and (row["input_ids"][n:] == 0).all()
 
 
 def test_batch_shapes_and_determinism(corpus):
-    batch = corpus.batch("train", 3, 8, **BATCH)
-    assert list(batch) == list(KEYS)
+    batch = corpus.batch(3, 8, **BATCH)
+    assert sorted(batch) == sorted(KEYS)
     for key in KEYS:
         assert batch[key].dtype == (np.float32 if key == "masked_weights" else np.int32)
         assert batch[key].shape[0] == 8
     assert batch["input_ids"].shape == (8, 64) and batch["masked_positions"].shape == (8, 10)
-    again = corpus.batch("train", 3, 8, **BATCH)
+    again = corpus.batch(3, 8, **BATCH)
     for key in KEYS:
         np.testing.assert_array_equal(batch[key], again[key])
-    other = corpus.batch("train", 4, 8, **BATCH)
+    other = corpus.batch(4, 8, **BATCH)
     assert not np.array_equal(batch["input_ids"], other["input_ids"])
-    reseeded = corpus.batch("train", 3, 8, **{**BATCH, "seed": 8})
+    reseeded = corpus.batch(3, 8, **{**BATCH, "seed": 8})
     assert not np.array_equal(batch["input_ids"], reseeded["input_ids"])
     assert (batch["input_ids"] == corpus.tokenizer.mask_id).sum() > 0
 
 
 def test_process_slices_make_the_global_batch(corpus):
-    full = corpus.batch("train", 5, 12, **BATCH)
-    parts = [corpus.batch("train", 5, 12, process_index=i, process_count=3, **BATCH)
-             for i in range(3)]
+    full = corpus.batch(5, 12, **BATCH)
+    parts = [corpus.batch(5, 12, process_index=i, process_count=3, **BATCH) for i in range(3)]
     for key in KEYS:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
     with pytest.raises(ValueError, match="batch size 12 does not divide by 5 processes"):
-        corpus.batch("train", 0, 12, process_index=0, process_count=5, **BATCH)
+        corpus.batch(0, 12, process_index=0, process_count=5, **BATCH)
 
 
 def test_epochs_visit_every_example_once(corpus):
-    n, batch_size = len(corpus), 64
+    n, batch_size = len(corpus), 512
     steps = -(-n // batch_size) + 1  # past the epoch boundary, into the next epoch
-    seen = np.concatenate([_unmasked(corpus.batch("train", s, batch_size, **BATCH))
-                           for s in range(steps)])
-    rows = lambda a: sorted(r.tobytes() for r in a.astype(np.int32))
-    assert rows(seen[:n]) == rows(corpus.train["input_ids"])  # the same multiset of examples
+    ds = corpus.train_dataset(batch_size, **BATCH)
+    seen = np.concatenate([_unmasked(ds[s]) for s in range(steps)])
+    rows = lambda a: sorted(r.tobytes() for r in np.asarray(a, np.int32))
+    assert rows(seen[:n]) == rows([r["input_ids"] for r in _all_rows(corpus, "train")])
     # The next epoch is another order of the same examples.
     second = seen[n:]
     assert not np.array_equal(second, seen[:len(second)])
@@ -325,17 +338,19 @@ def test_epochs_visit_every_example_once(corpus):
 
 
 def test_eval_batches_fixed_and_in_order(corpus):
-    n = len(corpus.eval["input_ids"])
+    n = corpus.num_examples("eval")
     assert corpus.num_eval_batches(16) == n // 16
     batches = list(corpus.eval_batches(16, **BATCH))
     assert len(batches) == n // 16
+    assert len(list(corpus.eval_batches(16, max_batches=2, **BATCH))) == 2
     again = corpus.eval_batch(1, 16, **BATCH)
     for key in KEYS:
         np.testing.assert_array_equal(batches[1][key], again[key])
+    rows = _all_rows(corpus, "eval")[:len(batches) * 16]
     np.testing.assert_array_equal(np.concatenate([_unmasked(b) for b in batches]),
-                                  corpus.eval["input_ids"][:len(batches) * 16])
+                                  [r["input_ids"] for r in rows])
     np.testing.assert_array_equal(np.concatenate([b["next_sentence_labels"] for b in batches]),
-                                  corpus.eval["next_sentence_labels"][:len(batches) * 16])
+                                  [r["next_sentence_labels"] for r in rows])
     assert not np.array_equal(batches[0]["masked_weights"] * batches[0]["masked_positions"],
                               batches[1]["masked_weights"] * batches[1]["masked_positions"])
     parts = [corpus.eval_batch(2, 16, process_index=i, process_count=2, **BATCH) for i in range(2)]
@@ -345,8 +360,9 @@ def test_eval_batches_fixed_and_in_order(corpus):
 
 def test_whole_word_batches_never_split_words(corpus):
     tok = corpus.tokenizer
+    ds = corpus.train_dataset(32, whole_word=True, **BATCH)
     for step in range(5):
-        batch = corpus.batch("train", step, 32, whole_word=True, **BATCH)
+        batch = ds[step]
         original = _unmasked(batch)
         chosen = np.zeros(original.shape, bool)
         rows, slots = np.nonzero(batch["masked_weights"])

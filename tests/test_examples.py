@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pretrain.examples import create_nsp_instances, mask_tokens
+from data.examples import create_nsp_instances, mask_tokens
 
 CLS, SEP, MASK = 2, 3, 4
 SPECIALS = frozenset({0, 1, 2, 3, 4})
@@ -326,3 +326,33 @@ def test_mask_never_touches_specials_in_tiny_rows():
         np.testing.assert_array_equal(out["masked_weights"], [[1, 0], [0, 0]])
         np.testing.assert_array_equal(out["input_ids"][:, [0, 2, 3, 4]], ids[:, [0, 2, 3, 4]])
         np.testing.assert_array_equal(out["input_ids"][1], ids[1])
+
+
+def test_sop_pairs_keep_or_swap_the_order_of_one_document():
+    from data.examples import iter_pair_instances
+
+    # Ids rise through each document, so order is visible: A before B <=> max(A) < min(B).
+    documents = [[[100 * d + 10 * s + t for t in range(1 + (s + d) % 3)] for s in range(6)]
+                 for d in range(1, 60)]
+    rng = np.random.default_rng(0)
+    labels = []
+    for a, b, label in iter_pair_instances(documents, 16, 0.1, rng, sop=True):
+        assert a and b and len(a) + len(b) <= 13
+        assert {t // 100 for t in a} == {t // 100 for t in b}  # never another document
+        assert (max(a) < min(b)) == (label == 0) and (min(a) > max(b)) == (label == 1)
+        labels.append(label)
+    assert len(labels) > 40 and 0.3 < np.mean(labels) < 0.7
+
+
+def test_packed_sequences_fill_rows_with_whole_sentences():
+    from data.examples import iter_packed_sequences
+
+    sep = 3
+    documents = [[[10, 11, 12], [13, 14]], [[20, 21, 22, 23]], [[30] * 9, [31, 32]]]
+    # max_seq_len 10: 8 tokens between [CLS] and the final [SEP]; a sentence never splits across
+    # rows unless it alone is longer than a row (the 9 x 30).
+    assert list(iter_packed_sequences(documents, 10, sep)) == [
+        [10, 11, 12, 13, 14], [20, 21, 22, 23], [30] * 8, [30, 31, 32]]
+    # Documents that fit together share a row, one [SEP] between them.
+    assert list(iter_packed_sequences([[[5, 6]], [[7]], [[8, 9]]], 10, sep)) == [
+        [5, 6, sep, 7, sep, 8, 9]]

@@ -8,6 +8,7 @@ drawn afresh for every batch (dynamic masking) instead of once when the data is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection
 
 import numpy as np
@@ -37,8 +38,13 @@ def _truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens:
 
 
 def _instances_from_document(documents: list[list[list[int]]], doc_index: int, max_num_tokens: int,
-                             short_seq_prob: float, rng: np.random.Generator):
-    """Yields (tokens_a, tokens_b, is_random_next) for one document."""
+                             short_seq_prob: float, rng: np.random.Generator, sop: bool = False):
+    """Yields (tokens_a, tokens_b, label) for one document.
+
+    NSP: label 1 = B is a random span of another document. SOP (sentence order, ALBERT): B always
+    follows A in the same document and label 1 = the two were swapped; a chunk of one sentence is
+    cut in two at a random token (one-token chunks give no pair).
+    """
     document = documents[doc_index]
     # Mostly fill the whole sequence, but sometimes (short_seq_prob) aim shorter so the model also
     # sees short inputs like those of fine-tuning tasks.
@@ -56,6 +62,24 @@ def _instances_from_document(documents: list[list[list[int]]], doc_index: int, m
             # Segment A is the first a_end sentences of the chunk.
             a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
             tokens_a = [t for sentence in chunk[:a_end] for t in sentence]
+            if sop:
+                tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
+                if not tokens_b:
+                    if len(tokens_a) >= 2:
+                        cut = int(rng.integers(1, len(tokens_a)))
+                        tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
+                    else:
+                        chunk, chunk_len = [], 0
+                        i += 1
+                        continue
+                swapped = rng.random() < 0.5
+                if swapped:
+                    tokens_a, tokens_b = tokens_b, tokens_a
+                tokens_a, tokens_b = _truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+                yield tokens_a, tokens_b, int(swapped)
+                chunk, chunk_len = [], 0
+                i += 1
+                continue
             if len(chunk) == 1 or rng.random() < 0.5:
                 # Random next: B comes from another document (up to 10 tries to avoid this one).
                 is_random_next = True
@@ -81,6 +105,47 @@ def _instances_from_document(documents: list[list[list[int]]], doc_index: int, m
         i += 1
 
 
+def iter_pair_instances(documents: list[list[list[int]]], max_seq_len: int, short_seq_prob: float,
+                        rng: np.random.Generator, sop: bool = False):
+    """Yields (tokens_a, tokens_b, label) over every document, in order: NSP or SOP pairs."""
+    max_num_tokens = max_seq_len - 3  # room for [CLS], [SEP], [SEP]
+    if max_num_tokens < 2:
+        raise ValueError(f"max_seq_len={max_seq_len} is too short for a sentence pair")
+    documents = [d for d in ([s for s in doc if len(s)] for doc in documents) if d]
+    for doc_index in range(len(documents)):
+        for tokens_a, tokens_b, label in _instances_from_document(
+                documents, doc_index, max_num_tokens, short_seq_prob, rng, sop):
+            yield tokens_a, tokens_b, int(label)
+
+
+def iter_packed_sequences(documents: list[list[list[int]]], max_seq_len: int, sep_id: int):
+    """Full sentences packed into `[CLS] ... [SEP]` sequences across documents (RoBERTa's
+    FULL-SENTENCES): a sequence takes whole sentences while they fit and may cross a document
+    boundary, marked by one [SEP]. Yields the content between [CLS] and the final [SEP].
+
+    A sentence longer than max_seq_len - 2 tokens is cut into pieces that fit (the caller
+    usually has done so already).
+    """
+    budget = max_seq_len - 2
+    if budget < 1:
+        raise ValueError(f"max_seq_len={max_seq_len} is too short")
+    current: list[int] = []
+    boundary = False  # a document ended since the last sentence in `current`
+    for doc in documents:
+        for sentence in doc:
+            for start in range(0, len(sentence), budget):
+                piece = list(sentence[start:start + budget])
+                sep = [sep_id] if boundary and current else []
+                if current and len(current) + len(sep) + len(piece) > budget:
+                    yield current
+                    current, sep = [], []
+                current += sep + piece
+                boundary = False
+        boundary = True
+    if current:
+        yield current
+
+
 def create_nsp_instances(documents: list[list[list[int]]], max_seq_len: int, short_seq_prob: float,
                          rng: np.random.Generator, cls_id: int, sep_id: int,
                          pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -94,17 +159,10 @@ def create_nsp_instances(documents: list[list[list[int]]], max_seq_len: int, sho
     and next_sentence_labels int32 [N] (0 = B follows A, 1 = B is random, as in HuggingFace).
     Call it with several generators (BERT's dupe_factor) to get differently cut pairs.
     """
-    max_num_tokens = max_seq_len - 3  # room for [CLS], [SEP], [SEP]
-    if max_num_tokens < 2:
-        raise ValueError(f"max_seq_len={max_seq_len} is too short for a sentence pair")
-    documents = [d for d in ([s for s in doc if len(s)] for doc in documents) if d]
-
     rows, labels = [], []
-    for doc_index in range(len(documents)):
-        for tokens_a, tokens_b, is_random in _instances_from_document(
-            documents, doc_index, max_num_tokens, short_seq_prob, rng):
-            rows.append((tokens_a, tokens_b))
-            labels.append(int(is_random))
+    for tokens_a, tokens_b, label in iter_pair_instances(documents, max_seq_len, short_seq_prob, rng):
+        rows.append((tokens_a, tokens_b))
+        labels.append(label)
 
     n = len(rows)
     input_ids = np.full((n, max_seq_len), pad_id, np.int32)
@@ -123,6 +181,14 @@ def create_nsp_instances(documents: list[list[list[int]]], max_seq_len: int, sho
 # ---------------------------------------------------------------------------------------------
 # Masked tokens
 # ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _non_special_ids(vocab_size: int, special_ids: tuple[int, ...]) -> np.ndarray:
+    """The ids a masked token may be replaced by (cached: masking runs once per example)."""
+    out = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, np.int64))
+    out.flags.writeable = False
+    return out
 
 
 def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.random.Generator, *,
@@ -179,7 +245,7 @@ def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.rando
     chosen = np.take_along_axis(word_taken, word_id, axis=1)
 
     # Corrupt the chosen tokens: 80% [MASK], 10% random token, 10% unchanged (decided per token).
-    non_special = np.setdiff1d(np.arange(vocab_size), np.fromiter(special_ids, np.int64))
+    non_special = _non_special_ids(vocab_size, tuple(sorted(special_ids)))
     u = rng.random((n, t))
     random_tokens = non_special[rng.integers(0, len(non_special), (n, t))]
     masked = np.where(chosen & (u < 0.8), mask_id, input_ids)

@@ -1,0 +1,345 @@
+"""`python -m pretrain.prepare [--config configs/NAME.py] [--config.FIELD=VALUE ...]`.
+
+Turns a text source into pretraining examples on disk, once; `python -m pretrain` calls the same
+`prepare` and reuses what is there. Two cached stages under `data.data_dir/prepared/`:
+
+  <tokens key>/                  documents split into sentences and tokenised (depends on the
+    tokenizer/                   source, the tokenizer, data.eval_fraction and data.seed)
+    docs-{train,eval}-NNNNN.array_record, report.json
+  <tokens key>/<objective>-<key>/  examples (depends on objective, max_seq_len, short_seq_prob,
+    {train,eval}-NNNNN.array_record, meta.json, report.json        dupe_factor and data.seed)
+
+Documents go in shards of `data.shard_documents` to `data.prepare_workers` processes (0: this
+process); each shard's output depends only on its contents and index, so the result does not
+depend on the number of workers. Each stage writes into a temporary folder and renames it, so a
+crash leaves no half-written cache and concurrent runs keep one copy.
+
+Bad input never stops a run; the reports count it: documents with non-UTF-8 bytes (replaced by
+U+FFFD, which the tokenizer drops), empty documents and sentences (dropped), one-sentence
+documents (kept: NSP pairs them with a random next; SOP cuts the sentence), documents longer than
+data.max_doc_tokens (split into several), sentences longer than a sequence (cut into pieces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from data import records
+from data.corpora import iter_documents, source_fingerprint, split_sentences
+from data.wheels import DataError
+from models.tokenizer import Tokenizer
+from data.examples import iter_packed_sequences, iter_pair_instances
+from training.config import parse_cli
+from training.errors import UserError, exits_cleanly
+
+FORMAT_VERSION = 2  # bump when the files change meaning
+OBJECTIVES = ("nsp", "sop", "mlm_packed")
+_SPLIT_TAG = 0x53504C54  # "SPLT": train/eval document split
+_PAIRS_TAG = 0x50414952  # "PAIR": instance creation
+_EVAL_TAG = 0x4556414C  # "EVAL"
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_eval(index: int, seed: int, eval_fraction: float) -> bool:
+    """Seeded per-document coin, so documents can stream; the first document is always eval
+    (when eval_fraction > 0) so that small corpora have an eval split."""
+    if eval_fraction <= 0:
+        return False
+    if index == 0:
+        return True
+    h = hashlib.blake2b(f"{seed}:{_SPLIT_TAG}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0**64 < eval_fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: documents -> sentences -> token ids
+# ---------------------------------------------------------------------------------------------
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_dir)
+
+
+def _tokenize_shard(job) -> dict:
+    """Splits, tokenises, cleans and writes one shard of documents; returns its counts."""
+    shard, docs, folder, max_doc_tokens = job  # docs: [(is_eval, text)]
+    tok = _worker_tokenizer
+    stats = Counter()
+    sentences_of = []
+    stats["documents_read"] += len(docs)
+    for _, text in docs:
+        stats["repaired_non_utf8_documents"] += "\ufffd" in text
+        sentences_of.append(split_sentences(text))
+    encoded = iter(tok.encode_batch([s for doc in sentences_of for s in doc]))
+    out = {"train": [], "eval": []}
+    for (is_eval, _), doc in zip(docs, sentences_of):
+        sentences = [next(encoded) for _ in doc]
+        kept = [s for s in sentences if s]
+        stats["dropped_empty_sentences"] += len(sentences) - len(kept)
+        if not kept:
+            stats["dropped_empty_documents"] += 1
+            continue
+        stats["one_sentence_documents"] += len(kept) == 1
+        # Documents far longer than usual are split at sentence boundaries into several.
+        pieces, current, length = [], [], 0
+        for s in kept:
+            if current and length + len(s) > max_doc_tokens:
+                pieces.append(current)
+                current, length = [], 0
+            current.append(s)
+            length += len(s)
+        pieces.append(current)
+        stats["long_documents_split"] += len(pieces) > 1
+        split = "eval" if is_eval else "train"
+        for piece in pieces:
+            out[split].append(records.encode_document(piece))
+            stats[f"{split}_documents"] += 1
+            stats["sentences"] += len(piece)
+            stats["tokens"] += sum(map(len, piece))
+    for split, recs in out.items():
+        if recs:
+            records.write_records(Path(folder) / f"docs-{split}-{shard:05d}.array_record", recs)
+    return dict(stats)
+
+
+def _pool(workers: int, tokenizer_dir: str):
+    """Worker processes (spawned: the parent may hold JAX threads), or None for in-process."""
+    _init_worker(tokenizer_dir)
+    if workers <= 0:
+        return None
+    return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,))
+
+
+def _run(pool, fn, jobs):
+    return pool.imap(fn, jobs) if pool is not None else map(fn, jobs)
+
+
+def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
+    if dc.tokenizer:
+        tok_dir = Path(dc.tokenizer).expanduser()
+        files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
+        tokenizer_key = [(f.name, hashlib.sha256(f.read_bytes()).hexdigest())
+                         for f in files if f.exists()]
+        if not tokenizer_key:
+            raise DataError(f"data.tokenizer={dc.tokenizer}: no tokenizer.json or vocab.txt there")
+    else:
+        tokenizer_key = ["wordpiece", dc.vocab_size]
+    key = _digest(FORMAT_VERSION, source_fingerprint(dc.source), tokenizer_key,
+                  dc.eval_fraction, dc.seed, dc.max_doc_tokens)
+    final = data_dir / "prepared" / key
+    if (final / "report.json").exists():
+        return final
+
+    start = time.perf_counter()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".partial-{key}-"))
+    try:
+        if dc.tokenizer:
+            tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
+        else:
+            texts = (t for i, t in enumerate(iter_documents(dc.source, data_dir))
+                     if not _is_eval(i, dc.seed, dc.eval_fraction))
+            tokenizer = Tokenizer.train(texts, dc.vocab_size)
+        tokenizer.save(tmp / "tokenizer")
+
+        docs = ((_is_eval(i, dc.seed, dc.eval_fraction), text)
+                for i, text in enumerate(iter_documents(dc.source, data_dir)))
+        jobs = ((shard, chunk, str(tmp), dc.max_doc_tokens)
+                for shard, chunk in enumerate(iter(lambda: list(itertools.islice(
+                    docs, dc.shard_documents)), [])))
+        stats = Counter()
+        pool = _pool(workers, str(tmp / "tokenizer"))
+        try:
+            for shard_stats in _run(pool, _tokenize_shard, jobs):
+                stats.update(shard_stats)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        report = {"source": dc.source, **{k: stats.get(k, 0) for k in (
+            "documents_read", "train_documents", "eval_documents", "sentences", "tokens",
+            "repaired_non_utf8_documents", "dropped_empty_documents", "dropped_empty_sentences",
+            "one_sentence_documents", "long_documents_split")},
+                  "vocab_size": tokenizer.vocab_size, "tokenizer": dc.tokenizer or "trained",
+                  "workers": workers, "seconds": round(time.perf_counter() - start, 2)}
+        if report["train_documents"] == 0:
+            raise DataError(f"data.source={dc.source} gave no training documents with text "
+                            f"({report['dropped_empty_documents']} empty, "
+                            f"{report['eval_documents']} held out for eval); give a corpus "
+                            f"with text")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished first: keep its copy
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: token ids -> examples
+# ---------------------------------------------------------------------------------------------
+
+def _examples_shard(job) -> dict:
+    """Examples of one document shard, written as one ArrayRecord file; returns counts."""
+    (split, shard, src, dst, objective, max_seq_len, short_seq_prob, passes, seed,
+     dtype) = job
+    tok = _worker_tokenizer
+    documents = [records.decode_document(r) for r in records.read_records(src)]
+    stats = Counter()
+    # A sentence longer than a sequence would be cut to one sequence's worth and the rest lost:
+    # cut it into pieces that fit instead.
+    limit = max_seq_len - (2 if objective == "mlm_packed" else 3)
+    cut = []
+    for doc in documents:
+        out = []
+        for s in doc:
+            if len(s) > limit:
+                stats["long_sentences_split"] += 1
+                out.extend(s[i:i + limit] for i in range(0, len(s), limit))
+            else:
+                out.append(s)
+        cut.append(out)
+    recs = []
+    for p in range(passes):
+        if objective == "mlm_packed":
+            for content in iter_packed_sequences(cut, max_seq_len, tok.sep_id):
+                ids = [tok.cls_id, *content, tok.sep_id]
+                recs.append(records.encode_example(ids, len(ids), 0, dtype))
+                stats["document_separators"] += content.count(tok.sep_id)
+        else:
+            tag = _EVAL_TAG if split == "eval" else p
+            rng = np.random.default_rng([seed, _PAIRS_TAG, tag, shard])
+            for a, b, label in iter_pair_instances(cut, max_seq_len, short_seq_prob, rng,
+                                                   sop=objective == "sop"):
+                ids = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+                recs.append(records.encode_example(ids, len(a) + 2, label, dtype))
+                stats["label_1"] += label
+    if recs:
+        records.write_records(dst, recs)
+    stats["examples"] = len(recs)
+    return dict(stats)
+
+
+def _examples_stage(dc, tokens_dir: Path, workers: int) -> Path:
+    if dc.objective not in OBJECTIVES:
+        raise DataError(f"data.objective={dc.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    passes = 1 if dc.objective == "mlm_packed" else dc.dupe_factor
+    key = _digest(FORMAT_VERSION, dc.objective, dc.max_seq_len, dc.short_seq_prob, passes,
+                  dc.seed)
+    final = tokens_dir / f"{dc.objective}-{key}"
+    if (final / "meta.json").exists():
+        return final
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=tokens_dir, prefix=f".partial-{dc.objective}-"))
+    try:
+        tokenizer = Tokenizer.load(tokens_dir / "tokenizer")
+        dtype = records.ids_dtype(tokenizer.vocab_size)
+        jobs, names = [], {"train": [], "eval": []}
+        for split in ("train", "eval"):
+            for i, src in enumerate(sorted(tokens_dir.glob(f"docs-{split}-*.array_record"))):
+                shard = int(src.stem.rsplit("-", 1)[1])
+                name = f"{split}-{shard:05d}.array_record"
+                jobs.append((split, shard, str(src), str(tmp / name), dc.objective,
+                             dc.max_seq_len, dc.short_seq_prob, passes if split == "train" else 1,
+                             dc.seed, dtype.str))
+                names[split].append(name)
+        stats = {"train": Counter(), "eval": Counter()}
+        pool = _pool(min(workers, len(jobs)), str(tokens_dir / "tokenizer"))
+        try:
+            for job, shard_stats in zip(jobs, _run(pool, _examples_shard, jobs)):
+                stats[job[0]].update(shard_stats)
+                if not shard_stats["examples"]:
+                    names[job[0]].remove(Path(job[3]).name)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        if not stats["train"]["examples"]:
+            raise DataError(f"data.source={dc.source} gave no {dc.objective} training examples")
+        meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": dtype.str,
+                "train_files": names["train"], "eval_files": names["eval"],
+                "train_examples": stats["train"]["examples"],
+                "eval_examples": stats["eval"]["examples"]}
+        report = {**meta, "passes": passes, "short_seq_prob": dc.short_seq_prob,
+                  "long_sentences_split": stats["train"]["long_sentences_split"]
+                  + stats["eval"]["long_sentences_split"],
+                  "train_label_1": stats["train"]["label_1"],
+                  "document_separators": stats["train"]["document_separators"],
+                  "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Both stages
+# ---------------------------------------------------------------------------------------------
+
+def _workers(n: int) -> int:
+    return os.cpu_count() or 1 if n < 0 else n
+
+
+def prepare(dc, *, verbose: bool = True) -> Path:
+    """Prepares (or finds in the cache) the examples of config group `data`; returns their folder
+    (for `data.pretraining.PretrainingData`)."""
+    data_dir = Path(dc.data_dir).expanduser()
+    workers = _workers(dc.prepare_workers)
+    try:
+        tokens_dir = _tokens_stage(dc, data_dir, workers)
+        examples_dir = _examples_stage(dc, tokens_dir, workers)
+    except DataError as e:  # bad input the user can fix: one line from the CLIs
+        raise UserError(str(e)) from None
+    if verbose:
+        t = json.loads((tokens_dir / "report.json").read_text())
+        e = json.loads((examples_dir / "report.json").read_text())
+        dropped = {k: t[k] for k in ("repaired_non_utf8_documents", "dropped_empty_documents",
+                                     "one_sentence_documents", "long_documents_split") if t[k]}
+        if e["long_sentences_split"]:
+            dropped["long_sentences_split"] = e["long_sentences_split"]
+        print(f"pretraining data {dc.source}: {t['train_documents']} + {t['eval_documents']} "
+              f"documents, {t['sentences']} sentences, {t['tokens']} tokens -> "
+              f"{e['train_examples']} train / {e['eval_examples']} eval {dc.objective} examples "
+              f"of {dc.max_seq_len} tokens"
+              + (f"; {', '.join(f'{k}={v}' for k, v in dropped.items())}" if dropped else "")
+              + f" ({examples_dir})")
+    return examples_dir
+
+
+@exits_cleanly
+def main(argv=None) -> None:
+    import configs
+    config, _ = parse_cli(sys.argv[1:] if argv is None else argv,
+                          str(Path(configs.__file__).with_name("bert_tiny.py")),
+                          "Tokenise a text source into pretraining examples (cached).")
+    prepare(config.data)
+
+
+if __name__ == "__main__":
+    main()
