@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 500
+    c.checkpoint.every_seconds = 0.0     # > 0: also save when this much wall-clock time has passed
+                                         # (process 0's clock, read at each log step); 0 = off
     c.checkpoint.keep = 2
 
     c.eval = ml_collections.ConfigDict()

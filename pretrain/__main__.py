@@ -1,12 +1,16 @@
 """`python -m pretrain [--config configs/NAME.py] [--workdir DIR] [--config.FIELD=VALUE ...]`.
 
 With no flags it runs the embedded default; the same command on the same workdir resumes.
+Multi-process: `--coordinator HOST:PORT --num_processes N --process_id I` on every process (or
+nothing on TPU pods and under srun, which are detected); `--cpu_devices M` fakes M CPU devices.
+`python -m launch.local` starts such runs on one machine (see launch/README.md).
 """
 
 import sys
 from pathlib import Path
 
 import configs
+from training import distributed
 from training.config import parse_cli
 from training.errors import exits_cleanly
 
@@ -14,7 +18,9 @@ from training.errors import exits_cleanly
 @exits_cleanly
 def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
-                             "Pretrain a BERT encoder with MLM and NSP.")
+                             "Pretrain a BERT encoder with MLM and NSP.",
+                             extra_args=distributed.DISTRIBUTED_ARGS)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     from pretrain.train import train_and_evaluate  # after parsing: --help stays instant
     train_and_evaluate(config, args.workdir)
 

@@ -8,7 +8,6 @@ shardings and donated state, evaluating, logging and checkpointing as configured
 import dataclasses
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from training.config import save_config
 from training.errors import UserError
 from training.metrics import MetricsWriter
 from training.optim import learning_rate_schedule, make_optimizer
+from training.preemption import StopRequest
 from training.perf import peak_flops_per_device
 from training.state import abstract_state, create_train_state
 
@@ -88,25 +88,6 @@ def make_eval_step(graphdef):
 
 
 # ---------------------------------------------------------------------------------------------
-# Stopping: SIGTERM / Ctrl-C finish the current step, save, and exit; a rerun resumes.
-# ---------------------------------------------------------------------------------------------
-
-class StopRequest:
-    def __init__(self):
-        self.signal = None
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal = signal.Signals(signum).name
-
-    def restore(self):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -126,6 +107,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
     corpus.tokenizer.save(workdir / "tokenizer")
     nsp_weight = 0.0 if dc.objective == "mlm_packed" else 1.0  # packed rows have no sentence pair
+    multiprocess = jax.process_count() > 1
     batch_kwargs = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
                         whole_word=dc.whole_word, process_index=jax.process_index(),
                         process_count=jax.process_count())
@@ -138,7 +120,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     model_fn = lambda rngs: BertForPreTraining(model_cfg, rngs)
     tx = make_optimizer(config.optim, tc.steps)
     target, shardings, graphdef = abstract_state(model_fn, tx, mesh)
-    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                        config.checkpoint.every_seconds, poll_every=tc.log_every)
     start = ckpt.latest_step()
     train_batches = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch,
                                           **batch_kwargs)
@@ -164,6 +147,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
         for local in corpus.eval_batches(tc.batch_size, config.eval.max_batches, **batch_kwargs):
             sums = eval_step(params, mesh_lib.global_batch(local, mesh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if multiprocess:
+                jax.block_until_ready(totals)  # see `in_flight` below
         return objectives.summarize(jax.device_get(totals), "eval", nsp_weight) if totals else {}
 
     # ---- Loop -------------------------------------------------------------------------------
@@ -172,7 +157,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     peak = peak_flops_per_device(config.perf.peak_tflops) * jax.device_count()
     tokens_per_step = tc.batch_size * dc.max_seq_len
     lr = learning_rate_schedule(config.optim, tc.steps)
-    stop = StopRequest()
+    stop = StopRequest()  # SIGTERM / Ctrl-C: every process stops at the same step, saves, exits
+    # Multi-process CPU (gloo) runs deadlock with ~30 programs in flight: wait for the previous
+    # step before going on (on TPU/GPU this still keeps one step queued behind the running one).
+    in_flight = None
     bar = tqdm(total=tc.steps, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc="pretrain")
     # Losses average over the log window; throughput over the timed steps in it, which leave
@@ -181,12 +169,17 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     timer_start, timed_steps = time.perf_counter(), 0
     final_eval = {}
     step = start
+    stopping = False
     try:
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
-            while step < tc.steps and stop.signal is None:
+            while step < tc.steps and not stopping:
                 local = next(train_batches)
                 state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
                 step += 1
+                if multiprocess:
+                    jax.block_until_ready(in_flight)
+                    in_flight = sums
+                stopping = stop.should_stop(step)
                 window_steps, timed_steps = window_steps + 1, timed_steps + 1
                 window_sums = sums if window_sums is None else jax.tree.map(jnp.add, window_sums, sums)
                 bar.update(1)
@@ -218,11 +211,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                 if step % config.eval.every_steps == 0 or step == tc.steps:
                     final_eval = evaluate(state["params"])
                     metrics.write(step, final_eval)
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
+                    if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
+                        bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
                     timer_start, timed_steps = time.perf_counter(), 0
 
                 ckpt.maybe_save(step, state, {"next_step": step, "iterator": train_batches.get_state()},
-                                force=step == tc.steps or stop.signal is not None)
+                                force=step == tc.steps or stopping)
     finally:
         stop.restore()
         train_batches.close()
@@ -230,7 +224,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
         ckpt.wait()
         ckpt.close()
         metrics.close()
-    if stop.signal is not None and step < tc.steps:
-        print(f"{stop.signal}: stopped at step {step}, checkpoint saved in {ckpt.directory}; "
+    if stopping and step < tc.steps:
+        print(f"{stop.reason}: stopped at step {step}, checkpoint saved in {ckpt.directory}; "
               f"run the same command again to resume")
     return final_eval

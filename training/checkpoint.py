@@ -2,9 +2,14 @@
 
 Saves are asynchronous (training goes on while the previous step is written); a save that dies
 half-way leaves only an `*.orbax-checkpoint-tmp` folder, which restores never see.
+
+Saves happen every `every_steps` steps and, when `every_seconds` > 0, once that much wall-clock time
+has passed since the last save. Every process must save the same steps, so the clock is process
+0's: it is read every `poll_every` steps and broadcast to the others (one small collective).
 """
 
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -15,8 +20,10 @@ from training.errors import UserError
 
 
 def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: a rerun removes the unfinished folders of a killed save.
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
                                            create=not read_only, read_only=read_only,
+                                           cleanup_tmp_directories=not read_only,
                                            enable_async_checkpointing=True)
     # Standard and PyTree handlers share one on-disk format; reading uses PyTree for its
     # partial restore.
@@ -44,21 +51,38 @@ def _check_params_shapes(saved_params, target_params, where: Path) -> None:
 
 
 class Checkpointer:
-    """Save every `every_steps` steps (and on demand), keep the last `keep`, resume the latest."""
+    """Save every `every_steps` steps, every `every_seconds` seconds and on demand; keep the last
+    `keep`; resume the latest. Call `maybe_save` on every process after every step."""
 
-    def __init__(self, workdir: str | Path, every_steps: int, keep: int):
+    def __init__(self, workdir: str | Path, every_steps: int, keep: int, every_seconds: float = 0.0,
+                 poll_every: int = 1):
         self.directory = Path(workdir) / "checkpoints"
         self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.poll_every = max(1, poll_every)
+        self._last_save = time.monotonic()
         self._manager = _manager(self.directory, keep)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def _clock_due(self, step: int) -> bool:
+        """Process 0's clock says a save is due; the same answer on every process."""
+        if self.every_seconds <= 0 or step % self.poll_every:
+            return False
+        due = time.monotonic() - self._last_save >= self.every_seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
     def maybe_save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        if not force and (self.every_steps <= 0 or step % self.every_steps):
+        due = force or (self.every_steps > 0 and step % self.every_steps == 0)
+        if not self._clock_due(step) and not due:
             return False
         if step in self._manager.all_steps():
             return False
+        self._last_save = time.monotonic()
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 

@@ -81,7 +81,8 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
 def parse_cli(argv, default_config: str, description: str, extra_args=()):
     """Parse `[--config F] [--workdir D] [--config.KEY=VALUE ...]` plus trainer-specific flags.
 
-    `extra_args` is a list of (flag, argparse kwargs). Returns (config, args namespace).
+    `extra_args` is a list of (flag, argparse kwargs). Returns (config, args namespace);
+    `args.overrides` maps each overridden key (e.g. "model.size") to its text, in order.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="configs/NAME.py")
@@ -91,6 +92,7 @@ def parse_cli(argv, default_config: str, description: str, extra_args=()):
     args, rest = parser.parse_known_args(argv)
     cfg = load_config(args.config)
     it = iter(rest)
+    args.overrides = {}
     for token in it:
         if not token.startswith("--config."):
             raise UserError(f"unknown argument {token!r}; see --help")
@@ -100,6 +102,7 @@ def parse_cli(argv, default_config: str, description: str, extra_args=()):
             if value is None:
                 raise UserError(f"{token} needs a value: {token}=VALUE")
         override(cfg, key, value)
+        args.overrides[key] = value
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(args.config).stem)
     return cfg, args

@@ -34,11 +34,15 @@ def init_params(model_fn, seed: int) -> dict:
 
 
 def state_shardings(abstract_state, param_shardings, tx: optax.GradientTransformation, mesh):
-    """Optimizer moments follow their parameters; counters and the step are replicated."""
+    """Optimizer moments follow their parameters; counters and the step are replicated.
+
+    Masked optimizers (`optax.multi_transform`, `optax.masked`) hold a `MaskedNode` (no array)
+    where a parameter has no state, e.g. a frozen one; it stays as it is."""
     replicated = NamedSharding(mesh, P())
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_state["opt_state"], param_shardings,
-        transform_non_params=lambda _: replicated)
+        tx, lambda state, sharding: state if masked(state) else sharding, abstract_state["opt_state"],
+        param_shardings, transform_non_params=lambda _: replicated, is_leaf=masked)
     return {"params": param_shardings, "opt_state": opt, "step": replicated}
 
 
