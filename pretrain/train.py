@@ -105,7 +105,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                         f"{mesh_lib.data_parallel_size(mesh)}")
     dc = config.data
     corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
-    corpus.tokenizer.save(workdir / "tokenizer")
+    if jax.process_index() == 0:
+        corpus.tokenizer.save(workdir / "tokenizer")
     nsp_weight = 0.0 if dc.objective == "mlm_packed" else 1.0  # packed rows have no sentence pair
     multiprocess = jax.process_count() > 1
     batch_kwargs = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
@@ -172,6 +173,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     stopping = False
     try:
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
+            if start == 0:  # where training starts from, for comparison
+                metrics.write(0, evaluate(state["params"]))
             while step < tc.steps and not stopping:
                 local = next(train_batches)
                 state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
