@@ -157,4 +157,4 @@ def load_checkpoint_params(src: str | Path) -> tuple[dict, dict, Path | None, st
     params, _ = read_params(src)
     tokenizer = workdir / "tokenizer"
     return params, config["model"], tokenizer if tokenizer.is_dir() else None, \
-        "finetune" if "task" in config else "pretrain"
+        "finetune" if "task" in config.get("data", {}) else "pretrain"

@@ -1,0 +1,1 @@
+"""Fine-tuning BERT encoders on labelled tasks: `python -m finetune` (see finetune/train.py)."""

@@ -1,0 +1,41 @@
+"""`python -m finetune --config configs/NAME.py --init SRC --workdir DIR [--config.FIELD=VALUE ...]`.
+
+SRC: a pretraining workdir (its latest checkpoint), one checkpoints/<step> folder, a HuggingFace
+BERT folder, or `none`. `--sweep KEY=V1,V2,... [--sweep ...] --seeds N` runs a grid of settings
+over N seeds in DIR/<setting>/seed<k> and writes DIR/sweep.json. The same command on the same
+workdir resumes.
+"""
+
+import sys
+from pathlib import Path
+
+import configs
+from training.config import parse_cli
+from training.errors import exits_cleanly
+
+EXTRA_ARGS = [
+    ("--init", dict(required=True, metavar="SRC",
+                    help="pretraining workdir, checkpoints/<step> folder, HuggingFace BERT folder, or none")),
+    ("--sweep", dict(action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="sweep a config field (lr, l2sp_alpha, ... or a full key); repeat for a grid")),
+    ("--seeds", dict(type=int, default=0, metavar="N",
+                     help="run each setting with seeds train.seed + 0..N-1 and report medians")),
+]
+
+
+@exits_cleanly
+def main(argv=None) -> None:
+    config, args = parse_cli(sys.argv[1:] if argv is None else argv,
+                             str(Path(configs.__file__).with_name("finetune_rt_polarity.py")),
+                             "Fine-tune a BERT encoder on a labelled task.", EXTRA_ARGS)
+    # Imported after parsing: --help stays instant.
+    if args.sweep or args.seeds:
+        from finetune.sweep import run_sweep
+        run_sweep(config, args.workdir, args.init, args.sweep, max(args.seeds, 1), set(args.overrides))
+    else:
+        from finetune.train import train_and_evaluate
+        train_and_evaluate(config, args.workdir, args.init, set(args.overrides))
+
+
+if __name__ == "__main__":
+    main()
