@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import configs
+from training import distributed
 from training.config import parse_cli
 from training.errors import exits_cleanly
 
@@ -27,7 +28,9 @@ EXTRA_ARGS = [
 def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv,
                              str(Path(configs.__file__).with_name("finetune_rt_polarity.py")),
-                             "Fine-tune a BERT encoder on a labelled task.", EXTRA_ARGS)
+                             "Fine-tune a BERT encoder on a labelled task.",
+                             EXTRA_ARGS + list(distributed.DISTRIBUTED_ARGS))
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     # Imported after parsing: --help stays instant.
     if args.sweep or args.seeds:
         from finetune.sweep import run_sweep

@@ -512,11 +512,15 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     window, window_steps = None, 0
     timer_start, timed_steps = time.perf_counter(), 0
     step, stopping = start, False
+    in_flight = None  # multi-process CPU runs deadlock with many steps queued (pretrain/train.py)
     try:
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
             while step < total and not stopping:
                 state, sums = train_step(state, mesh_lib.global_batch(train_data.train(step, tc.batch_size), mesh))
                 step += 1
+                if jax.process_count() > 1:
+                    jax.block_until_ready(in_flight)
+                    in_flight = sums
                 stopping = stop.should_stop(step)  # the same step on every process
                 window_steps, timed_steps = window_steps + 1, timed_steps + 1
                 window = sums if window is None else jax.tree.map(jnp.add, window, sums)
