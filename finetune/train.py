@@ -435,11 +435,7 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
 
     # ---- Mesh, durations --------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_divisible(tc.batch_size, mesh)
-    if tc.batch_size % (tc.grad_accum * mesh_lib.data_parallel_size(mesh)):
-        raise UserError(f"train.batch_size={tc.batch_size} must divide into train.grad_accum="
-                        f"{tc.grad_accum} microbatches of a multiple of the data-parallel size "
-                        f"{mesh_lib.data_parallel_size(mesh)}")
+    mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     eval_batch = config.eval.batch_size or tc.batch_size
     mesh_lib.check_divisible(eval_batch, mesh, "eval.batch_size")
     steps_per_epoch = max(1, train_data.n // tc.batch_size)

@@ -98,11 +98,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
 
     # ---- Mesh and data ----------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_divisible(tc.batch_size, mesh)
-    if tc.batch_size % (tc.grad_accum * mesh_lib.data_parallel_size(mesh)):
-        raise UserError(f"train.batch_size={tc.batch_size} must divide into train.grad_accum="
-                        f"{tc.grad_accum} microbatches of a multiple of the data-parallel size "
-                        f"{mesh_lib.data_parallel_size(mesh)}")
+    mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     dc = config.data
     corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
     if jax.process_index() == 0:

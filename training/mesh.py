@@ -75,8 +75,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def check_divisible(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+def check_divisible(batch_size: int, mesh: Mesh, what: str = "train.batch_size",
+                    grad_accum: int = 1) -> None:
+    """The batch must split into `grad_accum` microbatches, each divisible over data x fsdp."""
     dp = data_parallel_size(mesh)
     if batch_size % dp:
         raise UserError(f"{what}={batch_size} is not divisible by the data-parallel size {dp} "
                         f"(mesh.data x mesh.fsdp); use a multiple of {dp}")
+    if batch_size % (grad_accum * dp):
+        raise UserError(f"{what}={batch_size} must divide into train.grad_accum={grad_accum} "
+                        f"microbatches of a multiple of the data-parallel size {dp}")
