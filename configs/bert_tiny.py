@@ -3,8 +3,10 @@
 Run (what `python -m pretrain` does with no flags):
     python -m pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny
 
-Expected on 2 CPU cores: about 15 minutes, eval/mlm_accuracy rising from ~0 to ~0.3 and
-eval/nsp_accuracy well above 0.5 (see the notes of issue 2 for measured numbers).
+Measured on 2 CPU cores (2026-11-23, clean clone, install included): 15.5 minutes, ~13.7k
+tokens/s; eval/mlm_accuracy 0.0001 at step 0 -> 0.085 (500) -> 0.115 (1000) -> 0.132 (3000),
+eval/nsp_accuracy 0.45 -> 0.57. Three thousand steps leave BERT-tiny near the unigram plateau;
+pretrain longer (--config.train.steps) for an encoder worth fine-tuning.
 """
 
 import ml_collections
