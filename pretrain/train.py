@@ -127,7 +127,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
         start = 0
     else:
         state, data_state = ckpt.restore(start, target)
-        assert data_state["next_step"] == start, data_state
         train_batches.set_state(data_state["iterator"])  # grain's JSON state: the exact position
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
@@ -214,7 +213,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                         bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
                     timer_start, timed_steps = time.perf_counter(), 0
 
-                ckpt.maybe_save(step, state, {"next_step": step, "iterator": train_batches.get_state()},
+                ckpt.maybe_save(step, state, {"iterator": train_batches.get_state()},
                                 force=step == tc.steps or stopping)
     finally:
         stop.restore()
