@@ -69,24 +69,36 @@ def get_task(name: str) -> Task:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: BERT encoder + a classifier on the pooled [CLS] output
+# The model: BERT encoder + a classifier on the pooled output
 # ---------------------------------------------------------------------------------------------
+
+POOLINGS = ("cls", "mean")
+
 
 class SequenceClassifier(nnx.Module):
     """`encoder` (BertEncoder) and `classifier` (D -> C, C = 1 for regression), with dropout on
-    the pooled output: HuggingFace's BertForSequenceClassification, parameter for parameter, so
-    `models/hf.py` exports it as such."""
+    the pooled output. With `pooling="cls"` (BERT's tanh pooler over [CLS]) this is HuggingFace's
+    BertForSequenceClassification, parameter for parameter, so `models/hf.py` exports it as such.
+    `pooling="mean"` averages the last hidden states over the real tokens instead, the usual
+    frozen-feature probe: the pooler only ever learned NSP, the hidden states learned MLM."""
 
-    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs,
+                 pooling: str = "cls"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.encoder = BertEncoder(cfg, rngs)
         self.classifier = nnx.Linear(
             cfg.hidden_size, num_outputs, dtype=jnp.dtype(cfg.dtype),
             kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
         self.classifier_dropout = classifier_dropout
+        self.pooling = pooling
 
     def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
         """Logits (or scores) BC in float32. `key=None` disables dropout."""
-        _, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
+        x_BTD, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
+        if self.pooling == "mean":
+            mask_BT1 = attention_mask[..., None].astype(x_BTD.dtype)
+            pooled_BD = jnp.sum(x_BTD * mask_BT1, axis=1) / jnp.maximum(jnp.sum(mask_BT1, axis=1), 1)
         pooled_BD = dropout(pooled_BD, self.classifier_dropout, fold(key, 1))
         return self.classifier(pooled_BD).astype(jnp.float32)
 

@@ -377,6 +377,8 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     if task.regression and method.label_smoothing:
         raise UserError(f"method.label_smoothing={method.label_smoothing} applies to classification; "
                         f"{task.name} is a regression task")
+    if config.model.pooling not in tasks.POOLINGS:
+        raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(tasks.POOLINGS)}")
 
     # ---- Source, data, tokenizer ------------------------------------------------------------
     recorded = workdir / "source.json"
@@ -444,7 +446,8 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
 
     # ---- Model, optimizer, train state ------------------------------------------------------
     model_fn = lambda rngs: tasks.SequenceClassifier(bert, data.num_outputs,
-                                                     config.model.classifier_dropout, rngs)
+                                                     config.model.classifier_dropout, rngs,
+                                                     pooling=config.model.pooling)
     shapes = jax.eval_shape(lambda: init_params(model_fn, 0))
     if method.freeze_bottom > bert.num_layers:
         raise UserError(f"method.freeze_bottom={method.freeze_bottom} but the encoder has "

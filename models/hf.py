@@ -778,6 +778,10 @@ def main(argv=None) -> None:
         params, model_config, tokenizer_dir, kind = load_checkpoint_params(args.checkpoint)
         cfg = bert_config_from(model_config)
         architecture = args.architecture or infer_architecture(params)
+        if architecture == "BertForSequenceClassification" and model_config.get("pooling", "cls") != "cls":
+            raise ConversionError(f"this classifier reads the {model_config['pooling']}-pooled hidden "
+                                  f"states, which BertForSequenceClassification cannot express; "
+                                  f"export the encoder alone with --architecture BertModel")
         id2label = args.labels.split(",") if args.labels else None
         out = export_params(params, cfg, args.out, architecture=architecture, dtype=args.dtype,
                             max_shard_bytes=args.max_shard_size, id2label=id2label,

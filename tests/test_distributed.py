@@ -258,3 +258,38 @@ def test_slurm_with_several_tasks_is_detected(monkeypatch):
     assert calls == [dict(cluster_detection_method="slurm")]
     monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain run
     assert distributed.initialize() is False and len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) fine-tuning: 2 processes x 4 devices train and score exactly like 1 process x 8 devices
+# ---------------------------------------------------------------------------------------------
+
+FT_FLAGS = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval_examples": 32,
+            "train.steps": 6, "train.batch_size": 16, "train.log_every": 1, "eval.every_steps": 3,
+            "optim.lr": 1e-3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+
+
+def finetune(workdir, data_dir, init, processes: int) -> list[str]:
+    program = [sys.executable, "-m", "finetune", "--config", "configs/finetune_rt_polarity.py",
+               "--init", str(init), "--workdir", str(workdir),
+               *[f"--config.{k}={v}" for k, v in {**FT_FLAGS, "data.data_dir": data_dir}.items()]]
+    if processes == 1:
+        return [*program, "--cpu_devices", "8"]
+    return [sys.executable, "-m", "launch.local", "--num_processes", str(processes),
+            "--devices_per_process", str(8 // processes), "--", *program]
+
+
+def test_finetune_two_processes_match_one_process(tmp_path, data_dir, single):
+    import json
+    run(finetune(tmp_path / "one", data_dir, single, 1))
+    out = run(finetune(tmp_path / "two", data_dir, single, 2))
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 7))
+    one, two = (json.loads((tmp_path / w / "results.json").read_text()) for w in ("one", "two"))
+    assert two["best_step"] == one["best_step"]
+    for split in ("dev", "test"):
+        for metric, value in one[split].items():
+            assert two[split][metric] == pytest.approx(value, abs=1e-6), (split, metric)
+    # Every prediction is written once, by process 0.
+    assert (tmp_path / "two" / "predictions_dev.tsv").read_text() == \
+        (tmp_path / "one" / "predictions_dev.tsv").read_text()
+    assert "[1] finetune" not in out

@@ -86,8 +86,10 @@ def plain_run(pretrained, data_dir, tmp_path_factory):
 
 # ---- --init --------------------------------------------------------------------------------
 
-def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, data_dir, tmp_path):
-    results = train_and_evaluate(ft_config(data_dir, method__freeze_encoder=True), tmp_path, str(pretrained))
+def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, data_dir, tmp_path, capsys):
+    # A linear probe of the mean hidden state: the frozen-feature evaluation.
+    results = train_and_evaluate(ft_config(data_dir, method__freeze_encoder=True, model__pooling="mean"),
+                                 tmp_path, str(pretrained))
     source = encoder_of(pretrained)
     after = read_params(tmp_path)[0]
     assert_trees_equal(after["encoder"], source)  # restored exactly, and never changed
@@ -106,6 +108,14 @@ def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, 
     assert [m["step"] for m in dev_lines] == [3, 6]
     best = max(dev_lines, key=lambda m: m["dev/accuracy"])  # first of equals, like the trainer
     assert results["best_step"] == best["step"]
+    # BertForSequenceClassification reads the pooler, so a mean-pooled head is not exported as one.
+    from models import hf
+    capsys.readouterr()  # the training's progress bar
+    with pytest.raises(SystemExit):
+        hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert "mean-pooled" in err and "--architecture BertModel" in err and "\n" not in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_freeze_embeddings_and_bottom_layer_bitwise(plain_run, pretrained, data_dir, tmp_path):
@@ -339,6 +349,7 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, pretrained, data_dir):
     assert "did you mean" in error("none", "--sweep", "method.l2sp=1")
     assert "regression" in error("none", "--config.method.label_smoothing=0.1", "--config.data.task=glue/stsb")
     assert "freeze_bottom=5" in error(pretrained, "--config.method.freeze_bottom=5")
+    assert "choose one of: cls, mean" in error("none", "--config.model.pooling=max")
 
 
 def test_resume_with_another_init_is_refused(capsys, plain_run, data_dir):

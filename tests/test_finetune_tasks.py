@@ -8,8 +8,11 @@ import optax
 import pytest
 import scipy.stats
 
+from flax import nnx
+
 from finetune import tasks
 from finetune.train import frozen_mask, layer_scales, make_optimizer
+from models.bert import BertConfig
 
 
 # ---- metrics: hand values ------------------------------------------------------------------
@@ -161,3 +164,23 @@ def test_layer_decay_scales_updates():
     for a, b, s in zip(jax.tree.leaves(u0), jax.tree.leaves(u1), jax.tree.leaves(scales)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a) * s, rtol=1e-6)
     assert optax.tree.norm(u0) > 0
+
+
+# ---- pooling -------------------------------------------------------------------------------
+
+def test_mean_pooling_is_the_mean_over_real_tokens_and_ignores_padding():
+    cfg = BertConfig.of_size("tiny", 64, max_position=16, dropout=0.0, attention_dropout=0.0)
+    with nnx.use_eager_sharding(False):
+        model = tasks.SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="mean")
+    ids = np.array([[2, 10, 11, 12, 3, 0, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0]])
+    types = np.zeros_like(ids)
+    hidden_BTD, _ = model.encoder(ids, types, mask)
+    mean_D = np.asarray(hidden_BTD)[0, :5].mean(axis=0)  # the 5 real tokens only
+    expected = mean_D @ np.asarray(model.classifier.kernel[...]) + np.asarray(model.classifier.bias[...])
+    np.testing.assert_allclose(np.asarray(model(ids, types, mask))[0], expected, atol=1e-5)
+    # The same text with less padding gives the same logits.
+    short = np.asarray(model(ids[:, :6], types[:, :6], mask[:, :6]))
+    np.testing.assert_allclose(short, np.asarray(model(ids, types, mask)), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        tasks.SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="max")
