@@ -19,6 +19,11 @@ TINY = {
     "eval.every_steps": 1000, "eval.max_batches": 2, "perf.peak_tflops": 0.0,
 }
 
+# Fine-tuning shrunk for tests: 64 train examples, 32 dev and test, 32 tokens, 6 steps.
+TINY_FT = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval_examples": 32,
+           "train.steps": 6, "train.batch_size": 16, "train.log_every": 1, "eval.every_steps": 3,
+           "optim.lr": 1e-3}
+
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     c = bert_tiny.get_config()

@@ -8,6 +8,7 @@ and the SIGTERM and SIGKILL tests start their own 2-process runs and reruns. The
 `slow` (the whole module takes about 3 minutes on the 2-core machine under load, 2 without it).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_flags
+from conftest import TINY_FT, tiny_flags
 from training import distributed
 from training.errors import UserError
 from training.metrics import read_metrics
@@ -264,9 +265,7 @@ def test_slurm_with_several_tasks_is_detected(monkeypatch):
 # (e) fine-tuning: 2 processes x 4 devices train and score exactly like 1 process x 8 devices
 # ---------------------------------------------------------------------------------------------
 
-FT_FLAGS = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval_examples": 32,
-            "train.steps": 6, "train.batch_size": 16, "train.log_every": 1, "eval.every_steps": 3,
-            "optim.lr": 1e-3, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+FT_FLAGS = {**TINY_FT, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
 def finetune(workdir, data_dir, init, processes: int) -> list[str]:
@@ -280,7 +279,6 @@ def finetune(workdir, data_dir, init, processes: int) -> list[str]:
 
 
 def test_finetune_two_processes_match_one_process(tmp_path, data_dir, single):
-    import json
     run(finetune(tmp_path / "one", data_dir, single, 1))
     out = run(finetune(tmp_path / "two", data_dir, single, 2))
     assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), range(1, 7))

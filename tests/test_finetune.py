@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import finetune_rt_polarity
-from conftest import tiny_flags
+from conftest import TINY_FT, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
@@ -23,11 +23,6 @@ from training.checkpoint import read_params
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Fine-tuning shrunk for tests: 64 train examples, 32 dev and test, 32 tokens, 6 steps.
-TINY_FT = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval_examples": 32,
-           "train.steps": 6, "train.batch_size": 16, "train.log_every": 1, "eval.every_steps": 3,
-           "optim.lr": 1e-3}
 
 
 def ft_config(data_dir, **overrides):
