@@ -23,6 +23,7 @@ def get_config():
     c.train.log_every = 100
     c.optim.lr = 1e-4
     c.optim.warmup_steps = 10_000
+    c.optim.decay_steps = 0          # BERT: linear decay over all steps after warmup
     c.checkpoint.every_steps = 5_000
     c.checkpoint.keep = 3
     c.eval.every_steps = 10_000

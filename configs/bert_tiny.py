@@ -36,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.objective = "nsp"         # nsp | sop (sentence order) | mlm_packed (MLM only, no NSP loss)
     c.data.seed = 0                  # eval split and pair cutting (train.seed: shuffle and masks)
     c.data.vocab_size = 8192
-    c.data.max_seq_len = 128
-    c.data.max_predictions = 20
+    c.data.max_seq_len = 64
+    c.data.max_predictions = 10
     c.data.mask_prob = 0.15
     c.data.whole_word = False
     c.data.short_seq_prob = 0.1
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4              # batches read ahead
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 3000
+    c.train.steps = 7000
     c.train.batch_size = 32          # global, over all processes
     c.train.grad_accum = 1
     c.train.seed = 0
@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 300
     c.optim.decay = "linear"         # linear | cosine | constant
+    c.optim.decay_steps = 1500        # hold lr after warmup, decay over the last N steps; 0: all
     c.optim.end_lr_ratio = 0.0
     c.optim.weight_decay = 0.01
     c.optim.b1 = 0.9

@@ -5,8 +5,16 @@ import optax
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Warmup to lr, then decay to lr * end_lr_ratio. With decay_steps > 0 the lr holds after
+    warmup and decays only over the last decay_steps (warmup-stable-decay): small models on a
+    small budget need a high lr for long enough to leave the MLM unigram plateau."""
     warmup = min(optim_cfg.warmup_steps, total_steps)
-    decay_steps = max(total_steps - warmup, 1)
+    after_warmup = max(total_steps - warmup, 1)
+    decay_steps = optim_cfg.get("decay_steps", 0)
+    if decay_steps < 0:
+        raise ValueError(f"optim.decay_steps={decay_steps}: use 0 (decay over all steps after warmup) "
+                         "or the number of final steps to decay over")
+    decay_steps = min(decay_steps, after_warmup) if decay_steps > 0 else after_warmup
     end = optim_cfg.lr * optim_cfg.end_lr_ratio
     if optim_cfg.decay == "linear":
         decay = optax.linear_schedule(optim_cfg.lr, end, decay_steps)
@@ -17,7 +25,11 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     else:
         raise ValueError(f"optim.decay={optim_cfg.decay!r}: choose linear, cosine or constant")
     warm = optax.linear_schedule(0.0, optim_cfg.lr, max(warmup, 1))
-    return optax.join_schedules([warm, decay], [warmup])
+    hold = after_warmup - decay_steps
+    if hold <= 0:
+        return optax.join_schedules([warm, decay], [warmup])
+    return optax.join_schedules([warm, optax.constant_schedule(optim_cfg.lr), decay],
+                                [warmup, warmup + hold])
 
 
 def decay_mask(params):
