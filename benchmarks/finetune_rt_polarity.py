@@ -1,7 +1,7 @@
 """Does pretraining help? Fine-tune on rt_polarity from a pretraining workdir and from scratch.
 
     python benchmarks/finetune_rt_polarity.py PRETRAIN_WORKDIR [--out DIR] [--seeds 3]
-        [--epochs 3] [--lr 1e-4] [--probe-lr 1e-3] [--train-examples 0] [--config.FIELD=VALUE ...]
+        [--epochs 3] [--lr 5e-4] [--probe-lr 1e-2,1e-1] [--train-examples 0] [--config.FIELD=VALUE ...]
 
 Four conditions, each over the same seeds with the same budget (epochs, batch, schedule):
 
@@ -43,8 +43,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench_finetune_rt_polarity")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", default="3")
-    parser.add_argument("--lr", default="1e-4", help="full fine-tuning LR (a comma list sweeps it)")
-    parser.add_argument("--probe-lr", default="1e-3", help="frozen-encoder LR (a comma list sweeps it)")
+    parser.add_argument("--lr", default="5e-4", help="full fine-tuning LR (a comma list sweeps it)")
+    parser.add_argument("--probe-lr", default="1e-2,1e-1", help="frozen-encoder LR (a comma list sweeps it)")
     parser.add_argument("--probe-pooling", default="mean", choices=["mean", "cls"],
                         help="what the frozen-encoder probes read")
     parser.add_argument("--train-examples", default="0", help="> 0: a fixed subset of the train split")

@@ -16,7 +16,6 @@ bitwise equal to the source.
 import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import jax
@@ -37,6 +36,7 @@ from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer, read_params, resolve_step_dir
 from training.config import save_config
 from training.errors import UserError
+from training.loop import LogWindow
 from training.metrics import MetricsWriter
 from training.optim import decay_mask, learning_rate_schedule
 from training.state import abstract_state, create_train_state, init_params
@@ -508,28 +508,19 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     stop = StopRequest()
     bar = tqdm(total=total, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc=f"finetune {task.name}")
-    window, window_steps = None, 0
-    timer_start, timed_steps = time.perf_counter(), 0
+    window = LogWindow(start)
     step, stopping = start, False
-    in_flight = None  # multi-process CPU runs deadlock with many steps queued (pretrain/train.py)
     try:
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
             while step < total and not stopping:
                 state, sums = train_step(state, mesh_lib.global_batch(train_data.train(step, tc.batch_size), mesh))
                 step += 1
-                if jax.process_count() > 1:
-                    jax.block_until_ready(in_flight)
-                    in_flight = sums
+                window.add(step, sums)
                 stopping = stop.should_stop(step)  # the same step on every process
-                window_steps, timed_steps = window_steps + 1, timed_steps + 1
-                window = sums if window is None else jax.tree.map(jnp.add, window, sums)
                 bar.update(1)
-                if step == start + 1:
-                    jax.block_until_ready(sums)
-                    timer_start, timed_steps = time.perf_counter(), 0
 
                 if step % tc.log_every == 0 or step == total:
-                    host = jax.device_get(window)
+                    host, window_steps, steps_per_sec = window.take()
                     count = max(float(host["count"]), 1.0)
                     out = {"train/loss": float(host["loss"]) / count,
                            "train/l2sp": float(host["l2sp"]) / window_steps,
@@ -540,14 +531,11 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
                     if not math.isfinite(out["train/loss"]):
                         raise UserError(f"loss became {out['train/loss']} by step {step}; lower "
                                         f"optim.lr, then rerun to resume from the last good checkpoint")
-                    if timed_steps:
-                        elapsed = time.perf_counter() - timer_start
-                        out["perf/steps_per_sec"] = timed_steps / elapsed
-                        out["perf/examples_per_sec"] = timed_steps * tc.batch_size / elapsed
+                    if steps_per_sec:
+                        out["perf/steps_per_sec"] = steps_per_sec
+                        out["perf/examples_per_sec"] = steps_per_sec * tc.batch_size
                     metrics.write(step, out)
                     bar.set_postfix(loss=f"{out['train/loss']:.3f}", refresh=False)
-                    window, window_steps = None, 0
-                    timer_start, timed_steps = time.perf_counter(), 0
 
                 evaluated = step % eval_every == 0 or step == total
                 if evaluated:
@@ -560,7 +548,7 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
                     if _better(dev[task.primary], progress["best"] and progress["best"][task.primary]):
                         progress["best_step"], progress["best"] = step, dev
                         best_ckpt.maybe_save(step, {"params": state["params"]}, {"dev": dev}, force=True)
-                    timer_start, timed_steps = time.perf_counter(), 0
+                    window.restart_timer()
                 progress["next_step"] = step
                 ckpt.maybe_save(step, state, progress,
                                 force=evaluated or step == total or stopping)

@@ -5,15 +5,11 @@ restores the latest checkpoint in the workdir), then runs jit-compiled steps wit
 shardings and donated state, evaluating, logging and checkpointing as configured.
 """
 
-import dataclasses
-import json
 import math
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from flax.core import spmd
@@ -27,6 +23,7 @@ from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
 from training.errors import UserError
+from training.loop import LogWindow
 from training.metrics import MetricsWriter
 from training.optim import learning_rate_schedule, make_optimizer
 from training.preemption import StopRequest
@@ -144,7 +141,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
             sums = eval_step(params, mesh_lib.global_batch(local, mesh))
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
             if multiprocess:
-                jax.block_until_ready(totals)  # see `in_flight` below
+                jax.block_until_ready(totals)  # see training.loop.LogWindow
         return objectives.summarize(jax.device_get(totals), "eval", nsp_weight) if totals else {}
 
     # ---- Loop -------------------------------------------------------------------------------
@@ -154,15 +151,9 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     tokens_per_step = tc.batch_size * dc.max_seq_len
     lr = learning_rate_schedule(config.optim, tc.steps)
     stop = StopRequest()  # SIGTERM / Ctrl-C: every process stops at the same step, saves, exits
-    # Multi-process CPU (gloo) runs deadlock with ~30 programs in flight: wait for the previous
-    # step before going on (on TPU/GPU this still keeps one step queued behind the running one).
-    in_flight = None
     bar = tqdm(total=tc.steps, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc="pretrain")
-    # Losses average over the log window; throughput over the timed steps in it, which leave
-    # out compilation (the first step) and evaluation.
-    window_sums, window_steps = None, 0
-    timer_start, timed_steps = time.perf_counter(), 0
+    window = LogWindow(start)  # losses average over it; throughput leaves out compiles and evals
     final_eval = {}
     step = start
     stopping = False
@@ -174,20 +165,12 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                 local = next(train_batches)
                 state, sums = train_step(state, mesh_lib.global_batch(local, mesh))
                 step += 1
-                if multiprocess:
-                    jax.block_until_ready(in_flight)
-                    in_flight = sums
+                window.add(step, sums)
                 stopping = stop.should_stop(step)
-                window_steps, timed_steps = window_steps + 1, timed_steps + 1
-                window_sums = sums if window_sums is None else jax.tree.map(jnp.add, window_sums, sums)
                 bar.update(1)
-                if step == start + 1:
-                    jax.block_until_ready(sums)
-                    timer_start, timed_steps = time.perf_counter(), 0
 
                 if step % tc.log_every == 0 or step == tc.steps:
-                    host = jax.device_get(window_sums)
-                    elapsed = time.perf_counter() - timer_start
+                    host, window_steps, steps_per_sec = window.take()
                     out = objectives.summarize(host, "train", nsp_weight)
                     if not math.isfinite(out["train/loss"]):
                         raise UserError(f"loss became {out['train/loss']} by step {step}; lower "
@@ -195,23 +178,21 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                                         f"resume from the last good checkpoint")
                     out["train/grad_norm"] = float(host["grad_norm"]) / window_steps
                     out["train/lr"] = float(lr(step - 1))
-                    if timed_steps:
-                        out["perf/steps_per_sec"] = timed_steps / elapsed
-                        out["perf/tokens_per_sec"] = timed_steps * tokens_per_step / elapsed
+                    if steps_per_sec:
+                        out["perf/steps_per_sec"] = steps_per_sec
+                        out["perf/tokens_per_sec"] = steps_per_sec * tokens_per_step
                         if peak:
-                            out["perf/mfu"] = timed_steps * flops / elapsed / peak
+                            out["perf/mfu"] = steps_per_sec * flops / peak
                     metrics.write(step, out)
                     bar.set_postfix(loss=f"{out['train/loss']:.3f}",
                                     tok_s=f"{out.get('perf/tokens_per_sec', 0):.0f}", refresh=False)
-                    window_sums, window_steps = None, 0
-                    timer_start, timed_steps = time.perf_counter(), 0
 
                 if step % config.eval.every_steps == 0 or step == tc.steps:
                     final_eval = evaluate(state["params"])
                     metrics.write(step, final_eval)
                     if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
                         bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
-                    timer_start, timed_steps = time.perf_counter(), 0
+                    window.restart_timer()
 
                 ckpt.maybe_save(step, state, {"iterator": train_batches.get_state()},
                                 force=step == tc.steps or stopping)
