@@ -69,8 +69,10 @@ class Tokenizer:
             continuing_subword_prefix="##", show_progress=False,
             limit_alphabet=1000)  # as in HuggingFace's BERT recipe: rare characters become [UNK]
         tok.train_from_iterator(texts, trainer=trainer)
-        _add_post_processor(tok)
-        return cls(tok)
+        # The trainer orders tokens of equal frequency by hash order, which changes from one
+        # process to the next: number the learned vocabulary the same way everywhere.
+        learned = tok.get_vocab().keys() - set(SPECIAL_TOKENS)
+        return cls._from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
@@ -86,10 +88,15 @@ class Tokenizer:
             lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
         # One token per line; split on "\n" only, like BERT's load_vocab (not on other breaks).
         lines = (directory / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n")
-        vocab = {token.rstrip("\r"): i for i, token in enumerate(lines.split("\n"))}
+        return cls._from_vocab([token.rstrip("\r") for token in lines.split("\n")], lowercase)
+
+    @classmethod
+    def _from_vocab(cls, tokens: Sequence[str], lowercase: bool) -> "Tokenizer":
+        """BERT's pipeline over a WordPiece vocabulary given in id order."""
+        vocab = {token: i for i, token in enumerate(tokens)}
         tok = _bert_pipeline(
             models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"), lowercase)
-        # Special tokens are never split, as when trained (and in transformers' BertTokenizer).
+        # Special tokens are never split (as in transformers' BertTokenizer).
         tok.add_special_tokens(list(SPECIAL_TOKENS))
         _add_post_processor(tok)
         return cls(tok)

@@ -44,7 +44,7 @@ from data.examples import iter_packed_sequences, iter_pair_instances
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
-FORMAT_VERSION = 2  # bump when the files change meaning
+FORMAT_VERSION = 3  # bump when the files change meaning (3: tokenizer ids independent of hash order)
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 _SPLIT_TAG = 0x53504C54  # "SPLT": train/eval document split
 _PAIRS_TAG = 0x50414952  # "PAIR": instance creation

@@ -3,8 +3,10 @@
 import hashlib
 import json
 import subprocess
+import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +176,17 @@ def test_tokenizer_specials_and_vocab(tokenizer, tmp_path):
     assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and lines[-1] == ""
     assert len(lines) - 1 == tokenizer.vocab_size
     assert [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)] == lines[:-1]
+
+
+def test_tokenizer_ids_are_the_same_in_every_process():
+    # Characters and pieces of equal frequency, which the trainer orders by hash order: that
+    # changes from process to process, so each run trains in a fresh one.
+    code = ("from models.tokenizer import Tokenizer; "
+            "t = Tokenizer.train(['qwe rty uio pas dfg hjk lzx cvb nm ' * 3] * 20, 80); "
+            "print([t.id_to_token(i) for i in range(t.vocab_size)])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1]).stdout for _ in range(4)}
+    assert len(runs) == 1
 
 
 def test_tokenizer_round_trip(tokenizer, tmp_path):
