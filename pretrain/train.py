@@ -92,6 +92,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
+    lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
 
     # ---- Mesh and data ----------------------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -149,7 +150,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     flops = objectives.bert_train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions)
     peak = peak_flops_per_device(config.perf.peak_tflops) * jax.device_count()
     tokens_per_step = tc.batch_size * dc.max_seq_len
-    lr = learning_rate_schedule(config.optim, tc.steps)
     stop = StopRequest()  # SIGTERM / Ctrl-C: every process stops at the same step, saves, exits
     bar = tqdm(total=tc.steps, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc="pretrain")

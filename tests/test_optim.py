@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from training.errors import UserError
 from training.optim import learning_rate_schedule
 
 
@@ -33,5 +34,7 @@ def test_decay_steps_longer_than_the_run_decays_over_all_of_it():
 
 
 def test_negative_decay_steps_is_refused():
-    with pytest.raises(ValueError, match="decay_steps=-1"):
+    with pytest.raises(UserError, match="decay_steps=-1"):
         schedule(decay_steps=-1)
+    with pytest.raises(UserError, match="choose linear, cosine or constant"):
+        schedule(decay="exponential")

@@ -3,6 +3,8 @@
 import jax
 import optax
 
+from training.errors import UserError
+
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     """Warmup to lr, then decay to lr * end_lr_ratio. With decay_steps > 0 the lr holds after
@@ -12,7 +14,7 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     after_warmup = max(total_steps - warmup, 1)
     decay_steps = optim_cfg.get("decay_steps", 0)
     if decay_steps < 0:
-        raise ValueError(f"optim.decay_steps={decay_steps}: use 0 (decay over all steps after warmup) "
+        raise UserError(f"optim.decay_steps={decay_steps}: use 0 (decay over all steps after warmup) "
                          "or the number of final steps to decay over")
     decay_steps = min(decay_steps, after_warmup) if decay_steps > 0 else after_warmup
     end = optim_cfg.lr * optim_cfg.end_lr_ratio
@@ -23,7 +25,7 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     elif optim_cfg.decay == "constant":
         decay = optax.constant_schedule(optim_cfg.lr)
     else:
-        raise ValueError(f"optim.decay={optim_cfg.decay!r}: choose linear, cosine or constant")
+        raise UserError(f"optim.decay={optim_cfg.decay!r}: choose linear, cosine or constant")
     warm = optax.linear_schedule(0.0, optim_cfg.lr, max(warmup, 1))
     hold = after_warmup - decay_steps
     if hold <= 0:
