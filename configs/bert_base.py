@@ -15,6 +15,8 @@ def get_config():
     c = bert_tiny.get_config()
     c.model.size = "base"
     c.model.dtype = "bfloat16"
+    c.model.dropout = 0.1
+    c.model.attention_dropout = 0.1
     c.data.vocab_size = 30522
     c.data.max_seq_len = 128
     c.data.max_predictions = 20

@@ -11,9 +11,10 @@ import pytest  # noqa: E402
 from configs import bert_tiny  # noqa: E402
 
 
-# The default config shrunk for tests: pydocs corpus (no download), short sequences, tiny batches.
+# The default config shrunk for tests: pydocs corpus (no download), short sequences, tiny batches;
+# dropout on, so resume and mesh-equality tests cover the dropout random stream too.
 TINY = {
-    "data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 32,
+    "model.dropout": 0.1, "model.attention_dropout": 0.1, "data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 32,
     "data.max_predictions": 5, "data.dupe_factor": 1, "train.steps": 6, "train.batch_size": 16,
     "train.log_every": 1, "optim.warmup_steps": 2, "checkpoint.every_steps": 3,
     "eval.every_steps": 1000, "eval.max_batches": 2, "perf.peak_tflops": 0.0,
