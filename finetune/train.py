@@ -220,7 +220,7 @@ def make_optimizer(optim_cfg, total_steps: int, frozen, scales=None):
     warmup = optim_cfg.warmup_steps if optim_cfg.warmup_steps >= 0 else round(
         optim_cfg.warmup_ratio * total_steps)
     schedule = learning_rate_schedule(ml_collections.ConfigDict(
-        dict(lr=optim_cfg.lr, warmup_steps=warmup, decay=optim_cfg.decay,
+        dict(lr=optim_cfg.lr, warmup_steps=warmup, decay=optim_cfg.decay, decay_steps=0,
              end_lr_ratio=optim_cfg.end_lr_ratio)), total_steps)
     adamw = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),

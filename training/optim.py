@@ -12,7 +12,7 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     small budget need a high lr for long enough to leave the MLM unigram plateau."""
     warmup = min(optim_cfg.warmup_steps, total_steps)
     after_warmup = max(total_steps - warmup, 1)
-    decay_steps = optim_cfg.get("decay_steps", 0)
+    decay_steps = optim_cfg.decay_steps
     if decay_steps < 0:
         raise UserError(f"optim.decay_steps={decay_steps}: use 0 (decay over all steps after warmup) "
                          "or the number of final steps to decay over")
