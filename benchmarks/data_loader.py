@@ -21,7 +21,8 @@ from configs import bert_base
 from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
 from pretrain.prepare import prepare
-from pretrain.train import make_train_step
+from pretrain.bert import objective
+from training.step import make_train_step
 from training import mesh as mesh_lib
 from training.optim import make_optimizer
 from training.state import abstract_state, create_train_state
@@ -53,7 +54,7 @@ def train_rate(config, vocab_size: int, batch_np: dict, steps: int) -> float:
     tx = make_optimizer(config.optim, config.train.steps)
     _, shardings, graphdef = abstract_state(model_fn, tx, mesh)
     state, _, _ = create_train_state(model_fn, tx, mesh, 0)
-    step_fn = jax.jit(make_train_step(graphdef, tx, seed=0, grad_accum=1),
+    step_fn = jax.jit(make_train_step(graphdef, tx, objective(), seed=0, grad_accum=1),
                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                       out_shardings=(shardings, None), donate_argnums=0)
     with jax.set_mesh(mesh):

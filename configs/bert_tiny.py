@@ -22,10 +22,11 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.family = "bert"                # the model family: pretrain/families.py
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"
-    c.model.vocab_size = 0           # 0: from the tokenizer, rounded up to a multiple of 128
+    c.model.vocab_size = 0           # set by the run: the tokenizer's, rounded up to a multiple of 128
     c.model.max_position = 512
     c.model.dtype = "float32"        # compute dtype; parameters stay float32
     c.model.dropout = 0.0            # off for a short budget, as in Cramming (BERT used 0.1)
@@ -87,8 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.max_batches = 50
 
     c.perf = ml_collections.ConfigDict()
-    # Peak TFLOP/s per device for MFU; 0 looks the chip up. 0.19 is the float32 peak measured
-    # on the 2-core development machine (see shared/DESIGN.md); set yours on other CPUs.
+    # Peak TFLOP/s per device for MFU; 0 looks the chip up. 0.19 is the float32 matmul peak
+    # measured on the 2-core development machine; set yours on other CPUs.
     c.perf.peak_tflops = 0.19
 
     c.wandb = ml_collections.ConfigDict()

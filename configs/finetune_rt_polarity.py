@@ -23,6 +23,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.family = "bert"                # the encoder family: finetune/families.py
 
     # The encoder's shape comes from --init; these apply only with --init none (size,
     # vocab_size, max_position), or always (dropout, dtype, remat, classifier_dropout, pooling).
@@ -60,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = -1        # -1: warmup_ratio of all steps
     c.optim.warmup_ratio = 0.1
     c.optim.decay = "linear"         # linear | cosine | constant
+    c.optim.decay_steps = 0          # 0: decay over all steps after warmup; N: only the last N
     c.optim.end_lr_ratio = 0.0
     c.optim.weight_decay = 0.01      # never on norms, biases, or frozen parameters
     c.optim.b1 = 0.9
@@ -81,11 +83,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 0     # 0: at every evaluation (and on stop)
+    c.checkpoint.every_seconds = 0.0 # > 0: also save when this much wall-clock time has passed
     c.checkpoint.keep = 1
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0           # 0: once per epoch (and at the end)
     c.eval.batch_size = 0            # 0: train.batch_size
+
+    c.perf = ml_collections.ConfigDict()
+    c.perf.peak_tflops = 0.0         # peak TFLOP/s per device for perf/mfu; 0 looks the chip up
 
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""

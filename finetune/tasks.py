@@ -1,9 +1,9 @@
-"""Fine-tuning tasks: the registry, the classifier head, losses, and the official metrics.
+"""Fine-tuning tasks: the registry, the objective on a head's outputs, and the official metrics.
 
-A task is one of three kinds: single-sentence classification, sentence-pair classification, or
-regression (one score per example or pair). Its data comes from `data/tasks.py`; here live what
-the trainer needs to train and score it. Metrics are computed on the host with numpy from the
-gathered predictions, never inside jit, so they are the textbook (and GLUE) definitions.
+A task is one of three kinds: single-example classification, pair classification, or regression
+(one score per example or pair). Its data comes from `data/tasks.py`; here live what every
+family's trainer needs to train and score it. Metrics are computed on the host with numpy from
+the gathered predictions, never inside jit, so they are the textbook (and GLUE) definitions.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+import optax
+import scipy.stats
 
-from models.bert import BertConfig, BertEncoder
-from models.layers import dropout, fold, normal, zeros
+from training.step import Objective
 
 SINGLE, PAIR, REGRESSION = "single", "pair", "regression"
 
@@ -69,42 +69,7 @@ def get_task(name: str) -> Task:
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: BERT encoder + a classifier on the pooled output
-# ---------------------------------------------------------------------------------------------
-
-POOLINGS = ("cls", "mean")
-
-
-class SequenceClassifier(nnx.Module):
-    """`encoder` (BertEncoder) and `classifier` (D -> C, C = 1 for regression), with dropout on
-    the pooled output. With `pooling="cls"` (BERT's tanh pooler over [CLS]) this is HuggingFace's
-    BertForSequenceClassification, parameter for parameter, so `models/hf.py` exports it as such.
-    `pooling="mean"` averages the last hidden states over the real tokens instead, the usual
-    frozen-feature probe: the pooler only ever learned NSP, the hidden states learned MLM."""
-
-    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs,
-                 pooling: str = "cls"):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        self.encoder = BertEncoder(cfg, rngs)
-        self.classifier = nnx.Linear(
-            cfg.hidden_size, num_outputs, dtype=jnp.dtype(cfg.dtype),
-            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
-        self.classifier_dropout = classifier_dropout
-        self.pooling = pooling
-
-    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
-        """Logits (or scores) BC in float32. `key=None` disables dropout."""
-        x_BTD, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
-        if self.pooling == "mean":
-            mask_BT1 = attention_mask[..., None].astype(x_BTD.dtype)
-            pooled_BD = jnp.sum(x_BTD * mask_BT1, axis=1) / jnp.maximum(jnp.sum(mask_BT1, axis=1), 1)
-        pooled_BD = dropout(pooled_BD, self.classifier_dropout, fold(key, 1))
-        return self.classifier(pooled_BD).astype(jnp.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses, as sums over the weighted examples (normalised by the caller, like pretraining)
+# Losses, as sums over the weighted examples (normalised by the global count, like pretraining)
 # ---------------------------------------------------------------------------------------------
 
 def loss_sums(logits_BC, labels_B, weights_B, *, regression: bool, label_smoothing: float = 0.0):
@@ -117,15 +82,41 @@ def loss_sums(logits_BC, labels_B, weights_B, *, regression: bool, label_smoothi
         err_B = logits_BC[:, 0] - labels_B.astype(jnp.float32)
         return {"loss": jnp.sum(err_B ** 2 * w_B), "correct": jnp.zeros((), jnp.float32),
                 "count": jnp.sum(w_B)}
-    C = logits_BC.shape[-1]
     labels_B = labels_B.astype(jnp.int32)
-    targets_BC = jax.nn.one_hot(labels_B, C) * (1.0 - label_smoothing) + label_smoothing / C
-    nll_B = -jnp.sum(targets_BC * jax.nn.log_softmax(logits_BC, axis=-1), axis=-1)
+    if label_smoothing:
+        targets_BC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BC.shape[-1]), label_smoothing)
+        nll_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
+    else:
+        nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
     correct_B = (jnp.argmax(logits_BC, axis=-1) == labels_B).astype(jnp.float32)
     return {"loss": jnp.sum(nll_B * w_B), "correct": jnp.sum(correct_B * w_B), "count": jnp.sum(w_B)}
 
 
-SUM_KEYS = ("loss", "correct", "count")
+def mean_loss(task: Task, logits_BC: np.ndarray, labels_B: np.ndarray) -> float:
+    """The dev/test loss of gathered outputs, as the train loss defines it (no smoothing)."""
+    weights = np.ones(len(labels_B), np.float32)
+    sums = loss_sums(jnp.asarray(logits_BC), jnp.asarray(labels_B), jnp.asarray(weights),
+                     regression=task.regression)
+    return float(sums["loss"]) / max(len(labels_B), 1)
+
+
+def objective(task: Task, predict, label_smoothing: float = 0.0) -> Objective:
+    """The fine-tuning objective of any family: `predict(model, batch, key)` gives the head's
+    outputs BC; the batch has `labels` and `weights` (0 on padding rows)."""
+
+    def sums(model, batch, key):
+        return loss_sums(predict(model, batch, key), batch["labels"], batch["weights"],
+                         regression=task.regression, label_smoothing=label_smoothing)
+
+    def summarize(sums, prefix):
+        count = max(float(sums["count"]), 1.0)
+        out = {f"{prefix}/loss": float(sums["loss"]) / count}
+        if not task.regression:
+            out[f"{prefix}/accuracy"] = float(sums["correct"]) / count
+        return out
+
+    return Objective(sums, lambda batch: {"count": jnp.maximum(jnp.sum(batch["weights"]), 1.0)},
+                     lambda sums, norm: sums["loss"] / norm["count"], summarize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,21 +163,17 @@ def matthews_corr(labels, preds) -> float:
 def pearson(labels, preds) -> float:
     """Pearson correlation; 0 when either side is constant (where it is undefined)."""
     x, y = np.asarray(labels, np.float64), np.asarray(preds, np.float64)
-    x, y = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((x @ x) * (y @ y))
-    return float(x @ y / denominator) if denominator > 0 else 0.0
-
-
-def average_ranks(x) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank (scipy.stats.rankdata's default)."""
-    _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(scipy.stats.pearsonr(x, y).statistic)
 
 
 def spearman(labels, preds) -> float:
-    """Spearman rank correlation: Pearson of the average ranks."""
-    return pearson(average_ranks(labels), average_ranks(preds))
+    """Spearman rank correlation (ties share their average rank); 0 where undefined."""
+    x, y = np.asarray(labels, np.float64), np.asarray(preds, np.float64)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    return float(scipy.stats.spearmanr(x, y).statistic)
 
 
 METRICS = {"accuracy": accuracy, "f1": f1, "macro_f1": macro_f1, "matthews_corr": matthews_corr,

@@ -50,7 +50,7 @@ class BertConfig:
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def from_model_config(cls, model_cfg) -> "BertConfig":
+    def from_model_config(cls, model_cfg, allow=()) -> "BertConfig":
         """From a run config's `model` group (size, vocab_size and the fields named like ours)."""
         fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
         overrides = {k: v for k, v in dict(model_cfg).items() if k in fields}

@@ -6,7 +6,7 @@ from flax import nnx
 
 from conftest import random_batch
 from models.bert import SIZES, BertConfig, BertForPreTraining
-from pretrain import objectives
+from pretrain import bert as bert_family
 
 
 def test_masked_position_mlm_loss_equals_dense_reference():
@@ -16,7 +16,7 @@ def test_masked_position_mlm_loss_equals_dense_reference():
     b = random_batch(np.random.default_rng(1), 4, 32, 256, 6)
     args = (b["input_ids"], b["token_type_ids"], b["attention_mask"])
     mlm_BPV, nsp_BC = model(*args, b["masked_positions"])
-    sums = objectives.mlm_nsp_sums(mlm_BPV, nsp_BC, b)
+    sums = bert_family.mlm_nsp_sums(mlm_BPV, nsp_BC, b)
 
     # Reference: logits at every position, labels scattered into a dense (B, T) grid, -1 elsewhere.
     dense_BTV, _ = model(*args)

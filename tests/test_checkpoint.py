@@ -6,19 +6,20 @@ import pytest
 from flax.core import spmd
 
 from conftest import random_batch, tiny_config
-from pretrain.train import make_train_step
+from pretrain.bert import objective
 from test_train_step import PREDS, SEQ, VOCAB, mesh_of, model_fn
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer, read_params
 from training.optim import make_optimizer
 from training.state import abstract_state, create_train_state
+from training.step import make_train_step
 
 
 def next_step_loss(state, shardings, graphdef, tx, mesh, batch):
-    step = jax.jit(make_train_step(graphdef, tx, seed=0, grad_accum=1),
+    step = jax.jit(make_train_step(graphdef, tx, objective(), seed=0, grad_accum=1),
                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)), out_shardings=(shardings, None))
     with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
-        _, sums = step(state, mesh_lib.global_batch(batch, mesh))
+        sums = step(state, mesh_lib.global_batch(batch, mesh))[1]["sums"]
     return float(sums["mlm_loss"] / sums["mlm_count"] + sums["nsp_loss"] / sums["nsp_count"])
 
 
@@ -31,7 +32,7 @@ def saved_on_2_2_2(tmp_path_factory):
     rng = np.random.default_rng(0)
     batches = [random_batch(rng, 16, SEQ, VOCAB, PREDS) for _ in range(3)]
     state, shardings, graphdef = create_train_state(model_fn(), tx, mesh, seed=0)
-    step = jax.jit(make_train_step(graphdef, tx, seed=0, grad_accum=1),
+    step = jax.jit(make_train_step(graphdef, tx, objective(), seed=0, grad_accum=1),
                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)), out_shardings=(shardings, None))
     with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
         for b in batches[:2]:

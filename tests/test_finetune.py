@@ -18,7 +18,8 @@ from conftest import TINY_FT, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
-from finetune.train import load_encoder, resolve_source, train_and_evaluate
+from finetune.text import SequenceClassifier, load_encoder, resolve_source
+from finetune.train import train_and_evaluate
 from training.checkpoint import read_params
 from training.metrics import read_metrics
 
@@ -156,7 +157,7 @@ def test_best_checkpoint_exports_to_transformers_with_our_logits(plain_run, tmp_
     params, step = read_params(workdir / "best")
     assert step == results["best_step"]
     cfg = BertConfig(**results["encoder"])
-    model = nnx.merge(nnx.graphdef(abstract_model(lambda r: tasks.SequenceClassifier(cfg, 2, 0.1, r))), params)
+    model = nnx.merge(nnx.graphdef(abstract_model(lambda r: SequenceClassifier(cfg, 2, 0.1, r))), params)
     texts = ["A three-hour cinema master class.", "So muddled, repetitive and ragged.", "Meh."]
     batch = encode(Split(texts, None, np.zeros(3), np.arange(3)), Tokenizer.load(workdir / "tokenizer"), 32)
     ours = np.asarray(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
@@ -184,17 +185,22 @@ def test_l2sp_alpha_zero_equals_plain_fine_tuning():
     """The same steps with an anchor and alpha=0 give bitwise the params of the steps without."""
     import ml_collections
     from flax.core import spmd
-    from finetune.train import frozen_mask, make_optimizer, make_train_step
+    from finetune.methods import frozen_mask, l2sp_penalty
+    from finetune.text import encoder_depth, predict
     from models.bert import BertConfig
     from training import mesh as mesh_lib
+    from training.optim import make_optimizer
     from training.state import create_train_state, init_params
+    from training.step import make_train_step
 
     cfg = BertConfig.of_size("tiny", 128, max_position=16)
-    model_fn = lambda rngs: tasks.SequenceClassifier(cfg, 2, 0.1, rngs)
+    model_fn = lambda rngs: SequenceClassifier(cfg, 2, 0.1, rngs)
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
     frozen = frozen_mask(jax.eval_shape(lambda: init_params(model_fn, 0)),
-                         ml_collections.ConfigDict(dict(freeze_encoder=False, freeze_bottom=-1)))
-    tx, _ = make_optimizer(finetune_rt_polarity.get_config().optim, 10, frozen)
+                         ml_collections.ConfigDict(dict(freeze_encoder=False, freeze_bottom=-1)),
+                         encoder_depth(cfg.num_layers))
+    tx = make_optimizer(finetune_rt_polarity.get_config().optim, 10, frozen=frozen)
+    objective = tasks.objective(tasks.get_task("rt_polarity"), predict)
     rng = np.random.default_rng(0)
     batches = [{"input_ids": rng.integers(5, 128, (16, 16)).astype(np.int32),
                 "token_type_ids": np.zeros((16, 16), np.int32), "attention_mask": np.ones((16, 16), np.int32),
@@ -206,14 +212,15 @@ def test_l2sp_alpha_zero_equals_plain_fine_tuning():
         if anchor:
             state["anchor"] = jax.tree.map(lambda x: x.copy(), state["params"]["encoder"])
             shardings = {**shardings, "anchor": shardings["params"]["encoder"]}
-        step = jax.jit(make_train_step(graphdef, tx, seed=0, grad_accum=1, regression=False,
-                                       label_smoothing=0.0, frozen=frozen, l2sp_alpha=alpha),
+        penalties = {"l2sp": l2sp_penalty(alpha, frozen)} if anchor else {}
+        step = jax.jit(make_train_step(graphdef, tx, objective, seed=0, grad_accum=1, frozen=frozen,
+                                       penalties=penalties),
                        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(shardings, None))
         with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
             for b in batches:
-                state, sums = step(state, mesh_lib.global_batch(b, mesh))
-        return jax.device_get(state["params"]), float(sums["l2sp"])
+                state, out = step(state, mesh_lib.global_batch(b, mesh))
+        return jax.device_get(state["params"]), float(out["means"].get("l2sp", 0.0))
 
     plain, _ = run(0.0, anchor=False)
     zero, penalty_zero = run(0.0, anchor=True)

@@ -11,7 +11,9 @@ import scipy.stats
 from flax import nnx
 
 from finetune import tasks
-from finetune.train import frozen_mask, layer_scales, make_optimizer
+from finetune.methods import frozen_mask as _frozen_mask, layer_scales as _layer_scales
+from finetune.text import SequenceClassifier, encoder_depth
+from training.optim import make_optimizer as _make_optimizer
 from models.bert import BertConfig
 
 
@@ -58,8 +60,9 @@ def test_pearson_spearman_by_hand_and_against_scipy():
     assert tasks.pearson(x, y) == pytest.approx(11 / np.sqrt(5 * 26))
     assert tasks.spearman(x, y) == pytest.approx(1.0)
     assert tasks.pearson(x, np.ones(4)) == 0.0
-    # ties take their average rank, as scipy
-    np.testing.assert_allclose(tasks.average_ranks([3, 1, 3, 2, 3]), [4, 1, 4, 2, 4])
+    # ties take their average rank: [3, 1, 3, 2, 3] ranks as [4, 1, 4, 2, 4]
+    z = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert tasks.spearman([3, 1, 3, 2, 3], z) == pytest.approx(tasks.pearson([4, 1, 4, 2, 4], z))
     rng = np.random.default_rng(0)
     a = rng.integers(0, 6, 200).astype(float)  # many ties
     b = a + rng.normal(size=200) * 2
@@ -98,6 +101,19 @@ def test_label_smoothing_loss_by_hand():
 
 
 # ---- methods: masks, layer decay, frozen optimizer state -----------------------------------
+# BERT's depths (finetune/text.py): embeddings 0, layer i at i + 1, the pooler above the layers.
+
+def frozen_mask(params, method):
+    return _frozen_mask(params, method, encoder_depth(len(params["encoder"]["layers"])))
+
+
+def layer_scales(params, decay, num_layers):
+    return _layer_scales(params, decay, num_layers, encoder_depth(num_layers))
+
+
+def make_optimizer(optim_cfg, total_steps, frozen, scales=None):
+    return _make_optimizer(optim_cfg, total_steps, frozen=frozen, scales=scales), None
+
 
 def fake_params(layers=2):
     w = lambda *s: jnp.ones(s)
@@ -171,7 +187,7 @@ def test_layer_decay_scales_updates():
 def test_mean_pooling_is_the_mean_over_real_tokens_and_ignores_padding():
     cfg = BertConfig.of_size("tiny", 64, max_position=16, dropout=0.0, attention_dropout=0.0)
     with nnx.use_eager_sharding(False):
-        model = tasks.SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="mean")
+        model = SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="mean")
     ids = np.array([[2, 10, 11, 12, 3, 0, 0, 0]])
     mask = np.array([[1, 1, 1, 1, 1, 0, 0, 0]])
     types = np.zeros_like(ids)
@@ -183,4 +199,4 @@ def test_mean_pooling_is_the_mean_over_real_tokens_and_ignores_padding():
     short = np.asarray(model(ids[:, :6], types[:, :6], mask[:, :6]))
     np.testing.assert_allclose(short, np.asarray(model(ids, types, mask)), atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
-        tasks.SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="max")
+        SequenceClassifier(cfg, 3, 0.1, nnx.Rngs(0), pooling="max")

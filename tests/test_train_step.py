@@ -9,10 +9,11 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import random_batch, tiny_config
 from models.bert import BertConfig, BertForPreTraining
-from pretrain.train import make_train_step
+from pretrain.bert import objective
 from training import mesh as mesh_lib
 from training.optim import make_optimizer
 from training.state import create_train_state
+from training.step import make_train_step
 
 VOCAB, SEQ, PREDS = 256, 16, 4
 
@@ -34,13 +35,14 @@ def run_steps(shape, batches, grad_accum=1, dropout=0.1):
     mesh = mesh_of(shape)
     tx = make_optimizer(config.optim, 10)
     state, shardings, graphdef = create_train_state(model_fn(dropout), tx, mesh, seed=0)
-    step = jax.jit(make_train_step(graphdef, tx, seed=0, grad_accum=grad_accum),
+    step = jax.jit(make_train_step(graphdef, tx, objective(), seed=0, grad_accum=grad_accum),
                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, None), donate_argnums=0)
     losses = []
     with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
         for b in batches:
-            state, sums = step(state, mesh_lib.global_batch(b, mesh))
+            state, out = step(state, mesh_lib.global_batch(b, mesh))
+            sums = out["sums"]
             losses.append(float(sums["mlm_loss"] / sums["mlm_count"] + sums["nsp_loss"] / sums["nsp_count"]))
     return np.array(losses), jax.device_get(state["params"])
 

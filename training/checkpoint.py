@@ -63,6 +63,12 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self._manager = _manager(self.directory, keep)
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also when a step fails: Orbax's background threads end with it
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 

@@ -1,9 +1,32 @@
-"""What the pretraining and fine-tuning loops share: the log window of per-step sums, timed."""
+"""The one run loop: pretraining and fine-tuning, every model family.
 
+`run(...)` drives a jit-compiled train step (training/step.py) over a batch iterator and does,
+once and in this order each step: logging (losses averaged over a log window, the learning rate,
+throughput and MFU), the NaN check, evaluation (with `curves.png` redrawn), checkpointing (the
+train state, the iterator position and the open log window) and the preemption stop (SIGTERM /
+Ctrl-C: every process stops at the same step, saves and returns).
+
+The trainer builds what differs (model, data, objective, evaluation) and hands it in as plain
+values and functions; it restores or creates the state with `restore_or_init` beforehand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
 import time
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from training import mesh as mesh_lib
+from training.errors import UserError
+from training.metrics import MetricsWriter
+from training.plots import draw_curves
+from training.preemption import StopRequest
 
 
 class LogWindow:
@@ -12,7 +35,8 @@ class LogWindow:
     The timer leaves out compilation (a run's first step) and whatever `restart_timer` marks
     (evaluation). In multi-process runs each step waits for the previous one: CPU (gloo) runs
     deadlock with ~30 programs in flight; on TPU/GPU one step still stays queued behind the
-    running one.
+    running one. `state()` / `restore()` carry an open window through a checkpoint, so a run
+    stopped mid-window logs the same row after resuming as it would have without the stop.
     """
 
     def __init__(self, start_step: int):
@@ -47,3 +71,131 @@ class LogWindow:
         steps = self._steps
         self._new_window()
         return host, steps, steps_per_sec
+
+    def state(self) -> dict:
+        """The open window as JSON (float32 values are exact as JSON floats)."""
+        sums = None if self._sums is None else jax.tree.map(float, jax.device_get(self._sums))
+        return {"steps": self._steps, "sums": sums}
+
+    def restore(self, state: dict | None) -> None:
+        if state and state["steps"]:
+            self._sums = jax.tree.map(np.float32, state["sums"])
+            self._steps = state["steps"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Throughput:
+    """What one step processes, for the perf/* metrics."""
+    items_per_step: float        # tokens, images or examples in one global batch
+    unit: str                    # logged as perf/<unit>_per_sec
+    flops_per_step: float = 0.0  # matmul FLOPs of one step; 0: no perf/mfu
+    peak_flops: float = 0.0      # of all devices together; 0: unknown, no perf/mfu
+
+
+def restore_or_init(ckpt, target, init: Callable[[], dict], batches) -> tuple[dict, int, dict]:
+    """(state, start step, the checkpoint's data state): the latest checkpoint restored into
+    `target` with the iterator moved to its position, or `init()` at step 0."""
+    start = ckpt.latest_step()
+    if start is None:
+        return init(), 0, {}
+    state, data_state = ckpt.restore(start, target)
+    batches.set_state(data_state["iterator"])  # grain's JSON state: the exact position
+    return state, start, data_state
+
+
+def evaluate_objective(eval_step, params, batches, mesh, objective, prefix: str = "eval") -> dict[str, float]:
+    """The objective's sums added over every batch of `batches` (local rows), summarised."""
+    totals = None
+    for local in batches:
+        sums = eval_step(params, mesh_lib.global_batch(local, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        if jax.process_count() > 1:
+            jax.block_until_ready(totals)  # see LogWindow
+    return objective.summarize(jax.device_get(totals), prefix) if totals is not None else {}
+
+
+@dataclasses.dataclass
+class Outcome:
+    state: dict
+    step: int
+    stopped: bool                 # by SIGTERM / Ctrl-C before the last step
+    last_eval: dict[str, float]
+
+
+def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_step, batches: Iterator,
+        ckpt, objective, evaluate: Callable[[dict, int], dict[str, float]], lr, throughput: Throughput,
+        eval_every: int, eval_at_start: bool = False, save_at_eval: bool = False,
+        steps_per_epoch: float | None = None, data_state: Callable[[], dict] = dict,
+        window_state: dict | None = None, desc: str = "train") -> Outcome:
+    """Train from `start` to `total_steps`.
+
+    `evaluate(params, step)` returns the metrics to log (names prefixed, e.g. eval/mlm_accuracy);
+    `data_state()` adds trainer fields to every checkpoint's data item next to the iterator
+    position; `window_state` is the open log window of the checkpoint resumed from.
+    """
+    log_every = config.train.log_every
+    metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
+    epoch = (lambda s: {"epoch": s / steps_per_epoch}) if steps_per_epoch else (lambda s: {})
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step",
+               dynamic_ncols=True, desc=desc)
+    window = LogWindow(start)  # losses average over it; throughput leaves out compiles and evals
+    window.restore(window_state)
+
+    def report_eval(step: int, params) -> dict[str, float]:
+        results = evaluate(params, step)
+        metrics.write(step, {**epoch(step), **results})
+        if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
+            where = f"step {step}" + (f" (epoch {step / steps_per_epoch:.2f})" if steps_per_epoch else "")
+            bar.write(f"{where}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            draw_curves(workdir)
+        return results
+
+    step, stopping, last_eval = start, False, {}
+    try:
+        with jax.set_mesh(mesh), mesh_lib.logical_rules():
+            if eval_at_start and start == 0:  # where training starts from, for comparison
+                last_eval = report_eval(0, state["params"])
+            while step < total_steps and not stopping:
+                state, out = train_step(state, mesh_lib.global_batch(next(batches), mesh))
+                step += 1
+                window.add(step, out)
+                stopping = stop.should_stop(step)  # the same step on every process
+                bar.update(1)
+
+                if step % log_every == 0 or step == total_steps:
+                    host, window_steps, steps_per_sec = window.take()
+                    row = objective.summarize(host["sums"], "train")
+                    if not math.isfinite(row["train/loss"]):
+                        raise UserError(f"loss became {row['train/loss']} by step {step}; lower "
+                                        f"optim.lr or raise optim.warmup_steps, then rerun to "
+                                        f"resume from the last good checkpoint")
+                    row.update({f"train/{k}": float(v) / window_steps for k, v in host["means"].items()})
+                    row["train/lr"] = float(lr(step - 1))
+                    row.update(epoch(step))
+                    if steps_per_sec:
+                        row["perf/steps_per_sec"] = steps_per_sec
+                        row[f"perf/{throughput.unit}_per_sec"] = steps_per_sec * throughput.items_per_step
+                        if throughput.flops_per_step and throughput.peak_flops:
+                            row["perf/mfu"] = steps_per_sec * throughput.flops_per_step / throughput.peak_flops
+                    metrics.write(step, row)
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", refresh=False)
+
+                evaluated = step % eval_every == 0 or step == total_steps
+                if evaluated:
+                    last_eval = report_eval(step, state["params"])
+                    window.restart_timer()
+
+                ckpt.maybe_save(step, state, {"iterator": batches.get_state(),
+                                              "log_window": window.state(), **data_state()},
+                                force=(save_at_eval and evaluated) or step == total_steps or stopping)
+    finally:
+        stop.restore()
+        bar.close()
+        ckpt.wait()
+        metrics.close()
+    stopped = stopping and step < total_steps
+    if stopped:
+        print(f"{stop.reason}: stopped at step {step}, checkpoint saved in {ckpt.directory}; "
+              f"run the same command again to resume")
+    return Outcome(state, step, stopped, last_eval)

@@ -26,6 +26,11 @@ RULES = (
 )
 
 
+def logical_rules():
+    """The context in which model code's logical axis names resolve through RULES."""
+    return spmd.logical_axis_rules(RULES)
+
+
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
     """Resolve one -1 to the remaining devices; the product must equal the device count."""
     shape = [data, fsdp, tensor]

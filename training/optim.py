@@ -1,4 +1,9 @@
-"""AdamW with BERT's recipe: linear warmup, then linear or cosine decay; no decay on norms, biases."""
+"""AdamW with BERT's recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
+
+One optimizer for every trainer: pretraining trains every parameter; fine-tuning passes a frozen
+mask (zero updates, no optimizer state, no weight decay there) and per-parameter update scales
+(layer-wise learning-rate decay).
+"""
 
 import jax
 import optax
@@ -10,9 +15,9 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     """Warmup to lr, then decay to lr * end_lr_ratio. With decay_steps > 0 the lr holds after
     warmup and decays only over the last decay_steps (warmup-stable-decay): small models on a
     small budget need a high lr for long enough to leave the MLM unigram plateau."""
-    warmup = min(optim_cfg.warmup_steps, total_steps)
+    warmup = warmup_steps(optim_cfg, total_steps)
     after_warmup = max(total_steps - warmup, 1)
-    decay_steps = optim_cfg.decay_steps
+    decay_steps = optim_cfg.get("decay_steps", 0)
     if decay_steps < 0:
         raise UserError(f"optim.decay_steps={decay_steps}: use 0 (decay over all steps after warmup) "
                          "or the number of final steps to decay over")
@@ -34,6 +39,14 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
                                 [warmup, warmup + hold])
 
 
+def warmup_steps(optim_cfg, total_steps: int) -> int:
+    """optim.warmup_steps, or with -1 the fraction optim.warmup_ratio of all steps; at most all."""
+    warmup = optim_cfg.warmup_steps
+    if warmup < 0:
+        warmup = round(optim_cfg.get("warmup_ratio", 0.0) * total_steps)
+    return min(warmup, total_steps)
+
+
 def decay_mask(params):
     """Weight decay on matrices only: LayerNorm scales and all biases are exempt, as in BERT."""
     def keep(path, _):
@@ -42,10 +55,28 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def _scale_updates(scales) -> optax.GradientTransformation:
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(lambda u, s: u * s, updates, scales), state))
+
+
+def make_optimizer(optim_cfg, total_steps: int, *, frozen=None, scales=None) -> optax.GradientTransformation:
+    """Clipped AdamW with the warmup/decay schedule.
+
+    `frozen` (a tree of bools like the params): those get zero updates and no state
+    (`optax.set_to_zero` in a `multi_transform`); the gradient clip then sees only the trained
+    ones. `scales` (a tree of floats): each parameter's update is multiplied by its scale.
+    """
     schedule = learning_rate_schedule(optim_cfg, total_steps)
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                     weight_decay=optim_cfg.weight_decay, mask=decay_mask),
     )
+    if frozen is not None:
+        labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    if scales is not None:
+        tx = optax.chain(tx, _scale_updates(scales))
+    return tx

@@ -1,0 +1,114 @@
+"""The BERT family for pretraining: MLM + NSP (or SOP, or packed MLM alone) on prepared text.
+
+`setup(config, workdir)` prepares the corpus once (pretrain/prepare.py), saves the tokenizer in
+the workdir, rounds the vocabulary for sharding, and binds the masking options into the data
+iterator. Losses are sums and counts (training/step.py), so microbatching and evaluation
+normalise by the global number of predictions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from data.pretraining import PretrainingData
+from models.bert import BertConfig, BertForPreTraining
+from pretrain.families import Setup
+from pretrain.prepare import prepare
+from training.errors import UserError
+from training.loop import Throughput
+from training.perf import peak_flops_per_device
+from training.step import Objective
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------
+
+def _nll_and_correct(logits, labels):
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return nll, correct
+
+
+def mlm_nsp_sums(mlm_logits_BPV, nsp_logits_BC, batch) -> dict[str, jax.Array]:
+    """Summed losses and hit counts; `masked_weights` (BP) is 0 on unused prediction slots."""
+    w_BP = batch["masked_weights"].astype(jnp.float32)
+    mlm_nll, mlm_hit = _nll_and_correct(mlm_logits_BPV, batch["masked_ids"])
+    nsp_nll, nsp_hit = _nll_and_correct(nsp_logits_BC, batch["next_sentence_labels"])
+    return {
+        "mlm_loss": jnp.sum(mlm_nll * w_BP), "mlm_correct": jnp.sum(mlm_hit * w_BP),
+        "mlm_count": jnp.sum(w_BP),
+        "nsp_loss": jnp.sum(nsp_nll), "nsp_correct": jnp.sum(nsp_hit),
+        "nsp_count": jnp.asarray(nsp_nll.shape[0], jnp.float32),
+    }
+
+
+def objective(nsp_weight: float = 1.0) -> Objective:
+    """MLM loss plus nsp_weight x NSP loss (0 for MLM-only objectives such as packed rows)."""
+
+    def sums(model, batch, key):
+        mlm_BPV, nsp_BC = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                batch["masked_positions"], key=key)
+        return mlm_nsp_sums(mlm_BPV, nsp_BC, batch)
+
+    def normalisers(batch):
+        return {"mlm": jnp.maximum(jnp.sum(batch["masked_weights"]), 1.0),
+                "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+
+    def loss(sums, norm):
+        return sums["mlm_loss"] / norm["mlm"] + nsp_weight * sums["nsp_loss"] / norm["nsp"]
+
+    def summarize(sums, prefix):
+        mlm_n, nsp_n = max(float(sums["mlm_count"]), 1.0), max(float(sums["nsp_count"]), 1.0)
+        out = {
+            f"{prefix}/mlm_loss": float(sums["mlm_loss"]) / mlm_n,
+            f"{prefix}/mlm_accuracy": float(sums["mlm_correct"]) / mlm_n,
+            f"{prefix}/nsp_loss": float(sums["nsp_loss"]) / nsp_n,
+            f"{prefix}/nsp_accuracy": float(sums["nsp_correct"]) / nsp_n,
+        }
+        out[f"{prefix}/loss"] = out[f"{prefix}/mlm_loss"] + nsp_weight * out[f"{prefix}/nsp_loss"]
+        return out
+
+    return Objective(sums, normalisers, loss, summarize)
+
+
+def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3x forward)."""
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    tokens = batch_size * seq_len
+    per_token = L * (4 * D * D + 2 * D * F) * 2           # qkv+out, mlp
+    attention = L * 2 * 2 * seq_len * D                     # scores + weighted sum, per token
+    head = batch_size * max_predictions * (D * D + D * V) * 2
+    return 3.0 * (tokens * (per_token + attention) + head)
+
+
+# ---------------------------------------------------------------------------------------------
+# The setup
+# ---------------------------------------------------------------------------------------------
+
+def setup(config, workdir) -> Setup:
+    dc, tc = config.data, config.train
+    corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
+    if jax.process_index() == 0:
+        corpus.tokenizer.save(workdir / "tokenizer")
+    with config.unlocked():
+        # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
+        config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
+    try:
+        model_cfg = BertConfig.from_model_config(config.model)
+    except ValueError as e:
+        raise UserError(f"config.model: {e}") from None
+    masking = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
+                   whole_word=dc.whole_word, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+    train = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch, **masking)
+    eval_batches = lambda: corpus.eval_batches(tc.batch_size, config.eval.max_batches, **masking)
+    nsp_weight = 0.0 if dc.objective == "mlm_packed" else 1.0  # packed rows have no sentence pair
+    throughput = Throughput(
+        items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",
+        flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
+        peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
+    return Setup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
+                 eval_batches, throughput)

@@ -1,0 +1,34 @@
+"""Model families for pretraining: what a family gives the shared trainer, and where to find them.
+
+A family is a module with `setup(config, workdir) -> Setup`; `config.family` names it. Adding one
+is adding a module (e.g. `pretrain/mae.py`) and a line in FAMILIES below (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Iterator
+
+from flax import nnx
+
+from training.families import Registry
+from training.loop import Throughput
+from training.step import Objective
+
+FAMILIES = Registry("pretraining", {"bert": "pretrain.bert"})
+
+
+@dataclasses.dataclass
+class Setup:
+    """What one family's `setup(config, workdir)` returns. It has already prepared its data and
+    written what the workdir needs besides checkpoints (e.g. its tokenizer), and may have set
+    derived config fields (e.g. model.vocab_size) before config.json is written.
+
+    `train_batches` is this process's endless iterator of local batches (numpy dicts) with grain's
+    `get_state()` / `set_state()` and `close()`; `eval_batches()` yields one evaluation pass.
+    """
+    model_fn: Callable[[nnx.Rngs], nnx.Module]
+    objective: Objective
+    train_batches: Iterator[dict]
+    eval_batches: Callable[[], Iterable[dict]]
+    throughput: Throughput

@@ -1,0 +1,55 @@
+"""`curves.png` in a workdir: the train loss and every evaluation metric against steps.
+
+Redrawn from `metrics.jsonl` at each evaluation, because people would rather look than read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.metrics import read_metrics
+
+# Rows that are not learning curves: throughput, the schedule, the epoch counter.
+_SKIP = ("perf/", "train/lr", "epoch")
+
+
+def curve_names(rows: list[dict]) -> list[str]:
+    """train/loss first, then every evaluation metric (any prefix but train/), in first-seen order."""
+    names = {}
+    for row in rows:
+        for key in row:
+            if key != "step" and not key.startswith(_SKIP) and (key == "train/loss" or not key.startswith("train/")):
+                names.setdefault(key, None)
+    return sorted(names, key=lambda k: k != "train/loss")
+
+
+def draw_curves(workdir, filename: str = "curves.png") -> Path | None:
+    """One small panel per metric; returns the file, or None before anything was logged."""
+    rows = read_metrics(workdir)
+    names = curve_names(rows)
+    if not names:
+        return None
+    import matplotlib  # imported here: slow to import, and only process 0 draws
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    cols = min(3, len(names))
+    rows_n = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(workdir) / filename
+    tmp = path.with_name(f".{filename}.tmp.png")
+    fig.savefig(tmp, dpi=90)  # then rename: a viewer never sees a half-written file
+    plt.close(fig)
+    tmp.replace(path)
+    return path
