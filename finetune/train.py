@@ -404,7 +404,8 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     if source.kind == "none":
         vocab = config.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
         try:
-            bert = BertConfig.from_model_config({**config.model.to_dict(), "vocab_size": vocab})
+            bert = BertConfig.from_model_config({**config.model.to_dict(), "vocab_size": vocab},
+                                                allow=("pooling", "classifier_dropout"))
         except ValueError as e:
             raise UserError(f"--config.model.size: {e}") from None
         source.encoder = dataclasses.asdict(bert)
