@@ -95,9 +95,9 @@ def resolve_source(init: str) -> Source:
         return Source(init, "checkpoint", str(directory / str(step)), step, encoder,
                       str(run_dir / "tokenizer"))
     if (path / "config.json").is_file():
-        from models.hf import ConversionError, bert_config_from_hf
+        from models.hf import ConversionError, config_from_hf
         try:
-            cfg = bert_config_from_hf(json.loads((path / "config.json").read_text()))
+            cfg = config_from_hf(json.loads((path / "config.json").read_text()), family="bert")
         except (ConversionError, ValueError) as e:
             raise UserError(f"--init {init}: {e}") from None
         return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg), str(path))
