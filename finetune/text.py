@@ -23,6 +23,7 @@ from data.wheels import DataError
 from finetune import tasks
 from finetune.families import Setup
 from models.bert import SIZES, BertConfig, BertEncoder
+from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
 from models.tokenizer import Tokenizer
 from training.checkpoint import read_params, resolve_step_dir
@@ -128,9 +129,9 @@ def resolve_source(init: str) -> Source:
         return Source(init, "checkpoint", str(directory / str(step)), step, encoder,
                       str(run_dir / "tokenizer"))
     if (path / "config.json").is_file():
-        from models.hf import ConversionError, bert_config_from_hf
+        from models.hf import ConversionError, config_from_hf
         try:
-            cfg = bert_config_from_hf(json.loads((path / "config.json").read_text()))
+            cfg = config_from_hf(json.loads((path / "config.json").read_text()), family="bert")
         except (ConversionError, ValueError) as e:
             raise UserError(f"--init {init}: {e}") from None
         return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg), str(path))
@@ -257,9 +258,9 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
         vocab = config.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
         try:
             bert = BertConfig.from_model_config({**config.model.to_dict(), "vocab_size": vocab},
-                                                allow=("pooling", "classifier_dropout"))
+                                                allow=FINETUNE_MODEL_KEYS)
         except ValueError as e:
-            raise UserError(f"--config.model.size: {e}") from None
+            raise UserError(f"config.model: {e}") from None
         source.encoder = dataclasses.asdict(bert)
     bert = dataclasses.replace(source.bert_config(), dropout=config.model.dropout,
                                attention_dropout=config.model.attention_dropout,

@@ -40,6 +40,10 @@ class BertConfig:
     dtype: str = "float32"
     remat: bool = False
 
+    def __post_init__(self):  # the attention reshapes D into N x H
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+
     @classmethod
     def of_size(cls, size: str, vocab_size: int, **overrides) -> "BertConfig":
         if size not in SIZES:
@@ -50,11 +54,31 @@ class BertConfig:
         return dataclasses.replace(base, **overrides)
 
     @classmethod
-    def from_model_config(cls, model_cfg, allow=()) -> "BertConfig":
-        """From a run config's `model` group (size, vocab_size and the fields named like ours)."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-        overrides = {k: v for k, v in dict(model_cfg).items() if k in fields}
-        return cls.of_size(model_cfg["size"], model_cfg["vocab_size"], **overrides)
+    def from_model_config(cls, model_cfg, *, allow=()) -> "BertConfig":
+        """The one way to build a BertConfig from a run config's `model` group or a plain dict.
+
+        Either `size` + `vocab_size` + any field overrides, or (`size` absent or empty) every
+        field spelled out. A key that is neither a field, `size`, nor in `allow` is a ValueError
+        naming it, so that a misspelt override fails instead of silently doing nothing; callers
+        whose model group carries more (fine-tuning's `pooling`) list those keys in `allow`.
+        """
+        given = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - fields - {"size"} - set(allow))
+        if unknown:
+            raise ValueError(f"unknown BERT model key(s) {', '.join(map(repr, unknown))}; "
+                             f"known: size, {', '.join(sorted(fields))}")
+        size = given.pop("size", "")
+        given = {k: v for k, v in given.items() if k in fields}
+        if not size:
+            required = [f.name for f in dataclasses.fields(cls)
+                        if f.default is dataclasses.MISSING and f.name not in given]
+            if required:
+                raise ValueError(f"a BERT model without `size` needs {', '.join(required)}")
+            return cls(**given)
+        if "vocab_size" not in given:
+            raise ValueError(f"a BERT model of size {size!r} needs vocab_size")
+        return cls.of_size(size, given.pop("vocab_size"), **given)
 
     @property
     def head_size(self) -> int:

@@ -38,6 +38,13 @@ def _add_post_processor(tok: _HFTokenizer) -> None:
         special_tokens=[(CLS, cls_id), (SEP, sep_id)])
 
 
+def read_vocab(path: str | Path) -> list[str]:
+    """The tokens of a vocab.txt in id order, one a line. Split on line breaks only, like BERT's
+    load_vocab (not on str.splitlines' other separators, which can be parts of tokens)."""
+    lines = Path(path).read_text(encoding="utf-8").removesuffix("\n")
+    return [token.rstrip("\r") for token in lines.split("\n")]
+
+
 class Tokenizer:
     """WordPiece tokenizer with BERT's special tokens."""
 
@@ -72,7 +79,7 @@ class Tokenizer:
         # The trainer orders tokens of equal frequency by hash order, which changes from one
         # process to the next: number the learned vocabulary the same way everywhere.
         learned = tok.get_vocab().keys() - set(SPECIAL_TOKENS)
-        return cls._from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
+        return cls.from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
@@ -86,13 +93,12 @@ class Tokenizer:
         config = directory / "tokenizer_config.json"
         if config.exists():
             lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
-        # One token per line; split on "\n" only, like BERT's load_vocab (not on other breaks).
-        lines = (directory / "vocab.txt").read_text(encoding="utf-8").removesuffix("\n")
-        return cls._from_vocab([token.rstrip("\r") for token in lines.split("\n")], lowercase)
+        return cls.from_vocab(read_vocab(directory / "vocab.txt"), lowercase)
 
     @classmethod
-    def _from_vocab(cls, tokens: Sequence[str], lowercase: bool) -> "Tokenizer":
-        """BERT's pipeline over a WordPiece vocabulary given in id order."""
+    def from_vocab(cls, tokens: Sequence[str], lowercase: bool) -> "Tokenizer":
+        """BERT's pipeline over a WordPiece vocabulary given in id order (also what `models.hf`
+        writes as the tokenizer.json of an export, so both agree token for token)."""
         vocab = {token: i for i, token in enumerate(tokens)}
         tok = _bert_pipeline(
             models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"), lowercase)

@@ -1,7 +1,11 @@
 """The BERT model and its objectives against independent references."""
 
+import dataclasses
+
 import jax
+import ml_collections
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import random_batch
@@ -51,3 +55,24 @@ def test_dropout_is_active_only_with_a_key():
     train_a, train_b = model(*args, key=jax.random.key(0))[0], model(*args, key=jax.random.key(1))[0]
     np.testing.assert_array_equal(eval_a, eval_b)
     assert not np.allclose(train_a, train_b) and not np.allclose(train_a, eval_a)
+
+
+def test_model_config_from_size_or_fields_and_unknown_keys_fail():
+    group = ml_collections.ConfigDict({"size": "tiny", "vocab_size": 256, "max_position": 32, "dropout": 0.0})
+    cfg = BertConfig.from_model_config(group)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.max_position, cfg.dropout) == (2, 128, 32, 0.0)
+    explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(BertConfig)}
+    assert BertConfig.from_model_config({**explicit, "size": ""}) == cfg == BertConfig.from_model_config(explicit)
+
+    with pytest.raises(ValueError, match="'pooling'"):
+        BertConfig.from_model_config({"size": "tiny", "vocab_size": 256, "pooling": "cls"})
+    with pytest.raises(ValueError, match="'dropuot'"):
+        BertConfig.from_model_config({**explicit, "dropuot": 0.1})
+    fine_tuning = {"size": "tiny", "vocab_size": 256, "pooling": "mean", "classifier_dropout": 0.1}
+    assert BertConfig.from_model_config(fine_tuning, allow=("pooling", "classifier_dropout")).vocab_size == 256
+    with pytest.raises(ValueError, match="needs vocab_size"):
+        BertConfig.from_model_config({"size": "tiny"})
+    with pytest.raises(ValueError, match="needs num_heads"):
+        BertConfig.from_model_config({k: v for k, v in explicit.items() if k != "num_heads"})
+    with pytest.raises(ValueError, match="not divisible by 3 heads"):
+        BertConfig.from_model_config({**explicit, "num_heads": 3})

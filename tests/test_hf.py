@@ -546,3 +546,37 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_export_reads_the_model_group_strictly(tiny, tmp_path, monkeypatch, capsys):
+    """A fine-tuning model group may carry pooling and classifier_dropout; any other key that is
+    not a BertConfig field (a typo) is a one-line error, not silently dropped."""
+    checkpoint = pytest.importorskip("training.checkpoint")
+    _, params, cfg, _ = tiny
+    cls_params = classifier_params(params, cfg, 2)
+    group = {"size": "tiny", "vocab_size": VOCAB, "max_position": MAX_POS, "pooling": "cls",
+             "classifier_dropout": 0.1}
+    loads = iter([(cls_params, group, None, "finetune"),
+                  (params, {**group, "pooling": "mean"}, None, "finetune"),
+                  (params, {"size": "tiny", "vocab_size": VOCAB, "max_postion": MAX_POS}, None, "pretrain")])
+    monkeypatch.setattr(checkpoint, "load_checkpoint_params", lambda src: next(loads), raising=False)
+    hf.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "cls"), "--labels", "no,yes"])
+    assert "BertForSequenceClassification (finetune checkpoint)" in capsys.readouterr().out
+    assert hf.import_params(tmp_path / "cls")[1] == cfg
+    with pytest.raises(SystemExit):
+        hf.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "mean"),
+                 "--architecture", "BertForSequenceClassification"])
+    assert "mean-pooled" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        hf.main(["export", "--checkpoint", "PT", "--out", str(tmp_path / "typo")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "'max_postion'" in err
+
+
+def test_config_from_hf_names_the_family():
+    config = hf.hf_config(BertConfig.of_size("tiny", VOCAB), "BertModel")
+    assert hf.config_from_hf(config, family="bert") == hf.config_from_hf(config)
+    with pytest.raises(hf.ConversionError, match="model_type 'vit' is not supported, only 'bert'"):
+        hf.config_from_hf({**config, "model_type": "vit"}, family="bert")
+    with pytest.raises(hf.ConversionError, match="not divisible by 3 heads"):
+        hf.config_from_hf({**config, "num_attention_heads": 3})
