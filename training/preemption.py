@@ -27,9 +27,9 @@ import jax
 import numpy as np
 
 
-def _sync_manager():
-    from jax._src import distributed
-    return distributed.global_state.preemption_sync_manager
+def _has_preemption_notifier() -> bool:
+    """jax.distributed.initialize starts the preemption sync service unless it is disabled."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class StopRequest:
@@ -39,7 +39,7 @@ class StopRequest:
         self.signal: str | None = None  # the signal this process received, if any
         self.reason: str | None = None  # set when should_stop() turns True
         self._multi = jax.process_count() > 1
-        self._notifier = self._multi and _sync_manager() is not None
+        self._notifier = self._multi and _has_preemption_notifier()
         # With the notifier, SIGTERM stays with JAX (a Python handler would replace it).
         signals = (signal.SIGINT,) if self._notifier else (signal.SIGTERM, signal.SIGINT)
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
