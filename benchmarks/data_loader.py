@@ -4,7 +4,7 @@
         [--loader-batches 200] [--train-steps 3] [--data-dir ~/.cache/pretrax]
 
 Prepares (or reuses) the source with BERT-base's vocabulary size (30522) and sequence length,
-then times (1) `batches` loader batches of the train iterator, masks and prefetching included,
+then times (1) `--loader-batches` batches of the train iterator, masks and prefetching included,
 and (2) a few jit-compiled BERT-base train steps (model.size=base, float32: bf16 is slower on CPU)
 on the same machine, and prints both rates and their ratio (the loader's headroom).
 """

@@ -148,10 +148,6 @@ class PretrainingData:
                                             mask_prob, whole_word))
         return process_share(ds, batch_size, process_index, process_count)
 
-    def eval_batch(self, index: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
-        """Eval batch `index`: eval examples in order with masks fixed by (seed, index)."""
-        return self.eval_dataset(batch_size, **kwargs)[index]
-
     def eval_batches(self, batch_size: int, max_batches: int | None = None, **kwargs):
         """Yields the eval batches in order (kwargs as for eval_dataset)."""
         n = self.num_eval_batches(batch_size)

@@ -356,7 +356,7 @@ def test_eval_batches_fixed_and_in_order(corpus):
     batches = list(corpus.eval_batches(16, **BATCH))
     assert len(batches) == n // 16
     assert len(list(corpus.eval_batches(16, max_batches=2, **BATCH))) == 2
-    again = corpus.eval_batch(1, 16, **BATCH)
+    again = corpus.eval_dataset(16, **BATCH)[1]
     for key in KEYS:
         np.testing.assert_array_equal(batches[1][key], again[key])
     rows = _all_rows(corpus, "eval")[:len(batches) * 16]
@@ -366,7 +366,7 @@ def test_eval_batches_fixed_and_in_order(corpus):
                                   [r["next_sentence_labels"] for r in rows])
     assert not np.array_equal(batches[0]["masked_weights"] * batches[0]["masked_positions"],
                               batches[1]["masked_weights"] * batches[1]["masked_positions"])
-    parts = [corpus.eval_batch(2, 16, process_index=i, process_count=2, **BATCH) for i in range(2)]
+    parts = [corpus.eval_dataset(16, process_index=i, process_count=2, **BATCH)[2] for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([p["input_ids"] for p in parts]),
                                   batches[2]["input_ids"])
 
