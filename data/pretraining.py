@@ -17,7 +17,6 @@ single-process batch, masks included, for any process count. The iterator's stat
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,18 +26,13 @@ import numpy as np
 from data import records
 from models.tokenizer import Tokenizer
 from data.examples import mask_tokens
+from data.streams import grain_seed, position_rng, prefetch_iterator, share_batches
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
         "masked_weights", "next_sentence_labels")
-# Tags keep the seeded streams apart from each other.
-_PERM_TAG = 0x5045524D  # "PERM": epoch shuffles
+# Tags keep the seeded streams apart from each other (data/streams.py has the shuffle's).
 _TRAIN_TAG = 0x4D41534B  # "MASK": train masks
 _EVAL_TAG = 0x4556414C  # "EVAL": eval masks
-
-
-def _grain_seed(seed: int) -> int:
-    digest = hashlib.sha256(json.dumps([seed, _PERM_TAG]).encode()).digest()
-    return int.from_bytes(digest[:4], "little")  # grain wants [0, 2**32)
 
 
 class MaskExample:
@@ -59,8 +53,7 @@ class MaskExample:
 
     def __call__(self, position: int, record: bytes) -> dict[str, np.ndarray]:
         example = records.pad_example(record, self.dtype, self.max_seq_len)
-        step, index = divmod(int(position), self.global_batch)
-        rng = np.random.default_rng([self.seed, self.tag, step, index])
+        rng = position_rng(self.seed, self.tag, position, self.global_batch)
         ids = example["input_ids"][None]
         masked = mask_tokens(
             ids, example["attention_mask"][None], rng, vocab_size=self.vocab_size,
@@ -109,27 +102,14 @@ class PretrainingData:
                            max_predictions=max_predictions,
                            is_continuation=tok._is_continuation if whole_word else None)
 
-    @staticmethod
-    def _share(ds: grain.MapDataset, batch_size: int, process_index: int,
-               process_count: int) -> grain.MapDataset:
-        if batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} does not divide by {process_count} "
-                             "processes")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-        local = batch_size // process_count
-        # Local batch k holds stream positions [k * local, (k + 1) * local): global batch s is
-        # local batches s*P .. s*P + P-1, and process i takes the i-th of them.
-        return ds.batch(local, drop_remainder=True)[process_index::process_count]
-
     def train_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
                       mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                       process_count: int = 1) -> grain.MapDataset:
         """This process's batches of the endless train stream, as a random-access dataset."""
-        ds = grain.MapDataset.source(self.source("train")).shuffle(_grain_seed(seed)).repeat(None)
+        ds = grain.MapDataset.source(self.source("train")).shuffle(grain_seed(seed)).repeat(None)
         ds = ds.map_with_index(self._masker(batch_size, seed, _TRAIN_TAG, max_predictions,
                                             mask_prob, whole_word))
-        return self._share(ds, batch_size, process_index, process_count)
+        return share_batches(ds, batch_size, process_index, process_count)
 
     def train_iterator(self, batch_size: int, *, seed: int, max_predictions: int,
                        mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
@@ -142,15 +122,7 @@ class PretrainingData:
         ds = self.train_dataset(batch_size, seed=seed, max_predictions=max_predictions,
                                 mask_prob=mask_prob, whole_word=whole_word,
                                 process_index=process_index, process_count=process_count)
-        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1),
-                                                     prefetch_buffer_size=max(prefetch, 1)))
-        if workers > 0:
-            from absl import flags  # grain reads absl flags in its workers; we parse none
-            if not flags.FLAGS.is_parsed():
-                flags.FLAGS.mark_as_parsed()
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
-        return iter(it_ds)
+        return prefetch_iterator(ds, workers=workers, prefetch=prefetch, threads=threads)
 
     def batch(self, step: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
         """Train batch `step` read directly (no iterator): for tests and tools."""
@@ -172,7 +144,7 @@ class PretrainingData:
         ds = grain.MapDataset.source(self.source("eval")).repeat(None)
         ds = ds.map_with_index(self._masker(batch_size, seed, _EVAL_TAG, max_predictions,
                                             mask_prob, whole_word))
-        return self._share(ds, batch_size, process_index, process_count)
+        return share_batches(ds, batch_size, process_index, process_count)
 
     def eval_batch(self, index: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
         """Eval batch `index`: eval examples in order with masks fixed by (seed, index)."""
