@@ -138,6 +138,18 @@ def unpatchify(patches_BLP: jax.Array, patch_size: int, num_channels: int) -> ja
     return x.reshape(B, g * p, g * p, C)
 
 
+def patch_kernel_to_conv(kernel_PD, patch_size: int, num_channels: int):
+    """Our patch projection (p*p*C, D) as the equivalent Conv2d weight (D, C, p, p) (HF's)."""
+    p, C = patch_size, num_channels
+    return kernel_PD.reshape(p, p, C, -1).transpose(3, 2, 0, 1)
+
+
+def patch_kernel_from_conv(weight_DCpp):
+    """A Conv2d weight (D, C, p, p) with kernel = stride = p as our (p*p*C, D) projection."""
+    D, C, p, _ = weight_DCpp.shape
+    return weight_DCpp.transpose(2, 3, 1, 0).reshape(p * p * C, D)
+
+
 @functools.lru_cache(maxsize=None)
 def sincos_position_table(grid_size: int, dim: int) -> np.ndarray:
     """Fixed 2-D sin-cos positions, (1 + grid^2, dim) float32, as transformers' ViTMAE builds them.

@@ -10,8 +10,9 @@ from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
 
-from models.mae import (MAEConfig, MAEForPreTraining, mean_loss, patchify, random_masking,
-                        reconstruction_sums, sincos_position_table, unpatchify)
+from models.mae import (MAEConfig, MAEForPreTraining, mean_loss, patch_kernel_from_conv,
+                        patch_kernel_to_conv, patchify, random_masking, reconstruction_sums,
+                        sincos_position_table, unpatchify)
 from training import mesh as mesh_lib
 from training.state import abstract_model, graphdef_and_specs, init_params
 
@@ -22,8 +23,8 @@ TOL = 1e-5
 
 
 def random_pixels(cfg: MAEConfig, batch: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(batch, cfg.image_size, cfg.image_size, cfg.num_channels)).astype(np.float32)
+    shape = (batch, cfg.image_size, cfg.image_size, cfg.num_channels)
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def random_noise(cfg: MAEConfig, batch: int, seed: int = 1) -> np.ndarray:
@@ -45,9 +46,14 @@ def tiny():
 
 def test_encoder_sees_only_visible_patches_and_loss_only_masked_ones(tiny):
     model, cfg = tiny
-    encode = nnx.jit(lambda m, px, noise: m.encode_visible(px, noise))
+
+    @nnx.jit
+    def forward(model, pixels, noise):  # the model's own __call__, with the latent kept
+        latent, mask, ids_restore = model.encode_visible(pixels, noise)
+        return latent, mask, model.decoder(latent, ids_restore)
+
     pixels, noise = random_pixels(cfg, 3), random_noise(cfg, 3)
-    latent, mask, _ = encode(model, jnp.asarray(pixels), jnp.asarray(noise))
+    latent, mask, logits = forward(model, jnp.asarray(pixels), jnp.asarray(noise))
     assert cfg.num_visible == 4 and latent.shape == (3, cfg.num_visible + 1, cfg.hidden_size)
     assert np.all(np.asarray(mask).sum(1) == cfg.num_masked)
 
@@ -56,15 +62,14 @@ def test_encoder_sees_only_visible_patches_and_loss_only_masked_ones(tiny):
     patches[np.asarray(mask) == 1] += 5.0
     changed = np.asarray(unpatchify(patches, cfg.patch_size, cfg.num_channels))
     assert not np.allclose(changed, pixels)
-    latent_changed, _, _ = encode(model, jnp.asarray(changed), jnp.asarray(noise))
+    latent_changed, _, _ = forward(model, jnp.asarray(changed), jnp.asarray(noise))
     np.testing.assert_allclose(latent_changed, latent, atol=1e-6, rtol=0)
 
     # The loss has no term from a visible patch: its target pixels get zero gradient.
-    logits, mask = model(jnp.asarray(pixels), jnp.asarray(noise))
     for norm_pix in (False, True):
         loss = lambda px: reconstruction_sums(logits, px, mask, patch_size=cfg.patch_size,
                                               norm_pix_loss=norm_pix)["mae_loss"]
-        grad = np.abs(np.asarray(patchify(jax.jit(jax.grad(loss))(pixels), cfg.patch_size)))
+        grad = np.abs(np.asarray(patchify(jax.grad(loss)(pixels), cfg.patch_size)))
         per_patch = grad.sum(-1)
         assert np.all(per_patch[np.asarray(mask) == 0] == 0)
         assert np.all(per_patch[np.asarray(mask) == 1] > 0)
@@ -81,6 +86,14 @@ def test_patchify_round_trip_and_pixel_order():
     # Patch 1 is the top-right one; its pixels run (row, column, channel).
     np.testing.assert_array_equal(patches[:, 1].reshape(2, 4, 4, 3), pixels[:, :4, 4:])
     np.testing.assert_array_equal(unpatchify(patches, 4, 3), pixels)
+    # The projection of patchified pixels is the strided Conv2d transformers runs.
+    weight = np.random.default_rng(1).normal(size=(5, 3, 4, 4)).astype(np.float32)
+    kernel = patch_kernel_from_conv(weight)
+    np.testing.assert_array_equal(patch_kernel_to_conv(kernel, 4, 3), weight)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                                      torch.from_numpy(weight), stride=4)
+    np.testing.assert_allclose(patches @ kernel, conv.flatten(2).transpose(1, 2).numpy(),
+                               atol=1e-5)
 
 
 def test_features_cover_all_patches(tiny):
@@ -89,6 +102,35 @@ def test_features_cover_all_patches(tiny):
     assert hidden.shape == (2, cfg.num_patches + 1, cfg.hidden_size)
     np.testing.assert_array_equal(cls, hidden[:, 0])
     np.testing.assert_allclose(mean, np.asarray(hidden[:, 1:]).mean(1), atol=1e-6)
+
+
+ONE_BLOCK = dict(num_layers=1, decoder_layers=1)  # compiles faster on the shared CPUs
+
+
+def test_dropout_follows_its_key_and_bfloat16_runs():
+    configs = {name: MAEConfig.of_size("tiny", **ONE_BLOCK, **overrides) for name, overrides in (
+        ("plain", {}), ("dropping", dict(dropout=0.2, attention_dropout=0.2)),
+        ("half", dict(dtype="bfloat16")))}
+    graphdefs = {name: graphdef_and_specs(lambda rngs, c=c: MAEForPreTraining(c, rngs))[0]
+                 for name, c in configs.items()}
+    cfg = configs["plain"]
+    pixels, noise = jnp.asarray(random_pixels(cfg, 2)), jnp.asarray(random_noise(cfg, 2))
+
+    @jax.jit  # one compile for all of them
+    def outputs():
+        params = init_params(lambda rngs: MAEForPreTraining(cfg, rngs), 0)
+        run = lambda name, key=None: nnx.merge(graphdefs[name], params)(pixels, noise, key=key)[0]
+        # rbg keys: the model takes any key; threefry's bits compile several times slower.
+        key, other = jax.random.key(0, impl="rbg"), jax.random.key(1, impl="rbg")
+        return (run("plain"), run("dropping", key), run("dropping", key), run("dropping", other),
+                run("dropping"), run("half"))
+
+    reference, a, same_key, other_key, no_key, bf16 = outputs()
+    np.testing.assert_array_equal(a, same_key)
+    assert not np.allclose(a, other_key) and not np.allclose(a, reference)
+    np.testing.assert_array_equal(no_key, reference)  # no key: no dropout
+    assert bf16.dtype == jnp.float32 and np.all(np.isfinite(bf16))
+    np.testing.assert_allclose(bf16, reference, atol=0.1 * float(np.abs(reference).max()))
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -143,11 +185,13 @@ def _block(ours: str, theirs: str) -> list[tuple[str, str, str]]:
 
 
 def _norm(ours: str, theirs: str):
-    return [(f"{ours}/scale", f"{theirs}.weight", "same"), (f"{ours}/bias", f"{theirs}.bias", "same")]
+    return [(f"{ours}/scale", f"{theirs}.weight", "same"),
+            (f"{ours}/bias", f"{theirs}.bias", "same")]
 
 
 def _linear(ours: str, theirs: str):
-    return [(f"{ours}/kernel", f"{theirs}.weight", "linear"), (f"{ours}/bias", f"{theirs}.bias", "same")]
+    return [(f"{ours}/kernel", f"{theirs}.weight", "linear"),
+            (f"{ours}/bias", f"{theirs}.bias", "same")]
 
 
 VIT_MAE_FOR_PRETRAINING = [
@@ -179,8 +223,8 @@ def config_from_hf(hf) -> MAEConfig:
 def _convert(x: np.ndarray, how: str, shape: tuple) -> np.ndarray:
     if how == "linear":
         return x.T.reshape(shape)
-    if how == "conv":  # (D, C, p, p) -> (p, p, C, D) -> (p*p*C, D)
-        return x.transpose(2, 3, 1, 0).reshape(shape)
+    if how == "conv":  # (D, C, p, p) -> (p*p*C, D)
+        return patch_kernel_from_conv(x)
     return x.reshape(shape)
 
 
@@ -339,7 +383,7 @@ def sharded_forward(shape, cfg, pixels, noise):
 
 
 def test_sharded_forward_equals_single_device():
-    cfg = MAEConfig.of_size("tiny", norm_pix_loss=True)
+    cfg = MAEConfig.of_size("tiny", **ONE_BLOCK, norm_pix_loss=True)
     pixels, noise = random_pixels(cfg, 8, seed=6), random_noise(cfg, 8, seed=7)
     loss_1, logits_1, _ = sharded_forward((1, 1, 1), cfg, pixels, noise)
     loss_8, logits_8, params = sharded_forward((2, 2, 2), cfg, pixels, noise)
