@@ -12,12 +12,21 @@ import hashlib
 import json
 
 import grain
+import numpy as np
 
 
 def grain_seed(*parts: int) -> int:
     """A shuffle seed in [0, 2**32) (what grain takes) derived from a run seed and a stream tag."""
     digest = hashlib.sha256(json.dumps(list(parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def position_rng(seed: int, tag: int, position: int, global_batch: int) -> np.random.Generator:
+    """The random stream of the example at `position` of a stream of global batches:
+    rng([seed, tag, step, index]) with (step, index) = divmod(position, global_batch), so resume
+    and any process count replay it exactly."""
+    step, index = divmod(int(position), global_batch)
+    return np.random.default_rng([seed, tag, step, index])
 
 
 def process_share(ds: grain.MapDataset, batch_size: int, process_index: int,

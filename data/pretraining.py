@@ -25,7 +25,7 @@ import numpy as np
 
 from data import records
 from data.examples import mask_tokens
-from data.pipeline import grain_seed, prefetching_iterator, process_share
+from data.pipeline import grain_seed, position_rng, prefetching_iterator, process_share
 from models.tokenizer import Tokenizer
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
@@ -54,8 +54,7 @@ class MaskExample:
 
     def __call__(self, position: int, record: bytes) -> dict[str, np.ndarray]:
         example = records.pad_example(record, self.dtype, self.max_seq_len)
-        step, index = divmod(int(position), self.global_batch)
-        rng = np.random.default_rng([self.seed, self.tag, step, index])
+        rng = position_rng(self.seed, self.tag, position, self.global_batch)
         ids = example["input_ids"][None]
         masked = mask_tokens(
             ids, example["attention_mask"][None], rng, vocab_size=self.vocab_size,

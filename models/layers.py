@@ -54,3 +54,27 @@ def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Statistics in float32 whatever the compute dtype: bf16 variance loses too much.
     return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32,
                          scale_init=ones("embed"), bias_init=zeros("embed"), rngs=rngs)
+
+
+def dense(d_in, d_out, in_axes, out_axes, *, kernel_init, dtype, rngs: nnx.Rngs, axis=-1,
+          use_bias: bool = True) -> nnx.LinearGeneral:
+    """A LinearGeneral whose kernel (in dims..., out dims...) and bias carry logical axis names."""
+    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
+    return nnx.LinearGeneral(
+        d_in, d_out, axis=axis, use_bias=use_bias, dtype=jnp.dtype(dtype),
+        kernel_init=sharded(kernel_init, *in_axes, *out_axes),
+        bias_init=zeros(*out_axes), rngs=rngs)
+
+
+def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BS=None, dropout_rate=0.0,
+                          key=None) -> jax.Array:
+    """softmax(q k / sqrt(H)) v with scores and softmax in float32; `mask_BS` False = ignored."""
+    H = q_BTNH.shape[-1]
+    scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32)
+    scores_BNTS = scores_BNTS / jnp.sqrt(H).astype(jnp.float32)
+    if mask_BS is not None:
+        scores_BNTS = jnp.where(mask_BS[:, None, None, :], scores_BNTS,
+                                jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
+    probs_BNTS = dropout(probs_BNTS, dropout_rate, key)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
