@@ -26,10 +26,14 @@ class Setup:
     """One family's fine-tuning pieces, built from the config and the `--init` source.
 
     `splits` maps split names (train first, then dev, test...) to objects with `len()`,
-    `labels` (-1 where hidden), `index` (example ids) and `labelled`; `encode(split, rows)` gives
-    the model inputs and `labels` of those rows. `predict(model, batch, key)` is the head's
-    output BC (float32). `load_encoder(fresh)` returns the source's encoder params, checked
-    against the fresh ones' shapes (None: a random encoder, --init none). `save_assets(folder)`
+    `labels` (-1 where hidden), `index` (example ids) and `labelled`; `encode(split, rows,
+    positions)` gives the model inputs and `labels` of those rows (positions: data/labelled.py).
+    `predict(model, batch, key)` is the head's output BC (float32). `initial_params(fresh)`
+    turns a fresh random init into the params to start from: the source's encoder, checked
+    against the fresh shapes (identity for --init none). `fixed(keys)` marks head parameters
+    that never train (a linear probe's feature statistics). `mix(batch, key)`, if given, mixes
+    training examples (mixup, cutmix) and returns (batch, partner labels, weight of the
+    originals). `save_assets(folder)`
     writes what a run folder needs besides checkpoints (a tokenizer). `source` is written to
     source.json (what a rerun and `--init` of this run read back); `results` joins results.json
     (where the encoder came from, its shape).
@@ -37,12 +41,14 @@ class Setup:
     task: Task
     splits: dict
     label_names: list[str] | None
-    encode: Callable[[str, "np.ndarray"], dict]
+    encode: Callable[[str, "np.ndarray", "np.ndarray"], dict]
     model_fn: Callable[[nnx.Rngs], nnx.Module]
     predict: Callable[[nnx.Module, dict, jax.Array | None], jax.Array]
     depth: Depth
     num_layers: int
-    load_encoder: Callable[[dict], dict] | None
+    initial_params: Callable[[dict], dict]
     save_assets: Callable[[Path], None]
     source: dict
     results: dict
+    fixed: Callable[[tuple], bool] | None = None
+    mix: Callable | None = None

@@ -21,13 +21,14 @@ def _keys(path) -> tuple:
     return tuple(k.key for k in path)  # params are pure dicts: every entry is a DictKey
 
 
-def frozen_mask(params, method, depth: Depth) -> dict:
+def frozen_mask(params, method, depth: Depth, fixed: Callable[[tuple], bool] | None = None) -> dict:
     """True for parameters that never change: the encoder (method.freeze_encoder), or the
-    embeddings and the bottom k layers (method.freeze_bottom = k >= 0). The head always trains."""
+    embeddings and the bottom k layers (method.freeze_bottom = k >= 0). The head trains, but for
+    what `fixed(keys)` marks (statistics, not weights)."""
     def frozen(path, _):
         keys = _keys(path)
         if keys[0] != "encoder":
-            return False
+            return bool(fixed and fixed(keys))
         return method.freeze_encoder or 0 <= method.freeze_bottom and depth(keys[1:]) <= method.freeze_bottom
     return jax.tree_util.tree_map_with_path(frozen, params)
 

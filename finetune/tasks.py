@@ -100,13 +100,22 @@ def mean_loss(task: Task, logits_BC: np.ndarray, labels_B: np.ndarray) -> float:
     return float(sums["loss"]) / max(len(labels_B), 1)
 
 
-def objective(task: Task, predict, label_smoothing: float = 0.0) -> Objective:
+def objective(task: Task, predict, label_smoothing: float = 0.0, mix=None) -> Objective:
     """The fine-tuning objective of any family: `predict(model, batch, key)` gives the head's
-    outputs BC; the batch has `labels` and `weights` (0 on padding rows)."""
+    outputs BC; the batch has `labels` and `weights` (0 on padding rows). With `mix` (training
+    only), the loss is lam x the loss on the labels + (1 - lam) x the loss on the partners'."""
 
     def sums(model, batch, key):
-        return loss_sums(predict(model, batch, key), batch["labels"], batch["weights"],
-                         regression=task.regression, label_smoothing=label_smoothing)
+        if mix is None or key is None:
+            return loss_sums(predict(model, batch, key), batch["labels"], batch["weights"],
+                             regression=task.regression, label_smoothing=label_smoothing)
+        mix_key, key = jax.random.split(key)
+        batch, partner_labels, lam = mix(batch, mix_key)
+        logits = predict(model, batch, key)
+        own, partner = (loss_sums(logits, labels, batch["weights"], regression=task.regression,
+                                  label_smoothing=label_smoothing)
+                        for labels in (batch["labels"], partner_labels))
+        return {**own, "loss": lam * own["loss"] + (1.0 - lam) * partner["loss"]}
 
     def summarize(sums, prefix):
         count = max(float(sums["count"]), 1.0)

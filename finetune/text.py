@@ -280,7 +280,7 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
           f"; encoder {size_name(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
 
-    def encode_rows(split: str, rows: np.ndarray) -> dict:
+    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
         out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
         out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
         return out
@@ -288,12 +288,14 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     num_outputs = data.num_outputs
     model_fn = lambda rngs: SequenceClassifier(bert, num_outputs, config.model.classifier_dropout,
                                                rngs, pooling=config.model.pooling)
-    load = None
-    if source.kind != "none":
-        load = lambda fresh: checked_encoder(load_encoder(source), fresh, source)
+    def initial_params(fresh: dict) -> dict:
+        if source.kind == "none":
+            return fresh
+        return {**fresh, "encoder": checked_encoder(load_encoder(source), fresh["encoder"], source)}
+
     return Setup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
                  model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
-                 num_layers=bert.num_layers, load_encoder=load,
+                 num_layers=bert.num_layers, initial_params=initial_params,
                  save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),
                  source=dataclasses.asdict(source),
                  results={"source": {k: getattr(source, k) for k in ("init", "kind", "path", "step")},

@@ -67,7 +67,7 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     if method.freeze_bottom > family.num_layers:
         raise UserError(f"method.freeze_bottom={method.freeze_bottom} but the encoder has "
                         f"{family.num_layers} layers")
-    frozen = frozen_mask(shapes, method, family.depth)
+    frozen = frozen_mask(shapes, method, family.depth, family.fixed)
     scales = (layer_scales(shapes, method.layer_decay, family.num_layers, family.depth)
               if method.layer_decay != 1.0 else None)
     tx = make_optimizer(config.optim, total, frozen=frozen, scales=scales)
@@ -76,7 +76,7 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
-    objective = tasks.objective(task, family.predict, method.label_smoothing)
+    objective = tasks.objective(task, family.predict, method.label_smoothing, family.mix)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
                                          frozen=frozen, penalties=penalties),
@@ -88,8 +88,8 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
 
     def predict(params, split: str) -> np.ndarray:
         n = len(family.splits[split])
-        encode = lambda rows: family.encode(split, rows)
-        outputs = [_gathered(predict_step(params, mesh_lib.global_batch(b, mesh)))
+        encode = lambda rows, positions: family.encode(split, rows, positions)
+        outputs = [mesh_lib.to_host(predict_step(params, mesh_lib.global_batch(b, mesh)))
                    for b in labelled.eval_batches(n, encode, eval_batch, **share)]
         return np.concatenate(outputs)[:n]
 
@@ -104,13 +104,11 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
 
     # ---- Train state, then the loop ------------------------------------------------------------
     train_batches = labelled.train_iterator(
-        len(family.splits["train"]), lambda rows: family.encode("train", rows), tc.batch_size,
+        len(family.splits["train"]), lambda rows, positions: family.encode("train", rows, positions), tc.batch_size,
         seed=tc.seed, **share)
 
     def fresh_state():
-        params = init_params(family.model_fn, tc.seed)  # fresh head (and encoder, for --init none)
-        if family.load_encoder is not None:
-            params["encoder"] = family.load_encoder(params["encoder"])
+        params = family.initial_params(init_params(family.model_fn, tc.seed))  # a fresh head
         state = create_train_state(family.model_fn, tx, mesh, tc.seed, params=params)[0]
         if "anchor" in target:
             state["anchor"] = jax.device_put(params["encoder"], shardings["anchor"])
@@ -171,14 +169,6 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
                         for split in ("dev", "test") if results.get(split))
     print(f"best dev checkpoint: step {best_step}; {summary}; see {workdir / 'results.json'}")
     return results
-
-
-def _gathered(x) -> np.ndarray:
-    """A global array on the host of every process."""
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _better(value: float, best: float | None) -> bool:

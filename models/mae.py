@@ -53,6 +53,7 @@ class MAEConfig:
     qkv_bias: bool = True
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    drop_path: float = 0.0        # stochastic depth of the encoder's last block (fine-tuning)
     layer_norm_eps: float = 1e-6  # the MAE paper's; transformers defaults to 1e-12
     initializer_range: float = 0.02
     dtype: str = "float32"
@@ -202,8 +203,10 @@ def _linear(cfg: MAEConfig, d_in: int, d_out: int, in_axis: str | None, out_axis
 class Block(nnx.Module):
     """One pre-LayerNorm ViT block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
-    def __init__(self, cfg: MAEConfig, width: int, heads: int, mlp_width: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: MAEConfig, width: int, heads: int, mlp_width: int, rngs: nnx.Rngs,
+                 drop_path: float = 0.0):
         D, N, Q, F = width, heads, width // heads, mlp_width
+        self.drop_path = drop_path
         to_heads = lambda: dense(D, (N, Q), ["embed"], ["heads", "kv"], kernel_init=XAVIER,
                                  dtype=cfg.dtype, use_bias=cfg.qkv_bias, rngs=rngs)
         self.attn_norm = layer_norm(D, cfg.layer_norm_eps, rngs)
@@ -223,13 +226,23 @@ class Block(nnx.Module):
         v_BTNQ = constrain(self.value(h_BTD), "batch", "seq", "heads", "kv")
         ctx_BTNQ = dot_product_attention(q_BTNQ, k_BTNQ, v_BTNQ, dtype=cfg.dtype,
                                          dropout_rate=cfg.attention_dropout, key=fold(key, 0))
-        x_BTD = x_BTD + dropout(self.attn_out(ctx_BTNQ), cfg.dropout, fold(key, 1))
+        x_BTD = x_BTD + _drop_path(dropout(self.attn_out(ctx_BTNQ), cfg.dropout, fold(key, 1)),
+                                   self.drop_path, fold(key, 3))
 
         h_BTD = self.mlp_norm(x_BTD).astype(cfg.dtype)
         h_BTF = constrain(jax.nn.gelu(self.mlp_in(h_BTD), approximate=False),
                           "batch", "seq", "mlp")
-        x_BTD = x_BTD + dropout(self.mlp_out(h_BTF), cfg.dropout, fold(key, 2))
+        x_BTD = x_BTD + _drop_path(dropout(self.mlp_out(h_BTF), cfg.dropout, fold(key, 2)),
+                                   self.drop_path, fold(key, 4))
         return constrain(x_BTD, "batch", "seq", None)
+
+
+def _drop_path(branch_BTD, rate: float, key):
+    """Stochastic depth: the whole residual branch of an example is dropped with `rate`."""
+    if key is None or rate == 0.0:
+        return branch_BTD
+    keep_B11 = jax.random.bernoulli(key, 1.0 - rate, (branch_BTD.shape[0], 1, 1))
+    return jnp.where(keep_B11, branch_BTD / (1.0 - rate), 0).astype(branch_BTD.dtype)
 
 
 def _run_blocks(blocks, x_BTD, key, remat: bool):
@@ -246,8 +259,10 @@ class MAEEncoder(nnx.Module):
         D = cfg.hidden_size
         self.patch_embed = _linear(cfg, cfg.patch_dim, D, "patch", "embed", rngs)
         self.cls_token = nnx.Param(normal(cfg.initializer_range, "embed")(rngs.params(), (D,)))
-        self.layers = nnx.List([Block(cfg, D, cfg.num_heads, cfg.intermediate_size, rngs)
-                                for _ in range(cfg.num_layers)])
+        # Stochastic depth grows linearly with depth, to cfg.drop_path at the last block.
+        rates = np.linspace(0.0, cfg.drop_path, cfg.num_layers) if cfg.num_layers else []
+        self.layers = nnx.List([Block(cfg, D, cfg.num_heads, cfg.intermediate_size, rngs,
+                                      drop_path=float(rate)) for rate in rates])
         self.norm = layer_norm(D, cfg.layer_norm_eps, rngs)
         self.cfg = cfg
 

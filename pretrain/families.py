@@ -15,7 +15,7 @@ from training.families import Registry
 from training.loop import Throughput
 from training.step import Objective
 
-FAMILIES = Registry("pretraining", {"bert": "pretrain.bert"})
+FAMILIES = Registry("pretraining", {"bert": "pretrain.bert", "mae": "pretrain.mae"})
 
 
 @dataclasses.dataclass
@@ -26,9 +26,12 @@ class Setup:
 
     `train_batches` is this process's endless iterator of local batches (numpy dicts) with grain's
     `get_state()` / `set_state()` and `close()`; `eval_batches()` yields one evaluation pass.
+    `pictures(model, batch)`, if given, draws {name: HWC image in [0, 1]} from the first eval
+    batch at every evaluation (saved as workdir/<name>.png and in TensorBoard).
     """
     model_fn: Callable[[nnx.Rngs], nnx.Module]
     objective: Objective
     train_batches: Iterator[dict]
     eval_batches: Callable[[], Iterable[dict]]
     throughput: Throughput
+    pictures: Callable[[nnx.Module, dict], dict] | None = None

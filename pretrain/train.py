@@ -46,6 +46,13 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
                          donate_argnums=0)
     eval_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.objective.sums(model, batch, None)),
                         in_shardings=(shardings["params"], batch_sharding))
+    pictures = None
+    if family.pictures is not None:
+        picture_step = jax.jit(make_eval_step(graphdef, family.pictures),
+                               in_shardings=(shardings["params"], batch_sharding))
+        first = next(iter(family.eval_batches()))
+        pictures = lambda params: {name: mesh_lib.to_host(x) for name, x in
+                                   picture_step(params, mesh_lib.global_batch(first, mesh)).items()}
 
     with contextlib.closing(family.train_batches), \
             Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
@@ -61,6 +68,6 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
             objective=family.objective, lr=lr, throughput=family.throughput,
             evaluate=lambda params, step: evaluate_objective(
                 eval_step, params, family.eval_batches(), mesh, family.objective),
-            eval_every=config.eval.every_steps, eval_at_start=True,
+            eval_every=config.eval.every_steps, eval_at_start=True, pictures=pictures,
             window_state=resumed.get("log_window"), desc="pretrain")
     return outcome.last_eval

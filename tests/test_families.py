@@ -80,9 +80,10 @@ def finetune_setup(config, workdir, init, explicit):
     splits = {"train": Split(np.arange(48)), "dev": Split(np.arange(100, 124)), "test": Split(np.arange(200, 220))}
     return finetune_families.Setup(
         task=tasks.get_task(config.data.task), splits=splits, label_names=None,
-        encode=lambda split, rows: examples(splits[split].rows[rows]), model_fn=Regressor,
+        encode=lambda split, rows, positions: examples(splits[split].rows[rows]), model_fn=Regressor,
         predict=lambda model, batch, key: model(batch["x"]), depth=lambda keys: 1, num_layers=1,
-        load_encoder=lambda fresh: read_params(init)[0]["encoder"], save_assets=lambda folder: None,
+        initial_params=lambda fresh: {**fresh, "encoder": read_params(init)[0]["encoder"]},
+        save_assets=lambda folder: None,
         source={"init": init}, results={"source": {"init": init}})
 
 

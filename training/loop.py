@@ -126,12 +126,14 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         ckpt, objective, evaluate: Callable[[dict, int], dict[str, float]], lr, throughput: Throughput,
         eval_every: int, eval_at_start: bool = False, save_at_eval: bool = False,
         steps_per_epoch: float | None = None, data_state: Callable[[], dict] = dict,
-        window_state: dict | None = None, desc: str = "train") -> Outcome:
+        window_state: dict | None = None, pictures: Callable[[dict], dict] | None = None,
+        desc: str = "train") -> Outcome:
     """Train from `start` to `total_steps`.
 
     `evaluate(params, step)` returns the metrics to log (names prefixed, e.g. eval/mlm_accuracy);
     `data_state()` adds trainer fields to every checkpoint's data item next to the iterator
-    position; `window_state` is the open log window of the checkpoint resumed from.
+    position; `window_state` is the open log window of the checkpoint resumed from;
+    `pictures(params)` gives {name: HWC image in [0, 1]} to show at every evaluation.
     """
     log_every = config.train.log_every
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
@@ -145,6 +147,8 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
     def report_eval(step: int, params) -> dict[str, float]:
         results = evaluate(params, step)
         metrics.write(step, {**epoch(step), **results})
+        for name, image in (pictures(params) if pictures else {}).items():
+            metrics.image(step, name, image)
         if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
             where = f"step {step}" + (f" (epoch {step / steps_per_epoch:.2f})" if steps_per_epoch else "")
             bar.write(f"{where}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))

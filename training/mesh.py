@@ -80,6 +80,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def to_host(x) -> np.ndarray:
+    """A global array as numpy on every process (gathered across processes when needed)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def check_divisible(batch_size: int, mesh: Mesh, what: str = "train.batch_size",
                     grad_accum: int = 1) -> None:
     """The batch must split into `grad_accum` microbatches, each divisible over data x fsdp."""

@@ -5,6 +5,9 @@ import math
 from pathlib import Path
 
 import jax
+import numpy as np
+
+from training.plots import save_png
 
 
 class MetricsWriter:
@@ -15,7 +18,7 @@ class MetricsWriter:
         self._jsonl = self._tb = self._wandb = None
         if not self.enabled:
             return
-        workdir = Path(workdir)
+        workdir = self._workdir = Path(workdir)
         path = workdir / "metrics.jsonl"
         kept = [line for line in read_metrics(workdir) if line["step"] <= after_step]
         path.write_text("".join(json.dumps(line) + "\n" for line in kept))
@@ -37,6 +40,14 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+
+    def image(self, step: int, name: str, image_HWC) -> None:
+        """An HWC picture in [0, 1]: workdir/<name>.png (the latest) and TensorBoard (every one)."""
+        if not self.enabled:
+            return
+        image_HWC = np.clip(np.asarray(image_HWC, np.float32), 0.0, 1.0)
+        self._tb.add_image(name, image_HWC, step, dataformats="HWC")
+        save_png(self._workdir / f"{name}.png", image_HWC)
 
     def close(self) -> None:
         if self._jsonl:

@@ -48,10 +48,11 @@ def warmup_steps(optim_cfg, total_steps: int) -> int:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: LayerNorm scales and all biases are exempt, as in BERT."""
-    def keep(path, _):
+    """Weight decay on matrices only: LayerNorm scales, biases and other vectors (MAE's class and
+    mask tokens) are exempt, as in BERT and MAE."""
+    def keep(path, leaf):
         name = getattr(path[-1], "key", "")
-        return name not in ("bias", "scale") and not str(name).endswith("_bias")
+        return leaf.ndim > 1 and name not in ("bias", "scale") and not str(name).endswith("_bias")
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -7,10 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.metrics import read_metrics
+import numpy as np
+
 
 # Rows that are not learning curves: throughput, the schedule, the epoch counter.
 _SKIP = ("perf/", "train/lr", "epoch")
+
+
+def save_png(path: Path, image_HWC) -> None:
+    """An HWC float image in [0, 1] as a PNG, renamed into place whole."""
+    from matplotlib import image as mpimg
+    scale = max(1, 320 // max(image_HWC.shape[0], 1))  # small pictures: pixels made visible
+    image_HWC = np.repeat(np.repeat(image_HWC, scale, axis=0), scale, axis=1)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    mpimg.imsave(tmp, image_HWC)
+    tmp.replace(path)
 
 
 def curve_names(rows: list[dict]) -> list[str]:
@@ -25,6 +36,7 @@ def curve_names(rows: list[dict]) -> list[str]:
 
 def draw_curves(workdir, filename: str = "curves.png") -> Path | None:
     """One small panel per metric; returns the file, or None before anything was logged."""
+    from training.metrics import read_metrics  # here: metrics.py imports this module
     rows = read_metrics(workdir)
     names = curve_names(rows)
     if not names:

@@ -1,0 +1,57 @@
+"""MAE-tiny on the embedded MNIST digits (5,000 images from a pinned wheel): the image default.
+
+Run:
+    python -m pretrain --config configs/mae_tiny.py --workdir runs/mae_tiny
+
+A ViT with 4 blocks of width 128 encodes the 12 visible 4x4 patches of 49 (75% masked); a
+2-block decoder of width 64 predicts the pixels of the masked ones (normalised per patch).
+Look at runs/mae_tiny/reconstruction.png (original, masked input, reconstruction) and
+curves.png. MEASURED
+"""
+
+import ml_collections
+
+from configs import bert_tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.family = "mae"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "small"           # models/mae.py SIZES: 28x28x1 images, 4x4 patches
+    c.model.mask_ratio = 0.75
+    c.model.norm_pix_loss = True     # targets: each patch standardised (better features)
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "mnist"          # mnist | tfds:NAME (prepared in data_dir, array_record)
+    c.data.data_dir = "~/.cache/pretrax"
+    c.data.crop_scale_min = 0.2      # random resized crop, scale (crop_scale_min, 1)
+    c.data.flip = False              # horizontal flips: off for digits
+    c.data.workers = 0
+    c.data.prefetch = 4
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 3000
+    c.train.batch_size = 128         # global, over all processes
+    c.train.grad_accum = 1
+    c.train.seed = 0
+    c.train.log_every = 50
+
+    base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
+    for group in ("optim", "mesh", "checkpoint", "eval", "perf", "wandb"):
+        c[group] = base[group]
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.decay = "cosine"
+    c.optim.decay_steps = 0
+    c.optim.weight_decay = 0.05
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 0.0
+    c.checkpoint.every_steps = 500
+    c.eval.every_steps = 500
+    c.eval.max_batches = 4           # the 500 eval digits
+    return c
