@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.l2sp_alpha = 0.0        # > 0: add alpha/2 * ||w - w0||^2 over the trained encoder
     c.method.layer_decay = 1.0       # < 1: layer l of L learns at lr * decay^(L + 1 - l)
     c.method.label_smoothing = 0.0
+    c.method.mixup_alpha = 0.0       # image families only (finetune/image.py)
+    c.method.cutmix_alpha = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "small"           # models/mae.py SIZES: 28x28x1 images, 4x4 patches
+    c.model.image_size = 0           # 0: the size's (28); the side of the square crops
+    c.model.patch_size = 0           # 0: the size's (4)
+    c.model.num_channels = 0         # 0: the size's (1)
     c.model.mask_ratio = 0.75
     c.model.norm_pix_loss = True     # targets: each patch standardised (better features)
     c.model.dtype = "float32"

@@ -49,6 +49,7 @@ TASKS = {t.name: t for t in [
     Task("rt_polarity", SINGLE, ("accuracy", "f1")),
     Task("reuters_r8", SINGLE, ("accuracy", "macro_f1")),
     Task("newsgroups20", SINGLE, ("accuracy", "macro_f1")),
+    Task("mnist", SINGLE, ("accuracy", "macro_f1")),  # images: the embedded digits
     # GLUE, with the metrics of its leaderboard (Wang et al. 2019), the official one first.
     Task("glue/cola", SINGLE, ("matthews_corr", "accuracy")),
     Task("glue/sst2", SINGLE, ("accuracy",)),
@@ -63,6 +64,8 @@ TASKS = {t.name: t for t in [
 
 
 def get_task(name: str) -> Task:
+    if name.startswith("tfds:") and len(name) > len("tfds:"):  # any TFDS image classification set
+        return Task(name, SINGLE, ("accuracy", "macro_f1"))
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name]

@@ -21,7 +21,7 @@ from flax import nnx
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup
+from finetune.families import Setup, checked_params
 from models.bert import SIZES, BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
@@ -153,22 +153,6 @@ def load_encoder(source: Source) -> dict:
     return params["encoder"]
 
 
-def checked_encoder(loaded: dict, wanted: dict, source: Source) -> dict:
-    """The source's encoder, checked against the model's shapes, as float32 numpy."""
-    name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-    flat = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-
-    def take(path, leaf):
-        if name(path) not in flat:
-            raise UserError(f"--init {source.init} has no encoder parameter {name(path)}")
-        x = flat[name(path)]
-        if tuple(x.shape) != tuple(leaf.shape):
-            raise UserError(f"--init {source.init}: encoder parameter {name(path)} has shape "
-                            f"{tuple(x.shape)}, the model needs {tuple(leaf.shape)}")
-        return np.asarray(x, np.float32)
-    return jax.tree_util.tree_map_with_path(take, wanted)
-
-
 def size_name(cfg: BertConfig) -> str:
     """The SIZES name of an encoder shape, or "custom"."""
     for name, (layers, hidden, heads) in SIZES.items():
@@ -291,7 +275,8 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":
             return fresh
-        return {**fresh, "encoder": checked_encoder(load_encoder(source), fresh["encoder"], source)}
+        return {**fresh, "encoder": checked_params(load_encoder(source), fresh["encoder"],
+                                                   f"--init {source.init}")}
 
     return Setup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
                  model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),

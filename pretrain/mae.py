@@ -79,10 +79,18 @@ def pictures(cfg: MAEConfig, mean, std, count: int = 8):
     return draw
 
 
+GEOMETRY = ("image_size", "patch_size", "num_channels")  # 0 in a config: the size's value
+
+
+def model_fields(model_cfg) -> dict:
+    """A config's model group as MAEConfig fields: geometry left at 0 takes the size's."""
+    return {k: v for k, v in model_cfg.items() if not (k in GEOMETRY and v == 0)}
+
+
 def setup(config, workdir) -> Setup:
     dc, tc = config.data, config.train
     try:
-        cfg = MAEConfig.from_model_config(config.model)
+        cfg = MAEConfig.from_model_config(model_fields(config.model))
     except ValueError as e:
         raise UserError(f"config.model: {e}") from None
     try:
@@ -92,7 +100,9 @@ def setup(config, workdir) -> Setup:
     if data.num_channels != cfg.num_channels:
         raise UserError(f"{data.name} has {data.num_channels}-channel images but model.num_channels="
                         f"{cfg.num_channels}; set --config.model.num_channels={data.num_channels}")
-    with config.unlocked():  # what the images were normalised with, for the HuggingFace export
+    with config.unlocked():  # config.json: the geometry used, and the images' normalisation
+        for field in GEOMETRY:
+            config.model[field] = getattr(cfg, field)
         dc.image_mean, dc.image_std = list(data.mean), list(data.std)
     pipeline = ImagePipeline(data, image_size=cfg.image_size, num_patches=cfg.num_patches,
                              augment=Augment(crop_scale=(dc.crop_scale_min, 1.0), flip=dc.flip))

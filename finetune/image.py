@@ -1,0 +1,263 @@
+"""The MAE family for fine-tuning: the ViT encoder on image classification.
+
+`--init` names an MAE pretraining workdir or step folder, a HuggingFace `ViTMAE` folder, or
+"none" (a random encoder of `model.size`). Methods: full fine-tuning, partial freezing and
+layer-wise decay (finetune/methods.py), the MAE fine-tuning regularisers (mixup, cutmix, label
+smoothing, drop path), and the MAE linear-probe protocol: a frozen encoder whose class-token
+feature is standardised, as BatchNorm without affine parameters does, before the linear head
+(`model.probe_norm`; the statistics are the train split's, taken once with the frozen encoder,
+which is what BatchNorm's running averages converge to when the features cannot change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data.images import Augment, ImageExample, load_images
+from data.wheels import DataError
+from finetune import tasks
+from finetune.families import Setup, checked_params
+from models.layers import normal, zeros
+from models.mae import MAEConfig, MAEEncoder
+from training.checkpoint import read_params, resolve_step_dir
+from training.errors import UserError
+
+POOLINGS = ("cls", "mean")
+_TRAIN_TAG = 0x46544947  # "FTIG": fine-tuning augmentation
+PROBE_EXAMPLES = 10_000  # train images the probe's feature statistics are taken on, at most
+
+
+class ImageClassifier(nnx.Module):
+    """`encoder` (MAEEncoder over all patches) and `classifier` (D -> C) on the class token after
+    the final LayerNorm (`pooling="cls"`, HuggingFace's ViTForImageClassification) or the mean
+    of the patch tokens (`"mean"`, MAE's fine-tuning default); with `probe_norm`, the feature is
+    standardised by the fixed `probe_mean` / `probe_var` first."""
+
+    def __init__(self, cfg: MAEConfig, num_classes: int, rngs: nnx.Rngs, *, pooling: str = "cls",
+                 probe_norm: bool = False):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        D = cfg.hidden_size
+        self.encoder = MAEEncoder(cfg, rngs)
+        if probe_norm:
+            self.probe_mean = nnx.Param(zeros("embed")(rngs.params(), (D,)))
+            self.probe_var = nnx.Param(jnp.ones((D,)))
+        self.classifier = nnx.Linear(D, num_classes, kernel_init=normal(0.01, "embed", None),
+                                     bias_init=zeros(None), rngs=rngs)
+        self.pooling, self.probe_norm = pooling, probe_norm
+
+    def features(self, image_BHWC, *, key=None):
+        _, cls_BD, mean_BD = self.encoder.features(image_BHWC, key=key)
+        return (cls_BD if self.pooling == "cls" else mean_BD).astype(jnp.float32)
+
+    def __call__(self, image_BHWC, *, key=None):
+        x_BD = self.features(image_BHWC, key=key)
+        if self.probe_norm:
+            x_BD = (x_BD - self.probe_mean[...]) / jnp.sqrt(self.probe_var[...] + 1e-6)
+        return self.classifier(x_BD).astype(jnp.float32)
+
+
+def predict(model: ImageClassifier, batch: dict, key=None) -> jax.Array:
+    return model(batch["image"], key=key)
+
+
+def encoder_depth(num_layers: int):
+    """Patch embedding and class token 0, block i at i + 1, the final norm above the blocks."""
+    def depth(keys: tuple) -> int:
+        if keys[0] in ("patch_embed", "cls_token"):
+            return 0
+        if keys[0] == "layers":
+            return int(keys[1]) + 1
+        return num_layers + 1
+    return depth
+
+
+def mixer(mixup_alpha: float, cutmix_alpha: float):
+    """mix(batch, key) -> (mixed batch, partner labels, lam): one lambda a batch, partners the
+    batch reversed (timm's default); cutmix or mixup with even odds when both are on."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+
+    def mix(batch, key):
+        image_BHWC = batch["image"]
+        B, H, W, _ = image_BHWC.shape
+        choice_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 4)
+        partner_BHWC, partner_labels = image_BHWC[::-1], batch["labels"][::-1]
+        use_cutmix = (cutmix_alpha > 0) & ((mixup_alpha <= 0) | jax.random.bernoulli(choice_key))
+        lam_mixup = jax.random.beta(mixup_key, max(mixup_alpha, 1e-3), max(mixup_alpha, 1e-3))
+        lam_cut = jax.random.beta(cutmix_key, max(cutmix_alpha, 1e-3), max(cutmix_alpha, 1e-3))
+        # Cutmix: a box of area (1 - lam) at a uniform centre, clipped; lam becomes its complement.
+        cy, cx = jax.random.uniform(box_key, (2,)) * jnp.array([H, W])
+        half_h, half_w = H * jnp.sqrt(1 - lam_cut) / 2, W * jnp.sqrt(1 - lam_cut) / 2
+        rows, cols = jnp.arange(H)[:, None] + 0.5, jnp.arange(W)[None, :] + 0.5
+        box_HW = (jnp.abs(rows - cy) < half_h) & (jnp.abs(cols - cx) < half_w)
+        cut_BHWC = jnp.where(box_HW[None, :, :, None], partner_BHWC, image_BHWC)
+        lam_box = 1.0 - jnp.mean(box_HW.astype(jnp.float32))
+        mixed_BHWC = lam_mixup * image_BHWC + (1 - lam_mixup) * partner_BHWC
+        image_BHWC = jnp.where(use_cutmix, cut_BHWC, mixed_BHWC)
+        lam = jnp.where(use_cutmix, lam_box, lam_mixup)
+        return {**batch, "image": image_BHWC}, partner_labels, lam
+
+    return mix
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the encoder comes from
+# ---------------------------------------------------------------------------------------------
+
+def _source_encoder(init: str) -> tuple[dict, dict, str | None, int | None]:
+    """(encoder params, its MAEConfig fields, the folder read, its step) of an --init source."""
+    path = Path(init).expanduser()
+    if not path.is_dir():
+        raise UserError(f"--init {init}: no such folder; pass an MAE pretraining workdir, one of "
+                        f"its checkpoints/<step> folders, a HuggingFace ViTMAE folder, or none")
+    if (path / "checkpoints").is_dir() or path.name.isdigit():
+        directory, step = resolve_step_dir(path)
+        config_file = directory.parent / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("family") != "mae":
+            raise UserError(f"--init {init} is a {config.get('family', 'bert')} run, not an MAE one; "
+                            f"pass an MAE pretraining workdir")
+        params, _ = read_params(directory / str(step))
+        try:
+            cfg = MAEConfig.from_model_config(config["model"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{config_file}: its model group does not describe an MAE ({e})") from None
+        return params["encoder"], cfg, str(directory / str(step)), step
+    from models.hf import ConversionError, import_params
+    try:
+        params, cfg, _ = import_params(path, architecture="ViTMAEModel")
+    except ConversionError as e:
+        raise UserError(f"--init {init}: {e}") from None
+    return params["encoder"], cfg, str(path), None
+
+
+# ---------------------------------------------------------------------------------------------
+# The setup
+# ---------------------------------------------------------------------------------------------
+
+class _Split:
+    """An image split as the trainer reads it: its length, labels and example ids."""
+
+    def __init__(self, source):
+        self.source, self.labelled = source, True
+        labels = getattr(source, "labels", None)  # in-memory sets have them; TFDS reads each record
+        if labels is None:
+            labels = [source[i]["label"] for i in range(len(source))]
+        self.labels = np.asarray(labels, np.int64)
+        self.index = np.arange(len(source))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
+    dc, mc, method = config.data, config.model, config.method
+    task = tasks.get_task(dc.task)
+    if mc.pooling not in POOLINGS:
+        raise UserError(f"model.pooling={mc.pooling!r}; choose one of: {', '.join(POOLINGS)}")
+    try:
+        data = load_images(task.name, dc.data_dir)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    model_fields = {k: mc[k] for k in ("size", "dtype", "remat", "drop_path") if k in mc}  # the rest: the source's
+    source_params = None
+    if init == "none":
+        cfg, folder, step = MAEConfig.from_model_config(model_fields), None, None
+    else:
+        source_params, cfg, folder, step = _source_encoder(init)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in model_fields.items() if k != "size"})
+    if data.num_channels != cfg.num_channels:
+        raise UserError(f"{data.name} has {data.num_channels}-channel images but the encoder takes "
+                        f"{cfg.num_channels}; use an encoder pretrained on such images")
+    splits = {"train": _Split(data.splits["train"]), "dev": _Split(data.splits["eval"]),
+              "test": _Split(data.splits["test"])}
+    splits = {name: _subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
+              for name, s in splits.items()}
+    augment = Augment(crop_scale=(dc.crop_scale_min, 1.0), flip=dc.flip)
+    global_batch = config.train.batch_size
+
+    def example(augmented: bool):
+        return ImageExample(image_size=cfg.image_size, num_patches=cfg.num_patches,
+                            global_batch=global_batch, seed=config.train.seed, tag=_TRAIN_TAG,
+                            augment=augment if augmented else None, mean=data.mean, std=data.std)
+
+    augmented, centred = example(True), example(False)
+
+    def encode(split: str, rows: np.ndarray, positions: np.ndarray, *, augment: bool = True) -> dict:
+        make = augmented if split == "train" and augment else centred
+        made = [make(p, splits[split].source[int(r)]) for r, p in zip(rows, positions)]
+        return {"image": np.stack([m["image"] for m in made]),
+                "labels": np.asarray([m["label"] for m in made], np.int32)}
+
+    def probe_images():
+        rows = np.arange(min(len(splits["train"]), PROBE_EXAMPLES))
+        for chunk in np.array_split(rows, max(1, len(rows) // 256)):
+            yield encode("train", chunk, chunk, augment=False)["image"]
+
+    probe = bool(mc.probe_norm)
+    model_fn = lambda rngs: ImageClassifier(cfg, data.num_classes, rngs, pooling=mc.pooling,
+                                            probe_norm=probe)
+
+    def initial_params(fresh: dict) -> dict:
+        params = dict(fresh)
+        if source_params is not None:
+            params["encoder"] = checked_params(source_params, fresh["encoder"], f"--init {init}")
+        if probe:
+            params["probe_mean"], params["probe_var"] = _feature_stats(model_fn, params, probe_images())
+        return params
+
+    with config.unlocked():  # config.json tells the encoder that was used, field by field
+        for field, value in dataclasses.asdict(cfg).items():
+            mc[field] = value
+        dc.image_mean, dc.image_std = list(data.mean), list(data.std)
+    source = {"init": init, "kind": "none" if init == "none" else "checkpoint" if step is not None
+              else "huggingface", "path": folder, "step": step}
+    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
+          f"; MAE encoder from {source['kind']}" + (f" {folder}" if folder else ""))
+    return Setup(task=task, splits=splits, label_names=[str(c) for c in range(data.num_classes)],
+                 encode=encode, model_fn=model_fn, predict=predict,
+                 depth=encoder_depth(cfg.num_layers), num_layers=cfg.num_layers,
+                 initial_params=initial_params, save_assets=lambda folder: None,
+                 source={**source, "encoder": dataclasses.asdict(cfg)}, results={"source": source, "encoder": dataclasses.asdict(cfg)},
+                 fixed=lambda keys: keys[0] in ("probe_mean", "probe_var"),
+                 mix=mixer(method.mixup_alpha, method.cutmix_alpha))
+
+
+def _subsample(split: _Split, n: int) -> _Split:
+    """A fixed subset of n examples of each split (all when n <= 0), the same for every seed."""
+    if n <= 0 or n >= len(split):
+        return split
+    rows = np.sort(np.random.default_rng([0x5355, n]).permutation(len(split))[:n])
+    out = _Split.__new__(_Split)
+    out.source = _Rows(split.source, rows)
+    out.labelled, out.labels, out.index = True, split.labels[rows], split.index[rows]
+    return out
+
+
+class _Rows:
+    def __init__(self, source, rows):
+        self.source, self.rows = source, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.source[int(self.rows[i])]
+
+
+def _feature_stats(model_fn, params, images) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of the encoder's feature over the given (centre-cropped) train images:
+    the fixed statistics of the linear probe's BatchNorm."""
+    from training.state import abstract_model
+    model = nnx.merge(nnx.graphdef(abstract_model(model_fn)), params)
+    features = jax.jit(lambda m, x: m.features(x))
+    feats = np.concatenate([np.asarray(features(model, chunk)) for chunk in images], axis=0)
+    return feats.mean(axis=0).astype(np.float32), feats.var(axis=0).astype(np.float32)
