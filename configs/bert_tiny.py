@@ -14,7 +14,7 @@ at a high learning rate (in our runs). 64-token rows give twice the rows per sec
 Cramming) and a learning rate held at 1e-3 until the last 1,500 steps (optim.decay_steps) make
 it leave the plateau near step 3,000 and learn from its context after. With 128-token rows,
 dropout 0.1 and linear decay over 3,000 steps it never left (0.132), and fine-tuning from it
-lost to a random init (benchmarks/finetune_rt_polarity.py).
+lost to a random init (benchmarks/transfer.py).
 """
 
 import ml_collections

@@ -9,7 +9,7 @@ bag-of-words and graph baselines reach 0.95-0.97. Articles average ~100 words, s
 keep most of each. Measured from the default pretraining (7,000 BERT-tiny steps on news) with
 --config.data.max_seq_len=64 --config.train.epochs=3, lr 5e-4, median of 3 seeds: test 0.912
 vs 0.854 from a random init; frozen, a mean-pooled probe gets 0.800 vs 0.757 on random features
-(benchmarks/finetune_rt_polarity.py --config.data.task=reuters_r8).
+(benchmarks/transfer.py --config.data.task=reuters_r8).
 """
 
 from configs import finetune_rt_polarity

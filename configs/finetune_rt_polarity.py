@@ -13,7 +13,7 @@ large corpora reaches ~0.85-0.88 on the similar MR snippet set). Measured on 2 C
 BERT-tiny after the default pretraining (7,000 steps on news, MLM accuracy 0.28), 3 epochs at
 lr 5e-4, median of 3 seeds: test 0.733 from it vs 0.736 from a random init. News pretraining
 at this budget does not help polarity yet; it does help news topics (reuters_r8: 0.912 vs
-0.854). benchmarks/finetune_rt_polarity.py runs the comparison.
+0.854). benchmarks/transfer.py runs the comparison.
 
 Every other finetune_*.py config starts from this one and changes a few fields.
 """
