@@ -39,16 +39,18 @@ def objective(cfg: MAEConfig) -> Objective:
     return Objective(sums, normalisers, lambda sums, norm: sums["mae_loss"] / norm["masked"], summarize)
 
 
-def train_flops(cfg: MAEConfig, batch_size: int) -> float:
-    """Matmul FLOPs of one step (forward + backward = 3x forward): the encoder sees the visible
-    patches and the class token, the decoder every patch and the class token."""
+def train_flops(cfg: MAEConfig, batch_size: int, encoded: int | None = None) -> float:
+    """Matmul FLOPs of one step (forward + backward = 3x forward): the encoder sees the `encoded`
+    patches (default: the visible ones) and the class token, the decoder every patch and the
+    class token."""
+    encoded = cfg.num_visible if encoded is None else encoded
 
     def blocks(layers, width, mlp, tokens):
         return layers * tokens * (2 * (4 * width * width + 2 * width * mlp) + 2 * 2 * tokens * width)
 
-    S, T = cfg.num_visible + 1, cfg.num_patches + 1
+    S, T = encoded + 1, cfg.num_patches + 1
     D, E, P = cfg.hidden_size, cfg.decoder_hidden_size, cfg.patch_dim
-    forward = (2 * cfg.num_visible * P * D + blocks(cfg.num_layers, D, cfg.intermediate_size, S)
+    forward = (2 * encoded * P * D + blocks(cfg.num_layers, D, cfg.intermediate_size, S)
                + 2 * S * D * E + blocks(cfg.decoder_layers, E, cfg.decoder_intermediate_size, T)
                + 2 * cfg.num_patches * E * P)
     return 3.0 * batch_size * forward
