@@ -166,12 +166,12 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels)
 
     # Plan the files from shapes alone, then stream one tensor at a time into them.
-    sizes = [math.prod(e.layout.hf_shape(e.shape)) * np_dtype.itemsize for e in table]
+    sizes = [math.prod(e.hf_shape) * np_dtype.itemsize for e in table]
     shards = plan_shards(sizes, max_shard_bytes)
     with staged(out_dir) as tmp:
         weight_map = {}
         for name, rows in zip(shard_names(len(shards)), shards):
-            specs = [(table[r].name, table[r].layout.hf_shape(table[r].shape)) for r in rows]
+            specs = [(table[r].name, table[r].hf_shape) for r in rows]
             arrays = (_hf_array(leaves[r], table[r], cfg, np_dtype) for r in rows)
             write_safetensors(tmp / name, specs, arrays, st_dtype, np_dtype)
             weight_map.update({hf: name for hf, _ in specs})
@@ -216,7 +216,7 @@ def _check_params(params: dict, table: list[Entry], architecture: str) -> list:
             raise ConversionError(f"params have no {_slash(e.ours)}, which {architecture} needs")
         if leaf is not None and tuple(leaf.shape) != e.shape:
             raise ConversionError(f"params {_slash(e.ours)} has shape {tuple(leaf.shape)} but the "
-                                  f"config needs {e.shape}")
+                                  f"config needs {e.describe()}")
         leaves.append(leaf)
     mapped = {_slash(e.ours) for e in table if e.ours is not None}
     for top in {e.ours[0] for e in table if e.ours is not None}:
@@ -233,7 +233,7 @@ def _hf_array(leaf, entry: Entry, cfg, np_dtype) -> np.ndarray:
     if getattr(leaf, "is_fully_addressable", True) is False:
         raise ConversionError("a parameter is spread over several processes; gather it (or "
                               "restore the checkpoint on one host) before exporting")
-    return entry.layout.to_hf(np.asarray(leaf).astype(np.float32, copy=False)).astype(np_dtype, copy=False)
+    return entry.to_hf(np.asarray(leaf).astype(np.float32, copy=False)).astype(np_dtype, copy=False)
 
 
 # =============================================================================================
@@ -294,7 +294,7 @@ def import_params(hf_dir, architecture: str | None = None) -> tuple[dict, Any, s
         params: dict = {}
         for e in (e for e in table if e.hf in tensors):
             name, handle = tensors[e.hf]
-            want = e.layout.hf_shape(e.shape)
+            want = e.hf_shape
             got = tuple(handle.get_slice(name).get_shape())
             if got != want:
                 raise ConversionError(f"tensor {name} has shape {got} but config.json implies {want}")
@@ -304,7 +304,7 @@ def import_params(hf_dir, architecture: str | None = None) -> tuple[dict, Any, s
             node = params
             for k in e.ours[:-1]:
                 node = node.setdefault(k, {})
-            node[e.ours[-1]] = np.ascontiguousarray(e.layout.from_hf(read(e.hf).astype(np.float32), e.shape))
+            node[e.ours[-1]] = np.ascontiguousarray(e.from_hf(read(e.hf).astype(np.float32)))
 
         for copy, original in arch.tied:
             if copy in tensors and not np.array_equal(read(copy), read(original)):
