@@ -2,15 +2,17 @@
 
     python -m models.hf export --checkpoint WORKDIR_OR_STEP --out DIR
 
-writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSequenceClassification`)
-and `AutoTokenizer` load with no custom code.
+writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSequenceClassification`,
+`AutoModelForImageClassification`) and `AutoTokenizer` (text) or `AutoImageProcessor` (images)
+load with no custom code. The run's config.json says the family (`family`, "bert" when absent).
 
-Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; BERT's
-record: `models/hf_bert.py`): rules that map our parameter paths to HuggingFace state-dict names
-with the layout between the two, the config.json conversion both ways, and the HuggingFace classes
-it exports as. Export and import read the same table in opposite directions, so a new family is a
-new record, not edits here. The bytes on disk (safetensors, shards, tokenizer files, a folder
-that appears whole or not at all) are `models/hf_folder.py`'s. Facts checked on transformers 5.24:
+Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; the
+records: `models/hf_bert.py`, `models/hf_mae.py`): rules that map our parameter paths to
+HuggingFace state-dict names with the layout between the two, the config.json conversion both
+ways, and the HuggingFace classes it exports as. Export and import read the same table in
+opposite directions, so a new family is a new record, not edits here. The bytes on disk
+(safetensors, shards, tokenizer and image-processor files, a folder that appears whole or not at
+all) are `models/hf_folder.py`'s. Facts checked on transformers 5.24:
 
 - Weights are written as the released checkpoints name them, which every version loads. ViT-
   family checkpoints come in several spellings: released ones say `vit.encoder.layer.N.attention.
@@ -45,9 +47,10 @@ from models.hf_bert import BERT
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
+from models.hf_mae import MAE
 from models.hf_table import Architecture, ConversionError, Entry, Family
 
-FAMILIES = {"bert": BERT}
+FAMILIES = {"bert": BERT, "mae": MAE}  # keyed as run configs name them (`family`)
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
 
 
@@ -130,7 +133,8 @@ def _family_of(config: dict, name: str | None = None) -> Family:
 
 def infer_architecture(params: dict, family: str = "bert") -> str:
     """The first of the family's architectures whose marker is in `params`, else its base model
-    (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`)."""
+    (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`;
+    MAE: ViTForImageClassification with a `classifier`, ViTMAEForPreTraining with a `decoder`)."""
     fam = FAMILIES[family]
     return next((name for name, a in fam.architectures.items() if a.marker and a.marker in params),
                 fam.base)
@@ -138,10 +142,12 @@ def infer_architecture(params: dict, family: str = "bert") -> str:
 
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  id2label=None, tokenizer=None) -> Path:
+                  id2label=None, tokenizer=None, image_stats=None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
-    (or shards + model.safetensors.index.json past `max_shard_bytes`); with `tokenizer` (a folder
-    or a vocab.txt) also the tokenizer files. Returns the folder.
+    (or shards + model.safetensors.index.json past `max_shard_bytes`); for a text family with
+    `tokenizer` (a folder or a vocab.txt) also the tokenizer files; for an image family with
+    `image_stats` (the per-channel `(mean, std)` of pixels in [0, 1] that training normalised
+    with) also preprocessor_config.json. Returns the folder.
 
     `params` is our pure dict (`nnx.to_pure_dict`); layer keys may be ints or strings (Orbax).
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
@@ -149,7 +155,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     at a time. The folder appears whole or not at all; an existing one is replaced only if it
     is empty or holds nothing but a previous export.
     """
-    _, arch = architecture_of(architecture)
+    family, arch = architecture_of(architecture)
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if max_shard_bytes <= 0:
@@ -164,6 +170,11 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     table = name_table(architecture, cfg, num_labels)
     leaves = _check_params(params, table, architecture)
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels)
+    if tokenizer is not None and family.image_processor is not None:
+        raise ConversionError(f"{architecture} reads images: it takes an image processor, not a tokenizer")
+    if image_stats is not None and family.image_processor is None:
+        raise ConversionError(f"{architecture} reads text: it takes a tokenizer, not image stats")
+    preprocessor = None if image_stats is None else family.image_processor(cfg, image_stats)
 
     # Plan the files from shapes alone, then stream one tensor at a time into them.
     sizes = [math.prod(e.hf_shape) * np_dtype.itemsize for e in table]
@@ -183,6 +194,8 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         write_json(tmp / "config.json", config)
         if tokenizer is not None:  # a text family's: its positions and vocabulary bound it
             write_tokenizer(tokenizer, tmp, None, cfg.max_position, cfg.vocab_size)
+        if preprocessor is not None:
+            write_json(tmp / "preprocessor_config.json", preprocessor)
     return Path(out_dir)
 
 
