@@ -41,7 +41,6 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.bert import BertConfig
 from models.hf_bert import BERT
 # ConversionError, export_tokenizer and TOKENIZER_FILES are public here too.
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
@@ -197,6 +196,42 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         if preprocessor is not None:
             write_json(tmp / "preprocessor_config.json", preprocessor)
     return Path(out_dir)
+
+
+def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = None,
+               architecture: str | None = None, dtype: str = "float32",
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
+               tokenizer=None) -> tuple[Path, str]:
+    """Export a training run's `params` as `export_params` does, with everything else taken from
+    the run's config.json (`run_config`): `family` (a FAMILIES key; "bert" when absent, as in
+    runs from before it was written), `model` (the family's model group; a fine-tuning run's,
+    `kind="finetune"`, may also hold FINETUNE_MODEL_KEYS) and, for an image family, the pixel
+    stats (`data.image_mean` / `data.image_std`, else the defaults for `data.source`). The
+    architecture defaults to the one the params imply. Returns (folder, architecture)."""
+    name = run_config.get("family") or "bert"
+    if name not in FAMILIES or FAMILIES[name].from_model_config is None:
+        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    group = run_config.get("model") or {}
+    try:
+        cfg = family.from_model_config(group, FINETUNE_MODEL_KEYS if kind == "finetune" else ())
+    except ValueError as e:
+        raise ConversionError(f"the run's model config is not a {name} model's: {e}") from None
+    architecture = architecture or infer_architecture(params, name)
+    owner, arch = architecture_of(architecture)
+    if owner is not family:
+        raise ConversionError(f"{architecture} is no {name} architecture; choose one of "
+                              f"{', '.join(family.architectures)}")
+    pooling = group.get("pooling", "cls")
+    if arch.labels and pooling != "cls":
+        raise ConversionError(f"this classifier reads the {pooling}-pooled hidden states, which "
+                              f"{architecture} cannot express; export the encoder alone with "
+                              f"--architecture {family.base}")
+    image_stats = family.image_stats(run_config, cfg) if family.image_stats else None
+    out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
+                        image_stats=image_stats)
+    return out, architecture
 
 
 def _lookup(tree, keys: tuple):
@@ -361,8 +396,10 @@ def main(argv=None) -> None:
     export.add_argument("--checkpoint", required=True,
                         help="a pretraining/fine-tuning workdir or one checkpoints/<step> folder")
     export.add_argument("--out", required=True, help="the folder to write (new, or a previous export)")
-    export.add_argument("--architecture", choices=sorted(BERT.architectures),
-                        help="default: from the parameters (classifier / NSP head / encoder only)")
+    export.add_argument("--architecture",
+                        choices=sorted(a for family in FAMILIES.values() for a in family.architectures),
+                        help="default: from the parameters (classifier / NSP head or MAE decoder / "
+                             "encoder only)")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     export.add_argument("--max-shard-size", type=_parse_bytes, default=DEFAULT_MAX_SHARD_BYTES,
                         help="split model.safetensors past this size (e.g. 2GB)")
@@ -373,25 +410,30 @@ def main(argv=None) -> None:
     try:
         from training.checkpoint import load_checkpoint_params
         params, model_config, tokenizer_dir, kind = load_checkpoint_params(args.checkpoint)
-        try:  # only BERT checkpoints exist so far
-            cfg = BertConfig.from_model_config(
-                model_config, allow=FINETUNE_MODEL_KEYS if kind == "finetune" else ())
-        except ValueError as e:
-            raise ConversionError(f"{args.checkpoint}: its model config is not a BERT's: {e}") from None
-        architecture = args.architecture or infer_architecture(params)
-        if architecture == "BertForSequenceClassification" and model_config.get("pooling", "cls") != "cls":
-            raise ConversionError(f"this classifier reads the {model_config['pooling']}-pooled hidden "
-                                  f"states, which BertForSequenceClassification cannot express; "
-                                  f"export the encoder alone with --architecture BertModel")
-        id2label = args.labels.split(",") if args.labels else None
-        out = export_params(params, cfg, args.out, architecture=architecture, dtype=args.dtype,
-                            max_shard_bytes=args.max_shard_size, id2label=id2label,
-                            tokenizer=tokenizer_dir)
+        run_config = {**_run_config(args.checkpoint), "model": model_config}
+        out, architecture = export_run(
+            params, run_config, args.out, kind=kind, architecture=args.architecture,
+            dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+            id2label=args.labels.split(",") if args.labels else None, tokenizer=tokenizer_dir)
     except (ConversionError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"{architecture} ({kind} checkpoint)" if kind else architecture
-    print(f"wrote {what} to {out}" + ("" if tokenizer_dir else " (no tokenizer found)"))
+    note = (" with its image processor" if (out / "preprocessor_config.json").is_file() else
+            "" if tokenizer_dir else " (no tokenizer found)")
+    print(f"wrote {what} to {out}{note}")
+
+
+def _run_config(checkpoint) -> dict:
+    """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
+    one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
+    src = Path(checkpoint)
+    if not src.is_dir():
+        return {}
+    workdir = (src if (src / "checkpoints").is_dir() else
+               src.parent.parent if src.name.isdigit() else src.parent)
+    path = workdir / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 if __name__ == "__main__":

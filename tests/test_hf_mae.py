@@ -26,6 +26,7 @@ TOL = 1e-5
 LABELS = ["zero", "one", "two", "three", "four"]
 # 16x16x3 images in 4x4 patches: 16 patches, 4 visible; encoder 2 x 64 wide, decoder 2 x 32.
 CFG = MAEConfig.of_size("tiny", image_size=16, patch_size=4, num_channels=3)
+GROUP = {"size": "tiny", "image_size": 16, "patch_size": 4, "num_channels": 3}  # a run's model group
 
 
 def one_line(excinfo) -> str:
@@ -402,3 +403,92 @@ def test_config_from_hf():
         assert words in one_line(e)
     with pytest.raises(hf.ConversionError, match="config.json lacks 'hidden_size'"):
         hf.config_from_hf({k: v for k, v in config.items() if k != "hidden_size"})
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. command line
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_run(tmp_path, monkeypatch, params, run_config, kind):
+    """A workdir whose config.json is `run_config`, with `params` as its checkpoint."""
+    checkpoint = pytest.importorskip("training.checkpoint")
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(run_config))
+    monkeypatch.setattr(checkpoint, "load_checkpoint_params",
+                        lambda src: (params, run_config["model"], None, kind), raising=False)
+    return workdir
+
+
+def test_cli_exports_a_pretraining_run(pretrained, tmp_path, monkeypatch, capsys):
+    stats = [[0.4, 0.5, 0.6], [0.2, 0.25, 0.3]]
+    run = {"family": "mae", "model": GROUP, "data": {"source": "tfds:x", "image_mean": stats[0],
+                                                     "image_std": stats[1]}}
+    workdir = fake_run(tmp_path, monkeypatch, pretrained, run, "pretrain")
+    hf.main(["export", "--checkpoint", str(workdir / "checkpoints" / "3"), "--out", str(tmp_path / "out")])
+    assert "wrote ViTMAEForPreTraining (pretrain checkpoint)" in capsys.readouterr().out
+    back, cfg, _ = hf.import_params(tmp_path / "out")
+    assert cfg == CFG
+    assert_same_tree(pretrained, back)
+    processor = json.loads((tmp_path / "out" / "preprocessor_config.json").read_text())
+    assert [processor["image_mean"], processor["image_std"]] == stats
+    # The encoder alone, on request; a run without stats gets its dataset's.
+    run = {"family": "mae", "model": {**GROUP, "num_channels": 1}, "data": {"source": "mnist"}}
+    grey = dataclasses.replace(CFG, num_channels=1)
+    params = {"encoder": init_params(lambda rngs: MAEForPreTraining(grey, rngs), 0)["encoder"]}
+    workdir = fake_run(tmp_path / "grey", monkeypatch, params, run, "pretrain")
+    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "grey_out"),
+             "--architecture", "ViTMAEModel"])
+    processor = json.loads((tmp_path / "grey_out" / "preprocessor_config.json").read_text())
+    assert [processor["image_mean"], processor["image_std"]] == [[0.1307], [0.3081]]
+    assert hf.import_params(tmp_path / "grey_out")[1:] == (grey, "ViTMAEModel")
+
+
+def test_cli_exports_a_finetuning_run(pretrained, tmp_path, monkeypatch, capsys):
+    params = classifier_params(pretrained, 3)
+    run = {"family": "mae", "model": {**GROUP, "pooling": "cls", "classifier_dropout": 0.1},
+           "data": {"source": "tfds:x", "task": "x"}}
+    workdir = fake_run(tmp_path, monkeypatch, params, run, "finetune")
+    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "cls"), "--labels", "a,b,c"])
+    assert "wrote ViTForImageClassification (finetune checkpoint)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cls" / "config.json").read_text())["label2id"] == {"a": 0, "b": 1, "c": 2}
+    assert_same_tree(params, hf.import_params(tmp_path / "cls")[0])
+    processor = json.loads((tmp_path / "cls" / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.485, 0.456, 0.406]  # three channels: ImageNet's
+
+    run["model"]["pooling"] = "mean"
+    workdir = fake_run(tmp_path / "mean", monkeypatch, params, run, "finetune")
+    with pytest.raises(SystemExit) as e:
+        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "mean-pooled" in err and "--architecture ViTMAEModel" in err
+    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out"),
+             "--architecture", "ViTMAEModel"])
+    assert_same_tree({"encoder": params["encoder"]}, hf.import_params(tmp_path / "mean_out")[0])
+
+
+@pytest.mark.parametrize("run, words", [
+    ({"family": "mae", "model": {**GROUP, "pach_size": 4}}, "unknown MAE model key(s) 'pach_size'"),
+    ({"family": "mae", "model": {**GROUP, "pooling": "cls"}}, "'pooling'"),  # not in pretraining
+    ({"family": "vit", "model": GROUP}, "family 'vit' has no HuggingFace export"),
+    ({"family": "mae", "model": {**GROUP, "num_channels": 1}}, "encoder/patch_embed/kernel"),
+])
+def test_cli_errors_are_one_line(pretrained, tmp_path, monkeypatch, capsys, run, words):
+    workdir = fake_run(tmp_path, monkeypatch, pretrained, run, "pretrain")
+    with pytest.raises(SystemExit) as e:
+        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert words in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_another_familys_architecture(pretrained, tmp_path, monkeypatch, capsys):
+    workdir = fake_run(tmp_path, monkeypatch, pretrained, {"family": "mae", "model": GROUP}, "pretrain")
+    with pytest.raises(SystemExit):
+        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out"),
+                 "--architecture", "BertModel"])
+    err = capsys.readouterr().err
+    assert "BertModel is no mae architecture; choose one of ViTForImageClassification" in err
