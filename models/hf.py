@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -212,11 +213,19 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
     if name not in FAMILIES or FAMILIES[name].from_model_config is None:
         raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(FAMILIES)}")
     family = FAMILIES[name]
-    group = run_config.get("model") or {}
+    group = dict(run_config.get("model") or {})
+    extra = FINETUNE_MODEL_KEYS if kind == "finetune" else ()
+    # A key that is no field (a misspelt override) fails instead of silently doing nothing.
+    known = {f.name for f in dataclasses.fields(family.config)} | {"size", *extra}
+    if unknown := sorted(set(group) - known):
+        raise ConversionError(f"the run's {name} model config has unknown key(s) "
+                              f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
     try:
-        cfg = family.from_model_config(group, FINETUNE_MODEL_KEYS if kind == "finetune" else ())
+        cfg = family.from_model_config({k: v for k, v in group.items() if k not in extra})
+    except KeyError as e:
+        raise ConversionError(f"the run's {name} model config lacks {e}") from None
     except ValueError as e:
-        raise ConversionError(f"the run's model config is not a {name} model's: {e}") from None
+        raise ConversionError(f"the run's {name} model config: {e}") from None
     architecture = architecture or infer_architecture(params, name)
     owner, arch = architecture_of(architecture)
     if owner is not family:

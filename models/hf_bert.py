@@ -95,4 +95,4 @@ BERT = Family(
     # Older checkpoints: LayerNorm gamma/beta, and the position_ids buffer that is no parameter.
     renames=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
     ignored=(r"embeddings\.position_ids$",),
-    from_model_config=lambda group, allow: BertConfig.from_model_config(group, allow=allow))
+    from_model_config=BertConfig.from_model_config)

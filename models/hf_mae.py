@@ -28,9 +28,6 @@ transformers 5.24 (tests/test_hf_mae.py):
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Sequence
-
 from models.hf_table import Architecture, ConversionError, Family, Rule, conv, dense, norm
 from models.mae import MAEConfig, sincos_position_table
 
@@ -131,20 +128,6 @@ def mae_from_hf(config: dict) -> MAEConfig:
         raise ConversionError(f"config.json: {e}") from None
 
 
-def mae_from_model_config(group, allow: Sequence[str] = ()) -> MAEConfig:
-    """Our MAEConfig from a run's `model` group: `size` and field overrides. A key that is neither
-    a field, `size`, nor in `allow` is a ValueError naming it (a misspelt override fails)."""
-    given = dict(group.to_dict() if hasattr(group, "to_dict") else group)
-    fields = {f.name for f in dataclasses.fields(MAEConfig)}
-    unknown = sorted(set(given) - fields - {"size"} - set(allow))
-    if unknown:
-        raise ValueError(f"unknown MAE model key(s) {', '.join(map(repr, unknown))}; "
-                         f"known: size, {', '.join(sorted(fields))}")
-    if not given.get("size"):
-        raise ValueError("an MAE model group needs `size`")
-    return MAEConfig.from_model_config(given)
-
-
 def image_stats(run_config: dict, cfg: MAEConfig) -> tuple[list[float], list[float]]:
     """The per-channel (mean, std) a run normalised its pixels with: `data.image_mean` and
     `data.image_std` in its config, else what data/images.py picks for `data.source`."""
@@ -198,5 +181,5 @@ MAE = Family(
              (r"\.attention\.o_proj\.", ".attention.output.dense."),
              (r"\.mlp\.fc1\.", ".intermediate.dense."),
              (r"\.mlp\.fc2\.", ".output.dense.")),
-    from_model_config=mae_from_model_config, image_processor=image_processor,
+    from_model_config=MAEConfig.from_model_config, image_processor=image_processor,
     image_stats=image_stats)

@@ -150,8 +150,8 @@ class Family:
     prefix: str = ""                          # the base-model prefix stored names may carry
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): other spellings -> the rules'
     ignored: tuple[str, ...] = ()             # regexes of stored buffers that are not parameters
-    # A run's `model` group and the extra keys its trainer allows there -> our config (the CLI).
-    from_model_config: Callable[[dict, tuple[str, ...]], Any] | None = None
+    # A run's `model` group (its config's fields and `size`) -> our config, for the CLI.
+    from_model_config: Callable[[dict], Any] | None = None
     # An image family: (cfg, (mean, std)) -> preprocessor_config.json, and (run config, cfg) ->
     # the (mean, std) that run normalised pixels with.
     image_processor: Callable[[Any, tuple], dict] | None = None

@@ -470,7 +470,8 @@ def test_cli_exports_a_finetuning_run(pretrained, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("run, words", [
-    ({"family": "mae", "model": {**GROUP, "pach_size": 4}}, "unknown MAE model key(s) 'pach_size'"),
+    ({"family": "mae", "model": {**GROUP, "pach_size": 4}}, "mae model config has unknown key(s) 'pach_size'"),
+    ({"family": "mae", "model": {"image_size": 16}}, "the run's mae model config lacks 'size'"),
     ({"family": "mae", "model": {**GROUP, "pooling": "cls"}}, "'pooling'"),  # not in pretraining
     ({"family": "vit", "model": GROUP}, "family 'vit' has no HuggingFace export"),
     ({"family": "mae", "model": {**GROUP, "num_channels": 1}}, "encoder/patch_embed/kernel"),
