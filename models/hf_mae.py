@@ -128,7 +128,7 @@ def mae_from_hf(config: dict) -> MAEConfig:
         raise ConversionError(f"config.json: {e}") from None
 
 
-def image_stats(run_config: dict, cfg: MAEConfig) -> tuple[list[float], list[float]]:
+def image_stats(run_config: dict, cfg: MAEConfig) -> tuple:
     """The per-channel (mean, std) a run normalised its pixels with: `data.image_mean` and
     `data.image_std` in its config, else what data/images.py picks for `data.source`."""
     data = run_config.get("data") or {}
