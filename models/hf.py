@@ -2,15 +2,17 @@
 
     python -m models.hf export --checkpoint WORKDIR_OR_STEP --out DIR
 
-writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSequenceClassification`)
-and `AutoTokenizer` load with no custom code.
+writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSequenceClassification`,
+`AutoModelForImageClassification`) and `AutoTokenizer` (text) or `AutoImageProcessor` (images)
+load with no custom code. The run's config.json says the family (`family`, "bert" when absent).
 
-Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; BERT's
-record: `models/hf_bert.py`): rules that map our parameter paths to HuggingFace state-dict names
-with the layout between the two, the config.json conversion both ways, and the HuggingFace classes
-it exports as. Export and import read the same table in opposite directions, so a new family is a
-new record, not edits here. The bytes on disk (safetensors, shards, tokenizer files, a folder
-that appears whole or not at all) are `models/hf_folder.py`'s. Facts checked on transformers 5.24:
+Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; the
+records: `models/hf_bert.py`, `models/hf_mae.py`): rules that map our parameter paths to
+HuggingFace state-dict names with the layout between the two, the config.json conversion both
+ways, and the HuggingFace classes it exports as. Export and import read the same table in
+opposite directions, so a new family is a new record, not edits here. The bytes on disk
+(safetensors, shards, tokenizer and image-processor files, a folder that appears whole or not at
+all) are `models/hf_folder.py`'s. Facts checked on transformers 5.24:
 
 - Weights are written as the released checkpoints name them, which every version loads. ViT-
   family checkpoints come in several spellings: released ones say `vit.encoder.layer.N.attention.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -39,15 +42,15 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.bert import BertConfig
 from models.hf_bert import BERT
 # ConversionError, export_tokenizer and TOKENIZER_FILES are public here too.
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
+from models.hf_mae import MAE
 from models.hf_table import Architecture, ConversionError, Entry, Family
 
-FAMILIES = {"bert": BERT}
+FAMILIES = {"bert": BERT, "mae": MAE}  # keyed as run configs name them (`family`)
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
 
 
@@ -130,7 +133,8 @@ def _family_of(config: dict, name: str | None = None) -> Family:
 
 def infer_architecture(params: dict, family: str = "bert") -> str:
     """The first of the family's architectures whose marker is in `params`, else its base model
-    (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`)."""
+    (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`;
+    MAE: ViTForImageClassification with a `classifier`, ViTMAEForPreTraining with a `decoder`)."""
     fam = FAMILIES[family]
     return next((name for name, a in fam.architectures.items() if a.marker and a.marker in params),
                 fam.base)
@@ -138,10 +142,12 @@ def infer_architecture(params: dict, family: str = "bert") -> str:
 
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  id2label=None, tokenizer=None) -> Path:
+                  id2label=None, tokenizer=None, image_stats=None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
-    (or shards + model.safetensors.index.json past `max_shard_bytes`); with `tokenizer` (a folder
-    or a vocab.txt) also the tokenizer files. Returns the folder.
+    (or shards + model.safetensors.index.json past `max_shard_bytes`); for a text family with
+    `tokenizer` (a folder or a vocab.txt) also the tokenizer files; for an image family with
+    `image_stats` (the per-channel `(mean, std)` of pixels in [0, 1] that training normalised
+    with) also preprocessor_config.json. Returns the folder.
 
     `params` is our pure dict (`nnx.to_pure_dict`); layer keys may be ints or strings (Orbax).
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
@@ -149,7 +155,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     at a time. The folder appears whole or not at all; an existing one is replaced only if it
     is empty or holds nothing but a previous export.
     """
-    _, arch = architecture_of(architecture)
+    family, arch = architecture_of(architecture)
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if max_shard_bytes <= 0:
@@ -164,14 +170,19 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     table = name_table(architecture, cfg, num_labels)
     leaves = _check_params(params, table, architecture)
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels)
+    if tokenizer is not None and family.image_processor is not None:
+        raise ConversionError(f"{architecture} reads images: it takes an image processor, not a tokenizer")
+    if image_stats is not None and family.image_processor is None:
+        raise ConversionError(f"{architecture} reads text: it takes a tokenizer, not image stats")
+    preprocessor = None if image_stats is None else family.image_processor(cfg, image_stats)
 
     # Plan the files from shapes alone, then stream one tensor at a time into them.
-    sizes = [math.prod(e.layout.hf_shape(e.shape)) * np_dtype.itemsize for e in table]
+    sizes = [math.prod(e.hf_shape) * np_dtype.itemsize for e in table]
     shards = plan_shards(sizes, max_shard_bytes)
     with staged(out_dir) as tmp:
         weight_map = {}
         for name, rows in zip(shard_names(len(shards)), shards):
-            specs = [(table[r].name, table[r].layout.hf_shape(table[r].shape)) for r in rows]
+            specs = [(table[r].name, table[r].hf_shape) for r in rows]
             arrays = (_hf_array(leaves[r], table[r], cfg, np_dtype) for r in rows)
             write_safetensors(tmp / name, specs, arrays, st_dtype, np_dtype)
             weight_map.update({hf: name for hf, _ in specs})
@@ -183,7 +194,53 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         write_json(tmp / "config.json", config)
         if tokenizer is not None:  # a text family's: its positions and vocabulary bound it
             write_tokenizer(tokenizer, tmp, None, cfg.max_position, cfg.vocab_size)
+        if preprocessor is not None:
+            write_json(tmp / "preprocessor_config.json", preprocessor)
     return Path(out_dir)
+
+
+def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = None,
+               architecture: str | None = None, dtype: str = "float32",
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
+               tokenizer=None) -> tuple[Path, str]:
+    """Export a training run's `params` as `export_params` does, with everything else taken from
+    the run's config.json (`run_config`): `family` (a FAMILIES key; "bert" when absent, as in
+    runs from before it was written), `model` (the family's model group; a fine-tuning run's,
+    `kind="finetune"`, may also hold FINETUNE_MODEL_KEYS) and, for an image family, the pixel
+    stats (`data.image_mean` / `data.image_std`, else the defaults for `data.source`). The
+    architecture defaults to the one the params imply. Returns (folder, architecture)."""
+    name = run_config.get("family") or "bert"
+    if name not in FAMILIES or FAMILIES[name].from_model_config is None:
+        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    group = dict(run_config.get("model") or {})
+    extra = FINETUNE_MODEL_KEYS if kind == "finetune" else ()
+    # A key that is no field (a misspelt override) fails instead of silently doing nothing.
+    known = {f.name for f in dataclasses.fields(family.config)} | {"size", *extra}
+    if unknown := sorted(set(group) - known):
+        raise ConversionError(f"the run's {name} model config has unknown key(s) "
+                              f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    try:
+        cfg = family.from_model_config({k: v for k, v in group.items() if k not in extra})
+    except KeyError as e:
+        raise ConversionError(f"the run's {name} model config lacks {e}") from None
+    except ValueError as e:
+        raise ConversionError(f"the run's {name} model config: {e}") from None
+    architecture = architecture or infer_architecture(params, name)
+    owner, arch = architecture_of(architecture)
+    if owner is not family:
+        raise ConversionError(f"{architecture} is no {name} architecture; choose one of "
+                              f"{', '.join(family.architectures)}")
+    pooling = group.get("pooling", "cls")
+    if arch.labels and pooling != "cls":
+        raise ConversionError(f"this classifier reads the {pooling}-pooled hidden states, which "
+                              f"{architecture} cannot express; export the encoder alone with "
+                              f"--architecture {family.base}")
+    image_stats = family.image_stats(run_config, cfg) if family.image_stats else None
+    out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
+                        max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
+                        image_stats=image_stats)
+    return out, architecture
 
 
 def _lookup(tree, keys: tuple):
@@ -216,7 +273,7 @@ def _check_params(params: dict, table: list[Entry], architecture: str) -> list:
             raise ConversionError(f"params have no {_slash(e.ours)}, which {architecture} needs")
         if leaf is not None and tuple(leaf.shape) != e.shape:
             raise ConversionError(f"params {_slash(e.ours)} has shape {tuple(leaf.shape)} but the "
-                                  f"config needs {e.shape}")
+                                  f"config needs {e.describe()}")
         leaves.append(leaf)
     mapped = {_slash(e.ours) for e in table if e.ours is not None}
     for top in {e.ours[0] for e in table if e.ours is not None}:
@@ -233,7 +290,7 @@ def _hf_array(leaf, entry: Entry, cfg, np_dtype) -> np.ndarray:
     if getattr(leaf, "is_fully_addressable", True) is False:
         raise ConversionError("a parameter is spread over several processes; gather it (or "
                               "restore the checkpoint on one host) before exporting")
-    return entry.layout.to_hf(np.asarray(leaf).astype(np.float32, copy=False)).astype(np_dtype, copy=False)
+    return entry.to_hf(np.asarray(leaf).astype(np.float32, copy=False)).astype(np_dtype, copy=False)
 
 
 # =============================================================================================
@@ -294,7 +351,7 @@ def import_params(hf_dir, architecture: str | None = None) -> tuple[dict, Any, s
         params: dict = {}
         for e in (e for e in table if e.hf in tensors):
             name, handle = tensors[e.hf]
-            want = e.layout.hf_shape(e.shape)
+            want = e.hf_shape
             got = tuple(handle.get_slice(name).get_shape())
             if got != want:
                 raise ConversionError(f"tensor {name} has shape {got} but config.json implies {want}")
@@ -304,7 +361,7 @@ def import_params(hf_dir, architecture: str | None = None) -> tuple[dict, Any, s
             node = params
             for k in e.ours[:-1]:
                 node = node.setdefault(k, {})
-            node[e.ours[-1]] = np.ascontiguousarray(e.layout.from_hf(read(e.hf).astype(np.float32), e.shape))
+            node[e.ours[-1]] = np.ascontiguousarray(e.from_hf(read(e.hf).astype(np.float32)))
 
         for copy, original in arch.tied:
             if copy in tensors and not np.array_equal(read(copy), read(original)):
@@ -348,8 +405,10 @@ def main(argv=None) -> None:
     export.add_argument("--checkpoint", required=True,
                         help="a pretraining/fine-tuning workdir or one checkpoints/<step> folder")
     export.add_argument("--out", required=True, help="the folder to write (new, or a previous export)")
-    export.add_argument("--architecture", choices=sorted(BERT.architectures),
-                        help="default: from the parameters (classifier / NSP head / encoder only)")
+    export.add_argument("--architecture",
+                        choices=sorted(a for family in FAMILIES.values() for a in family.architectures),
+                        help="default: from the parameters (classifier / NSP head or MAE decoder / "
+                             "encoder only)")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     export.add_argument("--max-shard-size", type=_parse_bytes, default=DEFAULT_MAX_SHARD_BYTES,
                         help="split model.safetensors past this size (e.g. 2GB)")
@@ -360,25 +419,30 @@ def main(argv=None) -> None:
     try:
         from training.checkpoint import load_checkpoint_params
         params, model_config, tokenizer_dir, kind = load_checkpoint_params(args.checkpoint)
-        try:  # only BERT checkpoints exist so far
-            cfg = BertConfig.from_model_config(
-                model_config, allow=FINETUNE_MODEL_KEYS if kind == "finetune" else ())
-        except ValueError as e:
-            raise ConversionError(f"{args.checkpoint}: its model config is not a BERT's: {e}") from None
-        architecture = args.architecture or infer_architecture(params)
-        if architecture == "BertForSequenceClassification" and model_config.get("pooling", "cls") != "cls":
-            raise ConversionError(f"this classifier reads the {model_config['pooling']}-pooled hidden "
-                                  f"states, which BertForSequenceClassification cannot express; "
-                                  f"export the encoder alone with --architecture BertModel")
-        id2label = args.labels.split(",") if args.labels else None
-        out = export_params(params, cfg, args.out, architecture=architecture, dtype=args.dtype,
-                            max_shard_bytes=args.max_shard_size, id2label=id2label,
-                            tokenizer=tokenizer_dir)
+        run_config = {**_run_config(args.checkpoint), "model": model_config}
+        out, architecture = export_run(
+            params, run_config, args.out, kind=kind, architecture=args.architecture,
+            dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+            id2label=args.labels.split(",") if args.labels else None, tokenizer=tokenizer_dir)
     except (ConversionError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"{architecture} ({kind} checkpoint)" if kind else architecture
-    print(f"wrote {what} to {out}" + ("" if tokenizer_dir else " (no tokenizer found)"))
+    note = (" with its image processor" if (out / "preprocessor_config.json").is_file() else
+            "" if tokenizer_dir else " (no tokenizer found)")
+    print(f"wrote {what} to {out}{note}")
+
+
+def _run_config(checkpoint) -> dict:
+    """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
+    one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
+    src = Path(checkpoint)
+    if not src.is_dir():
+        return {}
+    workdir = (src if (src / "checkpoints").is_dir() else
+               src.parent.parent if src.name.isdigit() else src.parent)
+    path = workdir / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 if __name__ == "__main__":

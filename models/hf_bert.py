@@ -94,4 +94,5 @@ BERT = Family(
     prefix="bert.",
     # Older checkpoints: LayerNorm gamma/beta, and the position_ids buffer that is no parameter.
     renames=((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias")),
-    ignored=(r"embeddings\.position_ids$",))
+    ignored=(r"embeddings\.position_ids$",),
+    from_model_config=BertConfig.from_model_config)

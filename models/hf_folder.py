@@ -38,10 +38,10 @@ DTYPES = {"float32": (np.dtype("<f4"), "F32"), "float16": (np.dtype("<f2"), "F16
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # HuggingFace's long-standing "5GB"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# Everything an export (with its tokenizer) writes; a folder holding only these is replaceable.
+# Everything an export (with its tokenizer or image processor) writes; a folder holding only these is replaceable.
 EXPORT_FILES = re.compile(r"^(config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|"
                           r"model\.safetensors\.index\.json|vocab\.txt|tokenizer\.json|"
-                          r"tokenizer_config\.json|special_tokens_map\.json)$")
+                          r"tokenizer_config\.json|special_tokens_map\.json|preprocessor_config\.json)$")
 
 
 # =============================================================================================

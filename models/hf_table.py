@@ -8,8 +8,10 @@ other way to import.
 A rule's `dims` names our shape in letters that the family resolves against its config (BERT:
 V vocab, D hidden, N heads, H head size, F feed-forward, P max positions, Y token types); C is
 the number of classes, which comes from the classifier rather than the config; digits are
-literal sizes. `{i}`, `{j}`... in a name is a layer index that ranges over the config field the
-family's `depths` names for that letter, so an encoder and a decoder can differ in depth.
+literal sizes. A parenthesised group is one axis of ours that the layout sees split: MAE's patch
+kernel `(K K I) D` is our (p*p*C, D) array and, to the conv layout, a (p, p, C, D) kernel.
+`{i}`, `{j}`... in a name is a layer index that ranges over the config field the family's
+`depths` names for that letter, so an encoder and a decoder can differ in depth.
 """
 
 from __future__ import annotations
@@ -66,6 +68,16 @@ class Rule(NamedTuple):
     # A tensor that HuggingFace stores but our model computes (ViTMAE's sin-cos position
     # tables): cfg -> its value; export writes it, import checks it.
     fixed: Callable[[Any], np.ndarray] | None = None
+    # cfg -> whether the tensor exists (ViT's query bias only with qkv_bias); None: always.
+    when: Callable[[Any], bool] | None = None
+
+
+def axes(dims: str) -> list[list[str]]:
+    """A rule's dims as our axes, each the letters the layout sees: "(K K I) D" -> [[K, K, I], [D]]."""
+    found = re.findall(r"\(([^()]*)\)|([^\s()]+)|(\S)", dims)
+    if any(stray or (not single and not group.split()) for group, single, stray in found):
+        raise ValueError(f"dims {dims!r}: unbalanced or empty parentheses")
+    return [[single] if single else group.split() for group, single, _ in found]
 
 
 def dense(ours: str, hf: str, d_in: str, d_out: str) -> list[Rule]:
@@ -96,6 +108,30 @@ class Entry(NamedTuple):
     shape: tuple           # our shape
     layout: Layout
     fixed: Callable | None = None
+    groups: tuple | None = None  # where a group splits an axis: each axis's sizes, ((4, 4, 1), (32,))
+
+    @property
+    def view(self) -> tuple:
+        """Our array as the layout sees it: `shape` with its groups split."""
+        return self.shape if self.groups is None else tuple(n for g in self.groups for n in g)
+
+    @property
+    def hf_shape(self) -> tuple:
+        return tuple(self.layout.hf_shape(self.view))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """Our array (`shape`) in HuggingFace's layout (`hf_shape`)."""
+        return self.layout.to_hf(x.reshape(self.view))
+
+    def from_hf(self, y: np.ndarray) -> np.ndarray:
+        """A HuggingFace tensor (`hf_shape`) as our array (`shape`)."""
+        return self.layout.from_hf(y, self.view).reshape(self.shape)
+
+    def describe(self) -> str:
+        """Our shape as messages spell it: (16, 32), or (4*4*1, 32) = (16, 32) for a group."""
+        if self.groups is None:
+            return str(self.shape)
+        return f"({', '.join('*'.join(map(str, g)) for g in self.groups)}) = {self.shape}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +140,7 @@ class Family:
     model_type: str                           # config.json's model_type
     config: type                              # our config class
     rules: tuple[Rule, ...]                   # the base model; HF names relative to it
-    dims: dict[str, str]                      # shape letter -> our config's field (or property)
+    dims: dict[str, str | Callable]           # shape letter -> our config's field (or cfg -> size)
     depths: dict[str, str]                    # layer letter -> the config field that counts them
     to_hf: Callable[[Any], dict]              # our config -> the family's config.json keys
     from_hf: Callable[[dict], Any]            # config.json -> our config; refuses what we can't run
@@ -114,10 +150,17 @@ class Family:
     prefix: str = ""                          # the base-model prefix stored names may carry
     renames: tuple[tuple[str, str], ...] = ()  # (regex, replacement): other spellings -> the rules'
     ignored: tuple[str, ...] = ()             # regexes of stored buffers that are not parameters
+    # A run's `model` group (its config's fields and `size`) -> our config, for the CLI.
+    from_model_config: Callable[[dict], Any] | None = None
+    # An image family: (cfg, (mean, std)) -> preprocessor_config.json, and (run config, cfg) ->
+    # the (mean, std) that run normalised pixels with.
+    image_processor: Callable[[Any, tuple], dict] | None = None
+    image_stats: Callable[[dict, Any], tuple] | None = None
 
     def __post_init__(self):  # a typo in a table fails on import, not half-way through an export
         for rule in self.rules + tuple(r for a in self.architectures.values() for r in a.heads):
-            letters = {d for d in rule.dims.split() if not d.isdigit()} - set(self.dims) - {"C"}
+            letters = {d for group in axes(rule.dims) for d in group if not d.isdigit()}
+            letters -= set(self.dims) | {"C"}
             letters |= set(LAYER.findall(rule.hf)) - set(self.depths)
             letters |= set(LAYER.findall(rule.ours or "")) - set(LAYER.findall(rule.hf))
             if letters:
@@ -139,13 +182,19 @@ class Family:
         arch = self.architectures[architecture]
         if not isinstance(cfg, self.config):
             raise ConversionError(f"{architecture} needs a {self.config.__name__}, got {type(cfg).__name__}")
-        sizes = {letter: getattr(cfg, field) for letter, field in self.dims.items()} | {"C": num_labels}
+        sizes = {letter: field(cfg) if callable(field) else getattr(cfg, field)
+                 for letter, field in self.dims.items()} | {"C": num_labels}
         depths = {letter: getattr(cfg, field) for letter, field in self.depths.items()}
         rows = []
         for rule, in_base in [(r, True) for r in self.rules] + [(r, False) for r in arch.heads]:
-            if "C" in rule.dims.split() and num_labels is None:
+            if rule.when is not None and not rule.when(cfg):
+                continue
+            dims = axes(rule.dims)
+            if any("C" in group for group in dims) and num_labels is None:
                 raise ConversionError(f"{architecture} needs the number of classes")
-            shape = tuple(int(d) if d.isdigit() else sizes[d] for d in rule.dims.split())
+            groups = tuple(tuple(int(d) if d.isdigit() else sizes[d] for d in g) for g in dims)
+            shape = tuple(math.prod(g) for g in groups)
+            groups = groups if any(len(g) > 1 for g in groups) else None
             letters = sorted(set(LAYER.findall(rule.hf)))
             for index in itertools.product(*(range(depths[letter]) for letter in letters)):
                 at = dict(zip(letters, index))
@@ -155,5 +204,5 @@ class Family:
                     ours = ((self.ours,) if in_base else ()) + tuple(keys)
                 hf = LAYER.sub(lambda m: str(at[m[1]]), rule.hf)
                 name = (arch.prefix if in_base else "") + hf
-                rows.append(Entry(ours, hf, name, shape, rule.layout, rule.fixed))
+                rows.append(Entry(ours, hf, name, shape, rule.layout, rule.fixed, groups))
         return rows

@@ -1,8 +1,9 @@
 """The family-record machinery of models/hf.py on a small synthetic MAE-like family.
 
-No MAE model exists yet; this family has what ViTMAE's checkpoints need: a patch-embedding conv
-kernel, an encoder and a decoder of different depths, fixed sin-cos tables that HuggingFace
-stores, and the several spellings transformers 5.24 uses for ViT weights.
+MAE's own record is models/hf_mae.py (tests/test_hf_mae.py); this family has, without a real
+model, what ViTMAE's checkpoints need: a patch-embedding conv kernel, an encoder and a decoder of
+different depths, fixed sin-cos tables that HuggingFace stores, and the several spellings
+transformers 5.24 uses for ViT weights.
 """
 
 import dataclasses

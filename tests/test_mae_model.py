@@ -1,6 +1,8 @@
 """The ViT MAE (models/mae.py): masking, loss, fixed positions, parity with transformers'
 ViTMAEForPreTraining (real torch model, same weights, same noise) and sharded equality."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +11,9 @@ import pytest
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import save_file
 
+from models.hf import import_params
 from models.mae import (MAEConfig, MAEForPreTraining, mean_loss, patch_kernel_from_conv,
                         patch_kernel_to_conv, patchify, random_masking, reconstruction_sums,
                         sincos_position_table, unpatchify)
@@ -158,95 +162,26 @@ def test_sizes_of_the_paper():
 
 
 # ---------------------------------------------------------------------------------------------
-# transformers' ViTMAEForPreTraining, and the torch -> ours mapping (the future HF record)
+# transformers' ViTMAEForPreTraining, read through the HuggingFace record (models/hf_mae.py)
 # ---------------------------------------------------------------------------------------------
 
-# Our path ("{i}": block index) -> transformers 5.24 state_dict name, and how the array converts:
-#   linear: torch Linear weight (out, in) -> our kernel (in dims..., out dims...) = W.T reshaped
-#   conv:   Conv2d weight (D, C, p, p) -> our patch kernel (p*p*C, D), rows in (row, col, channel)
-#   same:   reshaped to our shape (biases (N*Q,) -> (N, Q), tokens (1, 1, D) -> (D,))
-# Released checkpoints (facebook/vit-mae-*) use the older block names, which transformers 5.24
-# renames on load (conversion_mapping.py): `encoder.layer.{i}.attention.attention.query` ->
-# `layers.{i}.attention.q_proj` (key, value alike), `attention.output.dense` -> `attention.o_proj`,
-# `intermediate.dense` -> `mlp.fc1`, `output.dense` -> `mlp.fc2`; `decoder_layers.{i}` keep the
-# same inner renames. The fixed sin-cos tables (`vit.embeddings.position_embeddings`,
-# `decoder.decoder_pos_embed`) are stored there but are not parameters of ours.
-def _block(ours: str, theirs: str) -> list[tuple[str, str, str]]:
-    rows = []
-    for our, their in (("query", "attention.q_proj"), ("key", "attention.k_proj"),
-                       ("value", "attention.v_proj"), ("attn_out", "attention.o_proj"),
-                       ("mlp_in", "mlp.fc1"), ("mlp_out", "mlp.fc2")):
-        rows += [(f"{ours}/{our}/kernel", f"{theirs}.{their}.weight", "linear"),
-                 (f"{ours}/{our}/bias", f"{theirs}.{their}.bias", "same")]
-    for our, their in (("attn_norm", "layernorm_before"), ("mlp_norm", "layernorm_after")):
-        rows += [(f"{ours}/{our}/scale", f"{theirs}.{their}.weight", "same"),
-                 (f"{ours}/{our}/bias", f"{theirs}.{their}.bias", "same")]
-    return rows
+def params_from_torch(model, folder) -> tuple[dict, MAEConfig]:
+    """Our pure param dict and config for a ViTMAEForPreTraining, from its in-memory state_dict
+    (transformers 5.24 spells it `vit.layers.{i}.attention.q_proj`, `mlp.fc1`, ...) through the
+    MAE record; every torch tensor must be used and the fixed sin-cos tables must be ours."""
+    folder.mkdir()
+    config = {**model.config.to_dict(), "architectures": [type(model).__name__]}
+    (folder / "config.json").write_text(json.dumps(config))
+    state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})
+    params, cfg, _ = import_params(folder)  # refuses a tensor it does not map
+    ours = nnx.to_pure_dict(nnx.state(abstract_model(lambda rngs: MAEForPreTraining(cfg, rngs)), nnx.Param))
+    assert jax.tree.structure(params) == jax.tree.structure(ours)
+    assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, ours)
+    return params, cfg
 
 
-def _norm(ours: str, theirs: str):
-    return [(f"{ours}/scale", f"{theirs}.weight", "same"),
-            (f"{ours}/bias", f"{theirs}.bias", "same")]
-
-
-def _linear(ours: str, theirs: str):
-    return [(f"{ours}/kernel", f"{theirs}.weight", "linear"),
-            (f"{ours}/bias", f"{theirs}.bias", "same")]
-
-
-VIT_MAE_FOR_PRETRAINING = [
-    ("encoder/patch_embed/kernel", "vit.embeddings.patch_embeddings.projection.weight", "conv"),
-    ("encoder/patch_embed/bias", "vit.embeddings.patch_embeddings.projection.bias", "same"),
-    ("encoder/cls_token", "vit.embeddings.cls_token", "same"),
-    *_block("encoder/layers/{i}", "vit.layers.{i}"),
-    *_norm("encoder/norm", "vit.layernorm"),
-    *_linear("decoder/embed", "decoder.decoder_embed"),
-    ("decoder/mask_token", "decoder.mask_token", "same"),
-    *_block("decoder/layers/{i}", "decoder.decoder_layers.{i}"),
-    *_norm("decoder/norm", "decoder.decoder_norm"),
-    *_linear("decoder/pred", "decoder.decoder_pred"),
-]
 FIXED_TABLES = ("vit.embeddings.position_embeddings", "decoder.decoder_pos_embed")
-
-
-def config_from_hf(hf) -> MAEConfig:
-    return MAEConfig(
-        image_size=hf.image_size, patch_size=hf.patch_size, num_channels=hf.num_channels,
-        num_layers=hf.num_hidden_layers, hidden_size=hf.hidden_size,
-        num_heads=hf.num_attention_heads, intermediate_size=hf.intermediate_size,
-        decoder_layers=hf.decoder_num_hidden_layers, decoder_hidden_size=hf.decoder_hidden_size,
-        decoder_heads=hf.decoder_num_attention_heads,
-        decoder_intermediate_size=hf.decoder_intermediate_size, mask_ratio=hf.mask_ratio,
-        norm_pix_loss=hf.norm_pix_loss, qkv_bias=hf.qkv_bias, layer_norm_eps=hf.layer_norm_eps)
-
-
-def _convert(x: np.ndarray, how: str, shape: tuple) -> np.ndarray:
-    if how == "linear":
-        return x.T.reshape(shape)
-    if how == "conv":  # (D, C, p, p) -> (p*p*C, D)
-        return patch_kernel_from_conv(x)
-    return x.reshape(shape)
-
-
-def params_from_torch(state_dict: dict, cfg: MAEConfig) -> dict:
-    """Our pure param dict from a ViTMAEForPreTraining state_dict; every torch key is used."""
-    model = abstract_model(lambda rngs: MAEForPreTraining(cfg, rngs))
-    params = jax.tree.map(lambda x: None, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    used = set(FIXED_TABLES)
-    for ours, theirs, how in VIT_MAE_FOR_PRETRAINING:
-        blocks = cfg.decoder_layers if ours.startswith("decoder") else cfg.num_layers
-        for i in range(blocks) if "{i}" in ours else [None]:
-            keys = [int(k) if k.isdigit() else k for k in ours.format(i=i).split("/")]
-            name = theirs.format(i=i)
-            node, shape_node = params, shapes
-            for k in keys[:-1]:
-                node, shape_node = node[k], shape_node[k]
-            node[keys[-1]] = _convert(state_dict[name].detach().numpy(), how, shape_node[keys[-1]])
-            used.add(name)
-    assert used == set(state_dict), set(state_dict) ^ used
-    assert all(x is not None for x in jax.tree.leaves(params, is_leaf=lambda x: x is None))
-    return params
 
 
 def hf_model(norm_pix_loss: bool, mask_ratio: float = 0.75):
@@ -278,14 +213,13 @@ def hf_model(norm_pix_loss: bool, mask_ratio: float = 0.75):
 
 
 @pytest.fixture(scope="module")
-def hf_pair():
+def hf_pair(tmp_path_factory):
     """{norm_pix_loss: (torch model, our model on the same weights, our config)}."""
     pairs = {}
     for norm_pix in (False, True):
         hf = hf_model(norm_pix)
-        cfg = config_from_hf(hf.config)
+        params, cfg = params_from_torch(hf, tmp_path_factory.mktemp("torch") / f"norm_pix_{norm_pix}")
         graphdef, _ = graphdef_and_specs(lambda rngs: MAEForPreTraining(cfg, rngs))
-        params = params_from_torch(hf.state_dict(), cfg)
         pairs[norm_pix] = (hf, nnx.merge(graphdef, jax.tree.map(jnp.asarray, params)), cfg)
     return pairs
 
