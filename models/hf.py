@@ -237,10 +237,24 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
                               f"{architecture} cannot express; export the encoder alone with "
                               f"--architecture {family.base}")
     image_stats = family.image_stats(run_config, cfg) if family.image_stats else None
+    if "probe_mean" in params:
+        params = fold_probe_norm(params)
     out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
                         image_stats=image_stats)
     return out, architecture
+
+
+def fold_probe_norm(params: dict) -> dict:
+    """A linear probe standardises its feature, (x - mean) / sqrt(var + 1e-6), before the
+    classifier (finetune/image.py); folded into the classifier's kernel (D, C) and bias it is a
+    plain linear head: W' = W / s, b' = b - (mean / s) . W."""
+    scale_D = 1.0 / np.sqrt(np.asarray(params["probe_var"], np.float64) + 1e-6)
+    kernel_DC = np.asarray(params["classifier"]["kernel"], np.float64)
+    bias_C = np.asarray(params["classifier"]["bias"], np.float64)
+    folded = {"kernel": (kernel_DC * scale_D[:, None]).astype(np.float32),
+              "bias": (bias_C - (np.asarray(params["probe_mean"], np.float64) * scale_D) @ kernel_DC).astype(np.float32)}
+    return {**{k: v for k, v in params.items() if k not in ("probe_mean", "probe_var")}, "classifier": folded}
 
 
 def _lookup(tree, keys: tuple):
@@ -385,7 +399,7 @@ def _check_fixed(name: str, stored: np.ndarray, want: np.ndarray) -> None:
 # =============================================================================================
 
 # What fine-tuning's `model` group holds beside the encoder's fields.
-FINETUNE_MODEL_KEYS = ("pooling", "classifier_dropout")
+FINETUNE_MODEL_KEYS = ("pooling", "classifier_dropout", "probe_norm")
 
 
 def _parse_bytes(text: str) -> int:

@@ -129,6 +129,23 @@ def test_linear_probe_keeps_the_encoder_and_standardises_features(pretrained, da
     assert results["source"]["kind"] == "checkpoint" and results["encoder"]["patch_size"] == 7
     assert len((tmp_path / "predictions_test.tsv").read_text().splitlines()) == 33
 
+    # The best dev checkpoint, probe statistics folded in, is a ViTForImageClassification.
+    from models import hf
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    from finetune.image import ImageClassifier
+    from flax import nnx
+    from training.state import abstract_model
+    cfg = MAEConfig.of_size("tiny")
+    ours = nnx.merge(nnx.graphdef(abstract_model(lambda r: ImageClassifier(cfg, 10, r, probe_norm=True))),
+                     read_params(tmp_path / "best")[0])
+    images = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    with torch.no_grad():
+        logits = theirs(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
+    np.testing.assert_allclose(logits, np.asarray(ours(images)), atol=1e-4)
+
 
 def one_line(capsys, main, argv) -> str:
     with pytest.raises(SystemExit) as exit_info:
