@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from training import collectives
@@ -199,16 +200,24 @@ class Checkpointer:
     # ---- restoring -------------------------------------------------------------------------
 
     def _read(self, step: int, abstract_state):
-        """(state, data_state) of `step`; _Damaged when its files cannot be read."""
+        """(state, data_state) of `step`; _Damaged when its files cannot be read.
+
+        Reads through the item handlers, not the manager: the manager's restore ends in a
+        barrier, which a process whose read failed would never reach."""
         where = self.directory / str(step)
         _check_params_shapes(_params_metadata(self._manager, step, where),
                              abstract_state["params"], where)
+        folder = epath.Path(where.absolute())
         with _reading(where):
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        if not isinstance(restored["data"], dict):
+            data_state = ocp.JsonCheckpointHandler().restore(folder / "data")
+            handler = ocp.StandardCheckpointHandler()
+            try:
+                state = handler.restore(folder / "state", args=ocp.args.StandardRestore(abstract_state))
+            finally:
+                handler.close()
+        if not isinstance(data_state, dict):
             raise _Damaged("its data-iterator state is not a JSON object")
-        return restored["state"], restored["data"]
+        return state, data_state
 
     def restore(self, step: int, abstract_state):
         """Restore `step` into `abstract_state` (ShapeDtypeStructs with this run's shardings)."""
@@ -224,11 +233,16 @@ class Checkpointer:
         none restores, a UserError says so. Every process must call it, and all agree."""
         moved = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            reason = None
+            reason, refusal = None, None
             try:
                 state, data_state = self._read(step, abstract_state)
             except _Damaged as e:
                 reason = str(e)
+            except UserError as e:  # another model's checkpoint, or no access: not damage
+                refusal = e
+            if collectives.any_process(refusal is not None):
+                raise refusal or UserError(f"checkpoint {self.directory / str(step)} cannot be "
+                                           f"restored on another process (see its error line)")
             if not collectives.any_process(reason is not None):
                 return step, state, data_state
             moved.append(self._move_aside(step, reason))
