@@ -79,6 +79,14 @@ def test_damaged_latest_is_moved_aside_and_the_one_before_restores(tmp_path, cap
     assert Checkpointer(tmp_path, 1, 3).restore_latest(target())[0] == 2  # the new step 2
 
 
+def test_restoring_one_damaged_step_is_one_line(tmp_path):
+    save(tmp_path, [1, 2])
+    DAMAGE["truncated array metadata"](tmp_path / "checkpoints" / "2")
+    with pytest.raises(UserError, match="checkpoints/2 cannot be read .*checkpoints_quarantine") as e:
+        Checkpointer(tmp_path, 1, 3).restore(2, target())  # was a JSONDecodeError traceback
+    assert "\n" not in str(e.value)
+
+
 def test_a_step_damaged_twice_keeps_both_copies(tmp_path, capsys):
     save(tmp_path, [1, 2])
     for copy in ("2", "2-1"):

@@ -67,7 +67,17 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
 # Transient codes (UNAVAILABLE, DEADLINE_EXCEEDED) and PERMISSION_DENIED are not damage: moving
 # a good checkpoint aside because a bucket hiccupped would lose it for the rerun.
 _DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+# Codes of the storage refusing or failing (INVALID_ARGUMENT and UNIMPLEMENTED are bugs).
+_STORAGE_CODES = _DAMAGE_CODES + ("CANCELLED", "UNKNOWN", "DEADLINE_EXCEEDED", "ALREADY_EXISTS",
+                                  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "ABORTED",
+                                  "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
 _STATUS = re.compile(r"([A-Z][A-Z_]+): ")
+
+
+def _status(e: BaseException) -> str | None:
+    """The absl status code a TensorStore error starts with, or None."""
+    match = _STATUS.match(str(e)) if isinstance(e, (ValueError, RuntimeError)) else None
+    return match.group(1) if match else None
 
 
 class _Damaged(Exception):
@@ -86,8 +96,7 @@ def damage_reason(e: BaseException) -> str | None:
         return f"corrupt JSON: {_line(e)}"
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return f"a file is missing: {_line(e)}"
-    status = _STATUS.match(str(e))
-    if isinstance(e, ValueError) and status and status.group(1) in _DAMAGE_CODES:
+    if _status(e) in _DAMAGE_CODES:
         return _line(e)
     return None
 
@@ -97,7 +106,7 @@ def storage_reason(e: BaseException) -> str | None:
     for anything else (a bug, which keeps its traceback)."""
     if isinstance(e, OSError):
         return _line(e)
-    if isinstance(e, (ValueError, RuntimeError)) and _STATUS.match(str(e)):
+    if _status(e) in _STORAGE_CODES:
         return _line(e)
     if type(e).__module__.split(".")[0] in ("google", "gcsfs", "fsspec"):  # bucket clients
         return _line(e)
@@ -224,8 +233,9 @@ class Checkpointer:
         try:
             return self._read(step, abstract_state)
         except _Damaged as e:
-            raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({e}); "
-                            f"run again to move it aside and resume from the one before") from e
+            raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({e}); move "
+                            f"that folder into {self.quarantine}/ and run again to resume from "
+                            f"the step before") from e
 
     def restore_latest(self, abstract_state):
         """(step, state, data_state) of the newest step that restores, or None when there is no
@@ -259,6 +269,7 @@ class Checkpointer:
         while dest.exists():
             n += 1
             dest = self.quarantine / f"{step}-{n}"
+        collectives.barrier(f"pretrax_quarantine_{step}_named")  # all named it before the move
         if jax.process_index() == 0:
             self.quarantine.mkdir(parents=True, exist_ok=True)
             source.rename(dest)
@@ -396,9 +407,8 @@ def read_params(src: str | Path, shardings=None) -> tuple[dict, int]:
                 item={"params": target}, restore_args={"params": restore_args},
                 partial_restore=True)))
     except _Damaged as e:
-        raise UserError(f"checkpoint {where} cannot be read ({e}); run its training again to move "
-                        f"it aside and resume from the step before, or pass an older "
-                        f"checkpoints/<step> folder") from e
+        raise UserError(f"checkpoint {where} cannot be read ({e}); pass one of its older "
+                        f"checkpoints/<step> folders, or move this one out of {directory}/") from e
     finally:
         manager.close()
     # Orbax gives the list indices of an `nnx.List` ('0', '1', ...) back as strings.
