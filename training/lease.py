@@ -100,7 +100,7 @@ class WorkdirLease:
         tmp.write_text(json.dumps(lease) + "\n")
         tmp.replace(self.path)  # readers see the old lease or the new one, never half of one
 
-    def holder_alive(self, held: dict) -> bool:
+    def _holder_alive(self, held: dict) -> bool:
         if not held:
             return False
         if held.get("host") == HOST:
@@ -122,7 +122,7 @@ class WorkdirLease:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             held = self._read()
-            if held is not None and self.holder_alive(held):
+            if held is not None and self._holder_alive(held):
                 raise UserError(self._refusal(held))
             if held is not None:
                 what = _describe(held, time.time()) if held else "unreadable"
