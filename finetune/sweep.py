@@ -20,6 +20,7 @@ import numpy as np
 
 from training.config import override
 from training.errors import UserError
+from training.validate import validate
 
 # Short names for the fields swept most; any full config key works too.
 ALIASES = {"lr": "optim.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
@@ -43,8 +44,14 @@ def parse_grid(specs: list[str], config) -> list[tuple[str, list[tuple[str, str]
         axes.append([(name, key, t) for t in texts])
     if not axes:
         return [("default", [])]
-    return [(",".join(f"{name}={t}" for name, _, t in combo), [(key, t) for _, key, t in combo])
+    grid = [(",".join(f"{name}={t}" for name, _, t in combo), [(key, t) for _, key, t in combo])
             for combo in itertools.product(*axes)]
+    for _, assignments in grid:  # every setting's values, alone and together
+        cfg = copy.deepcopy(config)
+        for key, text in assignments:
+            override(cfg, key, text)
+        validate(cfg)
+    return grid
 
 
 def summarize(values: list[float]) -> dict:

@@ -6,17 +6,43 @@ half-way leaves only an `*.orbax-checkpoint-tmp` folder, which restores never se
 Saves happen every `every_steps` steps and, when `every_seconds` > 0, once that much wall-clock time
 has passed since the last save. Every process must save the same steps, so the clock is process
 0's: it is read every `poll_every` steps and broadcast to the others (one small collective).
+
+Restores heal: `restore_latest` reports a step whose files cannot be read (arrays missing or cut
+short, lost metadata, a corrupt data-iterator JSON) in one line, moves it to
+`<workdir>/checkpoints_quarantine/<step>` (never deletes it) and resumes from the newest step that
+restores, the same on every process. Storage errors while saving (a full disk, permissions, a
+bucket), also those Orbax's background thread meets after training has moved on, become one
+UserError line naming the step and the folder (`maybe_save`, `check`, `wait`); the steps already
+written stay restorable.
 """
 
+import contextlib
 import json
+import logging
+import re
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
 
+from training import collectives
 from training.errors import UserError
+
+
+def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """Orbax logs a failed background save with its traceback, then hands the error on; we
+    raise it as one UserError line (or with its traceback if it is not a storage error)."""
+    if record.exc_info and "orbax" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
 
 
 def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
@@ -32,10 +58,113 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
+# ---------------------------------------------------------------------------------------------
+# What an error means: the step's files are damaged, or the storage refused
+# ---------------------------------------------------------------------------------------------
+
+# TensorStore raises ValueError("CODE: ...") with an absl status code. These codes say the
+# files of a step are missing or cut short (FAILED_PRECONDITION: a JSON file it cannot parse).
+# Transient codes (UNAVAILABLE, DEADLINE_EXCEEDED) and PERMISSION_DENIED are not damage: moving
+# a good checkpoint aside because a bucket hiccupped would lose it for the rerun.
+_DAMAGE_CODES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "FAILED_PRECONDITION")
+# Codes of the storage refusing or failing (INVALID_ARGUMENT and UNIMPLEMENTED are bugs).
+_STORAGE_CODES = _DAMAGE_CODES + ("CANCELLED", "UNKNOWN", "DEADLINE_EXCEEDED", "ALREADY_EXISTS",
+                                  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "ABORTED",
+                                  "INTERNAL", "UNAVAILABLE", "UNAUTHENTICATED")
+_STATUS = re.compile(r"([A-Z][A-Z_]+): ")
+
+
+def _status(e: BaseException) -> str | None:
+    """The absl status code a TensorStore error starts with, or None."""
+    match = _STATUS.match(str(e)) if isinstance(e, (ValueError, RuntimeError)) else None
+    return match.group(1) if match else None
+
+
+class _Damaged(Exception):
+    """The files of one step cannot be read; an older step may still restore."""
+
+
+def _line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def damage_reason(e: BaseException) -> str | None:
+    """Why `e` means the checkpoint's own files are damaged, or None."""
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+        return f"corrupt JSON: {_line(e)}"
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return f"a file is missing: {_line(e)}"
+    if _status(e) in _DAMAGE_CODES:
+        return _line(e)
+    return None
+
+
+def storage_reason(e: BaseException) -> str | None:
+    """One line for an error of the storage itself (disk full, permissions, a bucket), or None
+    for anything else (a bug, which keeps its traceback)."""
+    if isinstance(e, OSError):
+        return _line(e)
+    if _status(e) in _STORAGE_CODES:
+        return _line(e)
+    if type(e).__module__.split(".")[0] in ("google", "gcsfs", "fsspec"):  # bucket clients
+        return _line(e)
+    return damage_reason(e)
+
+
+def _quiet_closed_loop() -> None:
+    """When one read fails, TensorStore's other pending reads call back into Orbax's event loop,
+    closed by then, and Python prints that RuntimeError as a traceback: drop just that one."""
+    previous = sys.unraisablehook
+    if getattr(previous, "pretrax_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.pretrax_quiet = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _reading(where: Path):
+    """Errors while reading one step: _Damaged for broken files, one UserError line when the
+    storage refuses (no healing then), anything else as it is."""
+    _quiet_closed_loop()
+    try:
+        yield
+    except (_Damaged, UserError):
+        raise
+    except Exception as e:  # noqa: BLE001  sorted below; unknown errors are re-raised
+        reason = damage_reason(e)
+        if reason:
+            raise _Damaged(reason) from e
+        reason = storage_reason(e)
+        if reason:
+            raise UserError(f"cannot read checkpoint {where}: {reason}; check that the folder is "
+                            f"readable, then run again") from e
+        raise
+
+
+def _params_metadata(manager: ocp.CheckpointManager, step: int, where: Path):
+    with _reading(where):
+        meta = manager.item_metadata(step)
+        try:
+            params = meta["state"]["params"]
+        except (KeyError, TypeError):  # state/_METADATA gone: Orbax gives None
+            params = None
+    if params is None:
+        raise _Damaged("its array metadata (state/_METADATA) is missing")
+    return params
+
+
 def _flat_shapes(tree) -> dict[str, tuple]:
     # Orbax stores every dict key as a string (layer 0 comes back as '0'): compare by name.
-    name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    return {name(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(v.shape)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_params_shapes(saved_params, target_params, where: Path) -> None:
@@ -50,18 +179,29 @@ def _check_params_shapes(saved_params, target_params, where: Path) -> None:
                             f"it was trained with")
 
 
+# ---------------------------------------------------------------------------------------------
+# The run's checkpoints
+# ---------------------------------------------------------------------------------------------
+
 class Checkpointer:
     """Save every `every_steps` steps, every `every_seconds` seconds and on demand; keep the last
-    `keep`; resume the latest. Call `maybe_save` on every process after every step."""
+    `keep`; resume the newest step that restores.
+
+    On every process, at the same steps: `restore_latest` once at the start, `maybe_save` after
+    every step, `check` at log steps (surfaces a failed background save), `wait` and `close` at
+    the end."""
 
     def __init__(self, workdir: str | Path, every_steps: int, keep: int, every_seconds: float = 0.0,
                  poll_every: int = 1):
         self.directory = Path(workdir) / "checkpoints"
+        self.quarantine = self.directory.with_name(self.directory.name + "_quarantine")
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.poll_every = max(1, poll_every)
         self._last_save = time.monotonic()
-        self._manager = _manager(self.directory, keep)
+        self._pending: int | None = None  # the step of a background save not known to be done
+        self._failed = False  # a save failed and was reported
+        self._manager = _manager(self.directory, keep)  # makes the folder at the first save
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -71,6 +211,85 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    # ---- restoring -------------------------------------------------------------------------
+
+    def _read(self, step: int, abstract_state):
+        """(state, data_state) of `step`; _Damaged when its files cannot be read.
+
+        Reads through the item handlers, not the manager: the manager's restore ends in a
+        barrier, which a process whose read failed would never reach."""
+        where = self.directory / str(step)
+        _check_params_shapes(_params_metadata(self._manager, step, where),
+                             abstract_state["params"], where)
+        folder = epath.Path(where.absolute())
+        with _reading(where):
+            data_state = ocp.JsonCheckpointHandler().restore(folder / "data")
+            handler = ocp.StandardCheckpointHandler()
+            try:
+                state = handler.restore(folder / "state", args=ocp.args.StandardRestore(abstract_state))
+            finally:
+                handler.close()
+        if not isinstance(data_state, dict):
+            raise _Damaged("its data-iterator state is not a JSON object")
+        return state, data_state
+
+    def restore(self, step: int, abstract_state):
+        """Restore `step` into `abstract_state` (ShapeDtypeStructs with this run's shardings)."""
+        try:
+            return self._read(step, abstract_state)
+        except _Damaged as e:
+            raise UserError(f"checkpoint {self.directory / str(step)} cannot be read ({e}); move "
+                            f"that folder into {self.quarantine}/ and run again to resume from "
+                            f"the step before") from e
+
+    def restore_latest(self, abstract_state):
+        """(step, state, data_state) of the newest step that restores, or None when there is no
+        checkpoint. A step that cannot be read is reported and moved to `self.quarantine`; when
+        none restores, a UserError says so. Every process must call it, and all agree."""
+        moved = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            reason, refusal = None, None
+            try:
+                state, data_state = self._read(step, abstract_state)
+            except _Damaged as e:
+                reason = str(e)
+            except UserError as e:  # another model's checkpoint, or no access: not damage
+                refusal = e
+            if collectives.any_process(refusal is not None):
+                raise refusal or UserError(f"checkpoint {self.directory / str(step)} cannot be "
+                                           f"restored on another process (see its error line)")
+            if not collectives.any_process(reason is not None):
+                return step, state, data_state
+            moved.append(self._move_aside(step, reason))
+        if moved:
+            raise UserError(f"no checkpoint in {self.directory} can be read (moved to "
+                            f"{', '.join(map(str, moved))}); start afresh with another --workdir, "
+                            f"or move a step back once it is repaired")
+        return None
+
+    def _move_aside(self, step: int, reason: str | None) -> Path:
+        """Process 0 moves the step folder into the quarantine; the others wait for it."""
+        source = self.directory / str(step)
+        dest, n = self.quarantine / str(step), 0
+        while dest.exists():
+            n += 1
+            dest = self.quarantine / f"{step}-{n}"
+        collectives.barrier(f"pretrax_quarantine_{step}_named")  # all named it before the move
+        if jax.process_index() == 0:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            source.rename(dest)
+        collectives.barrier(f"pretrax_quarantine_{step}")
+        self._manager.reload()  # the manager lists steps from its cache: forget the moved one
+        if jax.process_index() == 0:
+            print(f"warning: checkpoint {source} cannot be read ({reason or 'on another process'}); "
+                  f"moved it to {dest}, trying the one before", file=sys.stderr, flush=True)
+        elif reason:
+            print(f"warning: checkpoint {source} cannot be read here ({reason})", file=sys.stderr,
+                  flush=True)
+        return dest
+
+    # ---- saving ----------------------------------------------------------------------------
 
     def _clock_due(self, step: int) -> bool:
         """Process 0's clock says a save is due; the same answer on every process."""
@@ -82,30 +301,80 @@ class Checkpointer:
             due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
         return due
 
+    @contextlib.contextmanager
+    def _saving(self, step: int | None):
+        """A storage error while saving `step` -> one UserError line; others as they are."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  sorted below; unknown errors are re-raised
+            reason = storage_reason(e)
+            if not reason:
+                raise
+            try:  # the steps on disk: the failed save's may have dropped some from the cache
+                self._manager.reload()
+                done = [s for s in self._manager.all_steps() if s != step]
+                resume = f"step {max(done)}" if done else "the start (no complete checkpoint yet)"
+            except Exception:  # noqa: BLE001  the storage may refuse this too
+                resume = "the last complete checkpoint"
+            what = "a checkpoint" if step is None else f"checkpoint step {step}"
+            self._failed = True
+            raise UserError(f"saving {what} to {self.directory} failed: {reason}; "
+                            f"free space or fix access to the folder, then run again to resume "
+                            f"from {resume}") from e
+
     def maybe_save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+        """Save if due (or `force`). A storage error, of this save or of the previous one still
+        written in the background, raises one UserError line."""
         due = force or (self.every_steps > 0 and step % self.every_steps == 0)
         if not self._clock_due(step) and not due:
             return False
         if step in self._manager.all_steps():
             return False
+        self.wait()  # Orbax waits for the previous save here anyway; this names its step
         self._last_save = time.monotonic()
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        with self._saving(step):
+            saved = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        self._pending = step if saved else None
+        return saved
 
-    def restore(self, step: int, abstract_state):
-        """Restore into `abstract_state` (ShapeDtypeStructs with this run's shardings)."""
-        _check_params_shapes(self._manager.item_metadata(step)["state"]["params"],
-                             abstract_state["params"], self.directory / str(step))
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"]
+    def check(self) -> None:
+        """Without blocking: raise the UserError of a background save that has failed. Call on
+        every process at the same steps (one small collective in multi-process runs)."""
+        failure = None
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            try:
+                self.wait()
+            except UserError as e:
+                failure = e
+        if collectives.any_process(failure is not None):
+            raise failure or UserError(f"saving a checkpoint to {self.directory} failed on another "
+                                       f"process (see its error line); fix the storage, then run "
+                                       f"again to resume from the last complete checkpoint")
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the pending save is written; a failed one raises one UserError line."""
+        step, self._pending = self._pending, None
+        with self._saving(step):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        step, self._pending = self._pending, None
+        reported = self._failed
+        try:
+            with self._saving(step):
+                self._manager.close()
+        except UserError:
+            if not reported:
+                raise
+            # Orbax reports the failed save again as it closes; it was reported once already.
 
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint's weights (finetune --init, python -m models.hf export)
+# ---------------------------------------------------------------------------------------------
 
 def resolve_step_dir(src: str | Path) -> tuple[Path, int]:
     """A workdir (its latest complete step) or one step folder -> (checkpoints dir, step)."""
@@ -123,29 +392,33 @@ def resolve_step_dir(src: str | Path) -> tuple[Path, int]:
 
 
 def read_params(src: str | Path, shardings=None) -> tuple[dict, int]:
-    """The `params` subtree of a checkpoint as host numpy arrays (or on `shardings`), and its step."""
+    """The `params` subtree of a checkpoint as host numpy arrays (or on `shardings`), and its step.
+
+    Read only: a damaged step is reported (one UserError line), never moved."""
     directory, step = resolve_step_dir(src)
+    where = directory / str(step)
     manager = _manager(directory, read_only=True)
-    meta = manager.item_metadata(step)["state"]["params"]
-    if shardings is None:
-        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    else:
-        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                              meta, shardings)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    # Restore only the params: the optimizer state is never read.
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
-    manager.close()
-    return _int_keys(restored["state"]["params"]), step
-
-
-def _int_keys(tree):
-    """Orbax returns list indices of an `nnx.List` ('0', '1', ...) as strings; make them ints."""
-    if not isinstance(tree, dict):
-        return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+    try:
+        meta = _params_metadata(manager, step, where)
+        if shardings is None:
+            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta)
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        else:
+            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                  meta, shardings)
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        # Restore only the params: the optimizer state is never read.
+        with _reading(where):
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args},
+                partial_restore=True)))
+    except _Damaged as e:
+        raise UserError(f"checkpoint {where} cannot be read ({e}); pass one of its older "
+                        f"checkpoints/<step> folders, or move this one out of {directory}/") from e
+    finally:
+        manager.close()
+    # Orbax gives the list indices of an `nnx.List` ('0', '1', ...) back as strings.
+    return nnx.restore_int_paths(restored["state"]["params"]), step
 
 
 def load_checkpoint_params(src: str | Path) -> tuple[dict, dict, Path | None, str]:
@@ -159,7 +432,11 @@ def load_checkpoint_params(src: str | Path) -> tuple[dict, dict, Path | None, st
     if not config_path.is_file():
         raise UserError(f"{config_path} not found: pass a workdir written by python -m pretrain "
                         f"or python -m finetune (or one of its checkpoints/<step> folders)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({_line(e)}); restore it from the run "
+                        f"that wrote it") from e
     params, _ = read_params(src)
     tokenizer = workdir / "tokenizer"
     return params, config["model"], tokenizer if tokenizer.is_dir() else None, \

@@ -14,6 +14,7 @@ from pathlib import Path
 import ml_collections
 
 from training.errors import UserError
+from training.validate import validate
 
 
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
@@ -56,6 +57,11 @@ def _parse_value(text: str, old):
         return text
 
 
+def _shown(text: str) -> str:
+    """Text for a one-line message: as typed, or quoted when it holds a newline or the like."""
+    return text if text.isprintable() else repr(text)
+
+
 def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     *parents, leaf = key.split(".")
     node = cfg
@@ -73,7 +79,7 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
     try:
         value = _parse_value(text, node[leaf])
     except ValueError as e:
-        raise UserError(f"--config.{key}={text}: {e} (current value {node[leaf]!r})") from None
+        raise UserError(f"--config.{key}={_shown(text)}: {e} (current value {node[leaf]!r})") from None
     with node.ignore_type():
         node[leaf] = value
 
@@ -81,7 +87,8 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
 def parse_cli(argv, default_config: str, description: str, extra_args=()):
     """Parse `[--config F] [--workdir D] [--config.KEY=VALUE ...]` plus trainer-specific flags.
 
-    `extra_args` is a list of (flag, argparse kwargs). Returns (config, args namespace);
+    `extra_args` is a list of (flag, argparse kwargs). The config is validated (a one-line
+    UserError for a value the run cannot use). Returns (config, args namespace);
     `args.overrides` maps each overridden key (e.g. "model.size") to its text, in order.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -100,9 +107,10 @@ def parse_cli(argv, default_config: str, description: str, extra_args=()):
         if not eq:
             value = next(it, None)
             if value is None:
-                raise UserError(f"{token} needs a value: {token}=VALUE")
+                raise UserError(f"{_shown(token)} needs a value: {_shown(token)}=VALUE")
         override(cfg, key, value)
         args.overrides[key] = value
+    validate(cfg)  # every value, before any work
     if args.workdir is None:
         args.workdir = str(Path("runs") / Path(args.config).stem)
     return cfg, args

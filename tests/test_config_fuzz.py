@@ -1,0 +1,86 @@
+"""Fuzzing the config space through the command line: a wrong value is one UserError line.
+
+Seeded and bounded in time: every field of every config in configs/ gets wrong values (negative,
+zero, huge, wrong type, NaN, empty, unknown choice, ...) one at a time, then a few together.
+Each `parse_cli` either returns a config that passes `validate` or raises one UserError line
+that names the field; any other exception fails the test.
+"""
+
+import time
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from training.config import load_config, parse_cli
+from training.errors import UserError
+from training.validate import validate
+
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+                 if p.name != "__init__.py")
+WRONG = ["-1", "-5", "0", "-0", "1", "0.5", "1.5", "2", "-2", "1e30", "-1e30", "1e-300",
+         "99999999999999999999", "2147483648", "nan", "-nan", "inf", "-inf", "", " ", "abc",
+         "true", "None", "[1, 2]", "{}", "0x10", "1_000", "\u0661\u0662", "1\n2", "tiny ",
+         "TINY", "huge", "glue/xyz", "files:", "tfds:", "-1.0", "3.0"]
+BUDGET_S = 2.5  # whole rounds of one value per field until this is spent (at least one round)
+
+
+def leaves(cfg: ml_collections.ConfigDict, prefix="") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out += leaves(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k]
+    return out
+
+
+def random_value(rng: np.random.Generator) -> str:
+    kind = rng.integers(4)
+    if kind == 0:
+        return str(WRONG[rng.integers(len(WRONG))])
+    if kind == 1:
+        return str(int(rng.integers(-10, 10)) * 10 ** int(rng.integers(0, 20)))
+    if kind == 2:
+        return repr(float(rng.normal() * 10.0 ** rng.integers(-8, 12)))
+    return str(WRONG[rng.integers(len(WRONG))]) + str(WRONG[rng.integers(len(WRONG))])
+
+
+def check(config_file: Path, assignments: list[tuple[str, str]]) -> str:
+    """'ok' or 'error'; anything but a config or one UserError line fails."""
+    argv = ["--config", str(config_file)] + [f"--config.{k}={v}" for k, v in assignments]
+    try:
+        cfg, _ = parse_cli(argv, str(config_file), "fuzz")
+    except UserError as e:
+        text = str(e)
+        assert text and "\n" not in text, (argv, text)
+        if len(assignments) == 1:  # the field it refuses is named (or the one it rests on)
+            assert "." in text, (argv, text)
+        return "error"
+    except Exception as e:  # noqa: BLE001  the point of the test
+        pytest.fail(f"{argv} raised {type(e).__name__}: {e}")
+    validate(cfg)
+    return "ok"
+
+
+def test_wrong_values_give_a_config_or_one_line():
+    rng = np.random.default_rng(20261201)
+    fields = [(c, key) for c in CONFIGS for key in leaves(load_config(c))]
+    outcomes = {"ok": 0, "error": 0}
+    deadline, rounds = time.monotonic() + BUDGET_S, 0
+    while rounds == 0 or time.monotonic() < deadline:
+        for config_file, key in fields:
+            outcomes[check(config_file, [(key, random_value(rng))])] += 1
+        for _ in range(50):  # several fields at once reach the rules between fields
+            config_file = CONFIGS[rng.integers(len(CONFIGS))]
+            keys = leaves(load_config(config_file))
+            picked = rng.choice(len(keys), size=3, replace=False)
+            outcomes[check(config_file, [(keys[i], random_value(rng)) for i in picked])] += 1
+        rounds += 1
+    assert outcomes["error"] > outcomes["ok"] > 0, outcomes  # it did reach both outcomes
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", ""])
+def test_every_field_of_every_config(value):
+    """Every field, one fixed wrong value each: the whole table is reached every run."""
+    for config_file in CONFIGS:
+        for key in leaves(load_config(config_file)):
+            check(config_file, [(key, value)])
