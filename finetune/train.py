@@ -29,11 +29,13 @@ from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
+from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
 from training.state import abstract_state, create_train_state, init_params
 from training.step import make_eval_step, make_train_step
+from training.validate import validate
 
 
 def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit=()) -> dict | None:
@@ -41,8 +43,14 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
 
     `explicit`: the config keys the user set on the command line; with a source, those that
     contradict its encoder or tokenizer are refused."""
+    validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLease(workdir) as lease:  # one run per workdir (best/ too), before anything is written
+        return _train(config, workdir, init, explicit, lease)
+
+
+def _train(config, workdir: Path, init: str, explicit, lease) -> dict | None:
     tc, method = config.train, config.method
     try:
         task = tasks.get_task(config.data.task)
@@ -141,7 +149,7 @@ def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit
                       throughput=Throughput(tc.batch_size, "examples"), eval_every=eval_every,
                       save_at_eval=True, steps_per_epoch=steps_per_epoch,
                       data_state=lambda: dict(progress), window_state=resumed.get("log_window"),
-                      desc=f"finetune {task.name}")
+                      lease=lease, desc=f"finetune {task.name}")
         if outcome.stopped:
             return None
 

@@ -17,16 +17,24 @@ from pretrain.families import FAMILIES
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
+from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
 from training.state import abstract_state, create_train_state
 from training.step import make_eval_step, make_train_step
+from training.validate import validate
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
     """Returns the last evaluation's metrics."""
+    validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLease(workdir) as lease:  # one run per workdir, before anything is written
+        return _train(config, workdir, lease)
+
+
+def _train(config, workdir: Path, lease) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
     setup_family = FAMILIES.get(config.get("family", "bert"))
@@ -69,5 +77,5 @@ def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
             evaluate=lambda params, step: evaluate_objective(
                 eval_step, params, family.eval_batches(), mesh, family.objective),
             eval_every=config.eval.every_steps, eval_at_start=True, pictures=pictures,
-            window_state=resumed.get("log_window"), desc="pretrain")
+            window_state=resumed.get("log_window"), lease=lease, desc="pretrain")
     return outcome.last_eval

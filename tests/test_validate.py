@@ -5,8 +5,11 @@ import pytest
 from configs import bert_tiny, finetune_rt_polarity
 from data.corpora import SOURCES
 from finetune.__main__ import main as finetune_main
-from finetune.tasks import POOLINGS, TASKS
+from finetune.image import POOLINGS as IMAGE_POOLINGS
+from finetune.tasks import TASKS
+from finetune.text import POOLINGS
 from models.bert import SIZES
+from models.mae import SIZES as MAE_SIZES
 from pretrain.__main__ import main as pretrain_main
 from pretrain.prepare import OBJECTIVES
 from test_config_fuzz import CONFIGS
@@ -38,7 +41,8 @@ def test_every_config_passes_and_every_field_has_a_rule(config_file):
     config = load_config(config_file)
     v.validate(config)  # no unknown, no missing field, every value allowed
     table = v.table_for(config)
-    assert table is (v.FINETUNE if config_file.stem.startswith("finetune") else v.PRETRAIN)
+    trainer = "finetune" if config_file.stem.startswith("finetune") else "pretrain"
+    assert table is v.TABLES[trainer, config.family]
 
 
 def test_the_issue_examples_are_one_line_naming_key_value_and_range(capsys):
@@ -117,9 +121,9 @@ def test_validate_checks_types_of_values_set_in_code():
 
 
 def test_choice_lists_match_their_owners():
-    assert v.BERT_SIZES == tuple(SIZES)
-    assert v.TASKS == tuple(TASKS)
-    assert v.POOLINGS == tuple(POOLINGS)
+    assert v.BERT_SIZES == tuple(SIZES) and v.MAE_SIZES == tuple(MAE_SIZES)
+    assert set(v.TASKS + v.IMAGE_TASKS) == set(TASKS)
+    assert v.POOLINGS == tuple(POOLINGS) == tuple(IMAGE_POOLINGS)
     assert v.OBJECTIVES == tuple(OBJECTIVES)
     assert {"news", "pydocs"} == set(v.PRETRAIN["data.source"].names) == {
         s for s in SOURCES if ":" not in s}

@@ -93,12 +93,13 @@ class Throughput:
 
 
 def restore_or_init(ckpt, target, init: Callable[[], dict], batches) -> tuple[dict, int, dict]:
-    """(state, start step, the checkpoint's data state): the latest checkpoint restored into
-    `target` with the iterator moved to its position, or `init()` at step 0."""
-    start = ckpt.latest_step()
-    if start is None:
+    """(state, start step, the checkpoint's data state): the newest checkpoint that restores
+    into `target` (a damaged one is set aside, training/checkpoint.py) with the iterator moved
+    to its position, or `init()` at step 0."""
+    restored = ckpt.restore_latest(target)
+    if restored is None:
         return init(), 0, {}
-    state, data_state = ckpt.restore(start, target)
+    start, state, data_state = restored
     batches.set_state(data_state["iterator"])  # grain's JSON state: the exact position
     return state, start, data_state
 
@@ -127,13 +128,14 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         eval_every: int, eval_at_start: bool = False, save_at_eval: bool = False,
         steps_per_epoch: float | None = None, data_state: Callable[[], dict] = dict,
         window_state: dict | None = None, pictures: Callable[[dict], dict] | None = None,
-        desc: str = "train") -> Outcome:
+        lease=None, desc: str = "train") -> Outcome:
     """Train from `start` to `total_steps`.
 
     `evaluate(params, step)` returns the metrics to log (names prefixed, e.g. eval/mlm_accuracy);
     `data_state()` adds trainer fields to every checkpoint's data item next to the iterator
     position; `window_state` is the open log window of the checkpoint resumed from;
-    `pictures(params)` gives {name: HWC image in [0, 1]} to show at every evaluation.
+    `pictures(params)` gives {name: HWC image in [0, 1]} to show at every evaluation;
+    `lease` (training/lease.py) is checked at every log step, with the checkpointer's last save.
     """
     log_every = config.train.log_every
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
@@ -184,6 +186,9 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                             row["perf/mfu"] = steps_per_sec * throughput.flops_per_step / throughput.peak_flops
                     metrics.write(step, row)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", refresh=False)
+                    ckpt.check()  # a background save that failed stops the run here, in one line
+                    if lease is not None:
+                        lease.check()
 
                 evaluated = step % eval_every == 0 or step == total_steps
                 if evaluated:

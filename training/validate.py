@@ -107,34 +107,32 @@ DROPOUT = Real(0, 1, hi_open=True)
 BETA = Real(0, 1, hi_open=True)
 MESH_AXIS = Int(1, special={-1: "all remaining devices"})
 
-# Names owned by models/bert.py (SIZES), finetune/tasks.py (TASKS, POOLINGS) and
-# pretrain/prepare.py (OBJECTIVES); kept equal by tests/test_validate.py.
+# Names owned by models/bert.py and models/mae.py (SIZES), finetune/tasks.py (TASKS),
+# finetune/text.py and finetune/image.py (POOLINGS) and pretrain/prepare.py (OBJECTIVES); kept
+# equal by tests/test_validate.py.
 BERT_SIZES = ("tiny", "mini", "small", "medium", "base", "large")
+MAE_SIZES = ("tiny", "small", "base", "large", "huge")
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 DECAYS = ("linear", "cosine", "constant")
 POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
          "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
+IMAGE_TASKS = ("mnist",)
 
-_SHARED = {
-    "model.size": Choice(BERT_SIZES, "BERT size"),
-    "model.vocab_size": NONNEG,              # 0: from the tokenizer
-    "model.max_position": COUNT,
+# What every run has, whatever its trainer and family.
+_COMMON = {
+    "family": Text(required=True, meaning="a model family"),
     "model.dtype": Choice(DTYPES, "compute dtype"),
-    "model.dropout": DROPOUT,
-    "model.attention_dropout": DROPOUT,
     "model.remat": Bool(),
     "data.data_dir": Text(required=True, meaning="a folder or gs:// URL"),
-    "data.tokenizer": Text(),
-    "data.vocab_size": COUNT,
-    "data.max_seq_len": Int(8),
     "train.batch_size": COUNT,
     "train.grad_accum": COUNT,
     "train.seed": SEED,
     "train.log_every": COUNT,
     "optim.lr": RATE,
     "optim.decay": Choice(DECAYS, "decay schedule"),
+    "optim.decay_steps": NONNEG,        # 0: decay over all steps after warmup
     "optim.end_lr_ratio": PROB,
     "optim.weight_decay": RATE,
     "optim.b1": BETA,
@@ -145,41 +143,20 @@ _SHARED = {
     "mesh.fsdp": MESH_AXIS,
     "mesh.tensor": MESH_AXIS,
     "checkpoint.keep": COUNT,
+    "checkpoint.every_seconds": Real(0),
+    "perf.peak_tflops": Real(0),        # 0: look the chip up
     "wandb.project": Text(),
 }
 
-PRETRAIN = {
-    **_SHARED,
-    "data.source": Text(required=True, names=("news", "pydocs"), prefixes=("files:", "tfds:"),
-                        meaning="news, pydocs, files:PATTERN or tfds:NAME[:SPLIT]"),
-    "data.objective": Choice(OBJECTIVES, "pretraining objective"),
-    "data.seed": SEED,
-    "data.max_predictions": COUNT,
-    "data.mask_prob": Real(0, 1, lo_open=True),
-    "data.whole_word": Bool(),
-    "data.short_seq_prob": PROB,
-    "data.dupe_factor": COUNT,
-    "data.eval_fraction": Real(0, 1, hi_open=True),
-    "data.max_doc_tokens": COUNT,
-    "data.shard_documents": COUNT,
-    "data.prepare_workers": Int(0, special={-1: "one per CPU"}),
-    "data.workers": NONNEG,
-    "data.prefetch": NONNEG,
+_PRETRAIN = {
     "train.steps": COUNT,
     "optim.warmup_steps": NONNEG,
-    "optim.decay_steps": NONNEG,         # 0: decay over all steps after warmup
     "checkpoint.every_steps": NONNEG,   # 0: only at the end and when stopped
-    "checkpoint.every_seconds": Real(0),
     "eval.every_steps": COUNT,
     "eval.max_batches": COUNT,
-    "perf.peak_tflops": Real(0),        # 0: look the chip up
 }
 
-FINETUNE = {
-    **_SHARED,
-    "model.classifier_dropout": DROPOUT,
-    "model.pooling": Choice(POOLINGS, "pooling"),
-    "data.task": Choice(TASKS, "task"),
+_FINETUNE = {
     "data.max_train_examples": NONNEG,  # 0: all
     "data.max_eval_examples": NONNEG,
     "train.epochs": Real(0),
@@ -191,10 +168,72 @@ FINETUNE = {
     "method.l2sp_alpha": RATE,
     "method.layer_decay": Real(0, 1, lo_open=True),
     "method.label_smoothing": Real(0, 1, hi_open=True),
+    "method.mixup_alpha": RATE,         # 0: off (image families)
+    "method.cutmix_alpha": RATE,
     "checkpoint.every_steps": NONNEG,   # 0: at every evaluation
     "eval.every_steps": NONNEG,         # 0: once per epoch
     "eval.batch_size": NONNEG,          # 0: train.batch_size
 }
+
+_BERT = {
+    "model.size": Choice(BERT_SIZES, "BERT size"),
+    "model.vocab_size": NONNEG,         # set by the run from the tokenizer
+    "model.max_position": COUNT,
+    "model.dropout": DROPOUT,
+    "model.attention_dropout": DROPOUT,
+    "data.tokenizer": Text(),
+    "data.vocab_size": COUNT,
+    "data.max_seq_len": Int(8),
+}
+
+_MAE = {
+    "model.size": Choice(MAE_SIZES, "MAE size"),
+}
+
+_IMAGES = {
+    "data.crop_scale_min": Real(0, 1, lo_open=True),
+    "data.flip": Bool(),
+}
+
+TABLES = {
+    ("pretrain", "bert"): {**_COMMON, **_PRETRAIN, **_BERT,
+        "data.source": Text(required=True, names=("news", "pydocs"), prefixes=("files:", "tfds:"),
+                            meaning="news, pydocs, files:PATTERN or tfds:NAME[:SPLIT]"),
+        "data.objective": Choice(OBJECTIVES, "pretraining objective"),
+        "data.seed": SEED,
+        "data.max_predictions": COUNT,
+        "data.mask_prob": Real(0, 1, lo_open=True),
+        "data.whole_word": Bool(),
+        "data.short_seq_prob": PROB,
+        "data.dupe_factor": COUNT,
+        "data.eval_fraction": Real(0, 1, hi_open=True),
+        "data.max_doc_tokens": COUNT,
+        "data.shard_documents": COUNT,
+        "data.prepare_workers": Int(0, special={-1: "one per CPU"}),
+        "data.workers": NONNEG,
+        "data.prefetch": NONNEG},
+    ("finetune", "bert"): {**_COMMON, **_FINETUNE, **_BERT,
+        "model.classifier_dropout": DROPOUT,
+        "model.pooling": Choice(POOLINGS, "pooling"),
+        "data.task": Choice(TASKS, "task")},
+    ("pretrain", "mae"): {**_COMMON, **_PRETRAIN, **_MAE, **_IMAGES,
+        "model.image_size": Int(0),     # 0: the size's
+        "model.patch_size": Int(0),
+        "model.num_channels": Int(0),
+        "model.mask_ratio": Real(0, 1, lo_open=True, hi_open=True),
+        "model.norm_pix_loss": Bool(),
+        "data.source": Text(required=True, names=("mnist",), prefixes=("tfds:",),
+                            meaning="mnist or tfds:NAME"),
+        "data.workers": NONNEG,
+        "data.prefetch": NONNEG},
+    ("finetune", "mae"): {**_COMMON, **_FINETUNE, **_MAE, **_IMAGES,
+        "model.drop_path": DROPOUT,
+        "model.pooling": Choice(POOLINGS, "pooling"),
+        "model.probe_norm": Bool(),
+        "data.task": Text(required=True, names=IMAGE_TASKS, prefixes=("tfds:",),
+                          meaning="mnist or tfds:NAME")},
+}
+PRETRAIN, FINETUNE = TABLES["pretrain", "bert"], TABLES["finetune", "bert"]
 
 
 def _cross_checks(c, table) -> str | None:
@@ -205,21 +244,23 @@ def _cross_checks(c, table) -> str | None:
     if c.train.batch_size % c.train.grad_accum:
         return (f"train.batch_size={c.train.batch_size} does not split into "
                 f"train.grad_accum={c.train.grad_accum} microbatches; use a multiple of it")
-    if table is PRETRAIN:
+    if table is PRETRAIN:  # BERT's sequence budget
         if c.data.max_predictions > c.data.max_seq_len:
             return (f"data.max_predictions={c.data.max_predictions} exceeds "
                     f"data.max_seq_len={c.data.max_seq_len}; lower it")
         if c.data.max_seq_len > c.model.max_position:
             return (f"data.max_seq_len={c.data.max_seq_len} exceeds "
                     f"model.max_position={c.model.max_position}; raise model.max_position")
-    elif c.train.steps == 0 and c.train.epochs == 0:
+    elif "method" in c and c.train.steps == 0 and c.train.epochs == 0:
         return "train.steps=0 and train.epochs=0: set train.epochs or train.steps above 0"
     return None
 
 
-def table_for(config: ml_collections.ConfigDict) -> dict:
-    """Fine-tuning configs have a `method` group; the others are pretraining configs."""
-    return FINETUNE if "method" in config else PRETRAIN
+def table_for(config: ml_collections.ConfigDict) -> dict | None:
+    """The table of the config's trainer (fine-tuning configs have a `method` group) and family;
+    None for a family registered from outside (only what every run has is checked then)."""
+    trainer = "finetune" if "method" in config else "pretrain"
+    return TABLES.get((trainer, config.get("family", "bert")))
 
 
 def _leaves(cfg, prefix: str = ""):
@@ -240,8 +281,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a one-line UserError for the first value the run cannot use."""
     table = table_for(config)
     values = dict(_leaves(config))
+    if table is None:  # an outside family: its own fields are its own business
+        table = {k: rule for k, rule in _COMMON.items() if k in values}
     for key, value in values.items():
-        if key not in table:
+        if key not in table and table_for(config) is not None:
             raise UserError(f"config field {key} is not used by this trainer; remove it from "
                             f"the config file (a misspelt field would be ignored)")
     for key, rule in table.items():
