@@ -83,6 +83,7 @@ def test_a_second_run_on_a_live_workdir_is_refused_then_a_killed_one_is_taken_ov
     assert sorted(losses(workdir)) == list(range(1, 61))
 
 
+@pytest.mark.slow  # two in-process runs and a failed one
 def test_a_disk_that_fills_during_a_save_is_one_line_and_the_rerun_resumes_bitwise(
         data_dir, tmp_path, monkeypatch):
     from pretrain.train import train_and_evaluate

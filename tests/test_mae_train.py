@@ -57,6 +57,7 @@ def losses_on(shape, batches):
     return np.array(out)
 
 
+@pytest.mark.slow  # three meshes compiled: about a minute on 2 cores
 def test_losses_equal_on_meshes_1_8_and_2x2x2():
     rng = np.random.default_rng(0)
     batches = [{"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
@@ -160,7 +161,7 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, data_dir, pretrained):
     root, _ = pretrained
     run = lambda *extra: one_line(capsys, pretrain_main, ["--workdir", str(tmp_path / "w"), *flags(data_dir), *extra])
     assert "not divisible by patch_size 7" in run("--config.model.image_size=30")
-    assert "mask_ratio 1.5 must be in (0, 1)" in run("--config.model.mask_ratio=1.5")
+    assert "model.mask_ratio=1.5: expected a number in (0, 1)" in run("--config.model.mask_ratio=1.5")
     err = run(f"--config.data.data_dir={tmp_path}", "--config.data.source=tfds:cifar10")
     assert "cifar10" in err and "tfds build" in err
     # A workdir trained with 7x7 patches, rerun with 4x4 ones.
