@@ -86,6 +86,7 @@ class Architecture:
     marker: str | None = None                # a top-level key of our params only this class has
     labels: str | None = None                # a classifier: our leaf whose one axis is the classes
     model_type: str | None = None            # config.json's model_type, when not the family's
+    lacks: tuple[str, ...] = ()              # base-model rules (their `hf` names) this class has not
 
 
 class Entry(NamedTuple):
@@ -142,7 +143,8 @@ class Family:
         sizes = {letter: getattr(cfg, field) for letter, field in self.dims.items()} | {"C": num_labels}
         depths = {letter: getattr(cfg, field) for letter, field in self.depths.items()}
         rows = []
-        for rule, in_base in [(r, True) for r in self.rules] + [(r, False) for r in arch.heads]:
+        for rule, in_base in ([(r, True) for r in self.rules if r.hf not in arch.lacks]
+                             + [(r, False) for r in arch.heads]):
             if "C" in rule.dims.split() and num_labels is None:
                 raise ConversionError(f"{architecture} needs the number of classes")
             shape = tuple(int(d) if d.isdigit() else sizes[d] for d in rule.dims.split())
