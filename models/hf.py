@@ -138,10 +138,10 @@ def infer_architecture(params: dict, family: str = "bert") -> str:
 
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  id2label=None, tokenizer=None) -> Path:
+                  id2label=None, tokenizer=None, config_extra: dict | None = None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
     (or shards + model.safetensors.index.json past `max_shard_bytes`); with `tokenizer` (a folder
-    or a vocab.txt) also the tokenizer files. Returns the folder.
+    or a vocab.txt) also the tokenizer files; `config_extra` joins config.json. Returns the folder.
 
     `params` is our pure dict (`nnx.to_pure_dict`); layer keys may be ints or strings (Orbax).
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
@@ -163,7 +163,8 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         num_labels = leaf.shape[0]
     table = name_table(architecture, cfg, num_labels)
     leaves = _check_params(params, table, architecture)
-    config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels)
+    config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels,
+                       **(config_extra or {}))
 
     # Plan the files from shapes alone, then stream one tensor at a time into them.
     sizes = [math.prod(e.layout.hf_shape(e.shape)) * np_dtype.itemsize for e in table]
@@ -341,6 +342,19 @@ def _parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _provenance(checkpoint) -> dict:
+    """`pretrax_init`: where a continued-pretraining run's first weights came from (its config.json
+    `init`: the --init given, the kind, the folder read and its step), when it has one."""
+    from training.checkpoint import resolve_step_dir
+    from training.errors import UserError
+    try:
+        config = resolve_step_dir(checkpoint)[0].parent / "config.json"
+    except UserError:
+        return {}
+    init = json.loads(config.read_text()).get("init") if config.is_file() else None
+    return {"pretrax_init": {k: init.get(k) for k in ("init", "kind", "path", "step")}} if init else {}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.hf", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -373,7 +387,7 @@ def main(argv=None) -> None:
         id2label = args.labels.split(",") if args.labels else None
         out = export_params(params, cfg, args.out, architecture=architecture, dtype=args.dtype,
                             max_shard_bytes=args.max_shard_size, id2label=id2label,
-                            tokenizer=tokenizer_dir)
+                            tokenizer=tokenizer_dir, config_extra=_provenance(args.checkpoint))
     except (ConversionError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,6 +1,8 @@
 """Model families for pretraining: what a family gives the shared trainer, and where to find them.
 
-A family is a module with `setup(config, workdir) -> Setup`; `config.family` names it. Adding one
+A family is a module with `setup(config, workdir, init, explicit) -> Setup`; `config.family`
+names it. `init` is `--init SRC` (None: random weights) and `explicit` the config keys set on the
+command line (a flag that contradicts SRC's model shape or tokenizer is an error). Adding one
 is adding a module (e.g. `pretrain/mae.py`) and a line in FAMILIES below (ARCHITECTURE.md).
 """
 
@@ -26,9 +28,15 @@ class Setup:
 
     `train_batches` is this process's endless iterator of local batches (numpy dicts) with grain's
     `get_state()` / `set_state()` and `close()`; `eval_batches()` yields one evaluation pass.
+
+    `initial_params(fresh)` gives the parameters a fresh start begins from (with `--init`: SRC's
+    weights, shape-checked, and `fresh` random values where SRC lacks a head), given the random
+    ones; None: the random ones. A rerun that restores a checkpoint never calls it. A family
+    that takes `--init` records SRC in `config.init` (config.json).
     """
     model_fn: Callable[[nnx.Rngs], nnx.Module]
     objective: Objective
     train_batches: Iterator[dict]
     eval_batches: Callable[[], Iterable[dict]]
     throughput: Throughput
+    initial_params: Callable[[dict], dict] | None = None

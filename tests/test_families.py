@@ -58,7 +58,7 @@ OBJECTIVE = Objective(
     lambda sums, prefix: {f"{prefix}/loss": float(sums["sq"]) / float(sums["count"])})
 
 
-def pretrain_setup(config, workdir):
+def pretrain_setup(config, workdir, init, explicit):
     ds = grain.MapDataset.range(256).shuffle(config.train.seed).repeat(None)
     ds = process_share(ds, config.train.batch_size, 0, 1).map(examples)
     return pretrain_families.Setup(

@@ -53,7 +53,7 @@ def resolve_source(init: str, usage: str = USAGE) -> Source:
     """What `--init` names, without reading any weights."""
     if init == "none":
         return Source(init, "none")
-    path = Path(init).expanduser()
+    path = Path(init).expanduser().absolute()  # what a rerun from another folder reads too
     if not path.is_dir():
         raise UserError(f"--init {init}: no such folder; {usage}")
     if (path / "checkpoints").is_dir() or path.name == "checkpoints" or path.name.isdigit():
@@ -86,6 +86,25 @@ def resolve_source(init: str, usage: str = USAGE) -> Source:
         return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg), str(path),
                       architecture)
     raise UserError(f"--init {init} is neither a checkpoint folder nor a HuggingFace model folder; {usage}")
+
+
+def run_source(workdir: Path, init: str | None, resolve=resolve_source) -> Source | None:
+    """The source of a pretraining run in `workdir` (None: random weights). A workdir that has
+    checkpoints resumes from them, never from SRC again: it keeps the source its config.json
+    recorded (`init`) and must be given the same --init (none for a run from random weights)."""
+    init = None if init == "none" else init
+    try:
+        resolve_step_dir(workdir)
+    except UserError:  # no checkpoints yet: a fresh start
+        return resolve(init) if init is not None else None
+    config = Path(workdir) / "config.json"
+    record = json.loads(config.read_text()).get("init") if config.is_file() else None
+    if record is None:
+        if init is not None:
+            raise UserError(f"{workdir} already has checkpoints of a run from random weights; "
+                            f"drop --init to resume it, or pass another --workdir")
+        return None
+    return recorded_source(record, init, workdir)
 
 
 def recorded_source(record: dict, init: str | None, workdir: Path) -> Source:
@@ -128,18 +147,20 @@ def _name(path) -> str:
 
 def take_params(loaded: dict, fresh: dict, source: Source, optional=()) -> tuple[dict, list[str]]:
     """`fresh` (a model's parameter tree) with every leaf taken from `loaded`, shape-checked, as
-    float32 numpy. Leaves under an `optional` prefix (e.g. "nsp", "encoder/pooler") that the
-    source lacks keep their fresh values; returns them too. Any other missing leaf is an error."""
+    float32 numpy, and the `optional` parts (e.g. "nsp", "encoder/pooler") the source lacks: those
+    keep their fresh values. Any other leaf the source lacks is an error."""
     flat = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
     kept = []
 
     def take(path, leaf):
         name = _name(path)
         if name not in flat:
-            if any(name == o or name.startswith(o + "/") for o in optional):
-                kept.append(name)
-                return leaf
-            raise UserError(f"--init {source.init} has no parameter {name}")
+            part = next((o for o in optional if name == o or name.startswith(o + "/")), None)
+            if part is None:
+                raise UserError(f"--init {source.init} has no parameter {name}")
+            if part not in kept:
+                kept.append(part)
+            return leaf
         x = flat[name]
         if tuple(x.shape) != tuple(leaf.shape):
             raise UserError(f"--init {source.init}: parameter {name} has shape {tuple(x.shape)}, "
