@@ -15,33 +15,25 @@ import torch
 import transformers
 from flax import nnx
 
-from conftest import tiny_config, tiny_flags
+from conftest import stop_at, tiny_config, tiny_flags
 from data.corpora import load_documents, parse_sources
 from data.pretraining import PretrainingData
 from data.tasks import load_task
 from data.wheels import DataError
 from models import hf
 from models.bert import BertForPreTraining
+from models.tokenizer import Tokenizer
 from pretrain import bert as pretrain_bert
-from pretrain.__main__ import main
 from pretrain.prepare import prepare
 from pretrain.train import train_and_evaluate
-from training import loop
 from training.checkpoint import read_params
 from training.init_source import resolve_source
 from training.metrics import read_metrics
 from training.state import init_params
+from test_pretrain_cli import one_line_error
 
 TEXTS = ["The parser reads a module and returns its syntax tree.", "Hello, world!",
          "Exceptions propagate up the call stack until a handler catches them."]
-
-
-def stop_at(monkeypatch, step: int):
-    """What SIGTERM does at `step` (the signal itself has CLI tests)."""
-    def should_stop(self, s):
-        self.reason = "SIGTERM" if s >= step else None
-        return s >= step
-    monkeypatch.setattr(loop.StopRequest, "should_stop", should_stop)
 
 
 def rows(workdir) -> list[dict]:
@@ -75,7 +67,6 @@ def hf_model(cls, vocab_size: int, seed: int = 0, **config):
 @pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory, data_dir):
     """A transformers BertTokenizerFast over a WordPiece vocabulary learned on the tiny corpus."""
-    from models.tokenizer import Tokenizer
     folder = tmp_path_factory.mktemp("vocab")
     Tokenizer.train(load_documents("pydocs", data_dir), 512).save(folder)
     return folder
@@ -302,16 +293,6 @@ def test_bad_mixtures(spec, message):
 # 5. Bad input: one line, nothing overwritten
 # ---------------------------------------------------------------------------------------------
 
-def one_line_error(capsys, argv) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def test_bad_inputs_are_one_line_and_overwrite_nothing(capsys, tmp_path, pretrained, data_dir, vocab_dir):
     flags = tiny_flags(data_dir)
     runs = iter(range(100))
@@ -319,6 +300,7 @@ def test_bad_inputs_are_one_line_and_overwrite_nothing(capsys, tmp_path, pretrai
     def error(init, *extra, workdir=None):
         workdir = workdir or tmp_path / f"w{next(runs)}"
         argv = ["--workdir", str(workdir), *(["--init", str(init)] if init else []), *flags, *extra]
+        capsys.readouterr()  # what earlier runs printed
         return one_line_error(capsys, argv)
 
     (tmp_path / "nothing" / "checkpoints").mkdir(parents=True)

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import bert_tiny, finetune_rt_polarity
+from conftest import stop_at
 from data import labelled
 from data.pipeline import prefetching_iterator, process_share
 from finetune import families as finetune_families
@@ -102,14 +103,6 @@ def configs():
     ft.train.steps, ft.train.batch_size, ft.train.log_every, ft.eval.every_steps = 9, 8, 2, 3
     ft.optim.lr = 0.05
     return pre, ft
-
-
-def stop_at(monkeypatch, step: int):
-    """What SIGTERM does at `step`: StopRequest says stop there (the signal path has CLI tests)."""
-    def should_stop(self, s):
-        self.reason = "SIGTERM" if s >= step else None
-        return s >= step
-    monkeypatch.setattr(loop.StopRequest, "should_stop", should_stop)
 
 
 def spy_on_the_loop(monkeypatch) -> list[int]:
