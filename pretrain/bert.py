@@ -135,9 +135,10 @@ def initial_params(source: Source, fresh: dict) -> dict:
     params, missing = take_params(loaded, fresh, source, optional=HEADS)
     unused = sorted(set(loaded) - set(fresh))  # a fine-tuning checkpoint's classifier
     at = f" at step {source.step}" if source.step is not None else ""
-    print(f"--init: weights from {source.describe()}{at}"
-          + (f"; it has no {', '.join(missing)}: created fresh" if missing else "; every head loaded")
-          + (f"; its {', '.join(unused)} not used" if unused else ""))
+    if jax.process_index() == 0:
+        print(f"--init: weights from {source.describe()}{at}"
+              + (f"; it has no {', '.join(missing)}: created fresh" if missing else "; every head loaded")
+              + (f"; its {', '.join(unused)} not used" if unused else ""))
     return params
 
 
