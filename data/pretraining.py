@@ -9,6 +9,11 @@ it. The train stream is
       -> batches of batch_size / process_count -> this process's batches only
       -> prefetch in threads, or in `workers` processes (grain.mp_prefetch)
 
+A mixture (`data.source=news:0.7,task:rt_polarity:0.3`, pretrain/prepare.py) has one such folder
+per source; each source's records are shuffled and repeated on their own, and grain's
+`MapDataset.mix` interleaves the streams deterministically by weight, so position k of the mixed
+stream is a pure function of k and resume stays exact.
+
 Global batch `step` is stream positions [step * B, (step + 1) * B); process i reads and masks only
 positions step * B + i * B/P ... of it, so the processes' shares are disjoint and together make the
 single-process batch, masks included, for any process count. The iterator's state is grain's
@@ -66,17 +71,22 @@ class MaskExample:
 
 
 class PretrainingData:
-    """A prepared folder: its tokenizer, its train/eval example shards, and batches of them."""
+    """A prepared folder (or a mixture of several): its tokenizer, its train/eval example shards,
+    and batches of them."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.tokenizer = Tokenizer.load(self.folder.parent / "tokenizer")
+        # A mixture's meta lists its parts: folders relative to its own parent, and weights.
+        parts = self.meta.get("parts") or [{"folder": self.folder.name, "weight": 1.0}]
+        self.parts = [(self.folder.parent / p["folder"], float(p["weight"])) for p in parts]
+        self.tokenizer = Tokenizer.load(self.parts[0][0].parent / "tokenizer")
         self.max_seq_len = self.meta["max_seq_len"]
         self.objective = self.meta["objective"]
-        self._paths = {split: [str(self.folder / f) for f in self.meta[f"{split}_files"]]
-                       for split in ("train", "eval")}
-        self._sources: dict[str, grain.sources.ArrayRecordDataSource] = {}
+        metas = [json.loads((f / "meta.json").read_text()) for f, _ in self.parts]
+        self._paths = [{split: [str(f / name) for name in meta[f"{split}_files"]]
+                        for split in ("train", "eval")} for (f, _), meta in zip(self.parts, metas)]
+        self._sources: dict[tuple, grain.sources.ArrayRecordDataSource] = {}
 
     def __len__(self) -> int:
         return self.meta["train_examples"]
@@ -84,12 +94,30 @@ class PretrainingData:
     def num_examples(self, split: str) -> int:
         return self.meta[f"{split}_examples"]
 
-    def source(self, split: str):
-        if split not in self._sources:
-            if not self._paths[split]:
+    def source(self, split: str, part: int = 0):
+        """The records of `split` of one source (of the mixture's `part`-th)."""
+        if (split, part) not in self._sources:
+            if not self._paths[part][split]:
                 raise ValueError(f"the {split} split is empty")
-            self._sources[split] = grain.sources.ArrayRecordDataSource(self._paths[split])
-        return self._sources[split]
+            self._sources[split, part] = grain.sources.ArrayRecordDataSource(self._paths[part][split])
+        return self._sources[split, part]
+
+    def records(self, split: str, seed: int | None = None) -> grain.MapDataset:
+        """The endless stream of a split's records, shuffled (reshuffled every epoch) when `seed`
+        is given; a mixture interleaves its sources' streams by weight (sources without the
+        split are left out)."""
+        streams, weights = [], []
+        for i, (_, weight) in enumerate(self.parts):
+            if not self._paths[i][split]:
+                continue
+            ds = grain.MapDataset.source(self.source(split, i))
+            if seed is not None:  # a single source keeps the stream it always had
+                ds = ds.shuffle(grain_seed(seed, _PERM_TAG, *([i] if len(self.parts) > 1 else [])))
+            streams.append(ds.repeat(None))
+            weights.append(weight)
+        if not streams:
+            raise ValueError(f"the {split} split is empty")
+        return streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, weights)
 
     # --- datasets -------------------------------------------------------------------------
 
@@ -107,9 +135,8 @@ class PretrainingData:
                       mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                       process_count: int = 1) -> grain.MapDataset:
         """This process's batches of the endless train stream, as a random-access dataset."""
-        ds = grain.MapDataset.source(self.source("train")).shuffle(grain_seed(seed, _PERM_TAG)).repeat(None)
-        ds = ds.map_with_index(self._masker(batch_size, seed, _TRAIN_TAG, max_predictions,
-                                            mask_prob, whole_word))
+        ds = self.records("train", seed).map_with_index(
+            self._masker(batch_size, seed, _TRAIN_TAG, max_predictions, mask_prob, whole_word))
         return process_share(ds, batch_size, process_index, process_count)
 
     def train_iterator(self, batch_size: int, *, seed: int, max_predictions: int,
@@ -142,9 +169,8 @@ class PretrainingData:
     def eval_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
                      mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                      process_count: int = 1) -> grain.MapDataset:
-        ds = grain.MapDataset.source(self.source("eval")).repeat(None)
-        ds = ds.map_with_index(self._masker(batch_size, seed, _EVAL_TAG, max_predictions,
-                                            mask_prob, whole_word))
+        ds = self.records("eval").map_with_index(
+            self._masker(batch_size, seed, _EVAL_TAG, max_predictions, mask_prob, whole_word))
         return process_share(ds, batch_size, process_index, process_count)
 
     def eval_batches(self, batch_size: int, max_batches: int | None = None, **kwargs):

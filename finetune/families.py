@@ -12,12 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 from flax import nnx
 
 from finetune.methods import Depth
 from finetune.tasks import Task
-from training.errors import UserError
 from training.families import Registry
 
 FAMILIES = Registry("fine-tuning", {"bert": "finetune.text", "mae": "finetune.image"})
@@ -54,20 +52,3 @@ class Setup:
     results: dict
     fixed: Callable[[tuple], bool] | None = None
     mix: Callable | None = None
-
-
-def checked_params(loaded: dict, wanted: dict, what: str) -> dict:
-    """`loaded` (a source's encoder) as float32 numpy in the structure of `wanted`, every shape
-    checked; `what` names the source in the one-line error."""
-    name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-    flat = {name(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-
-    def take(path, leaf):
-        if name(path) not in flat:
-            raise UserError(f"{what} has no encoder parameter {name(path)}")
-        x = flat[name(path)]
-        if tuple(x.shape) != tuple(leaf.shape):
-            raise UserError(f"{what}: encoder parameter {name(path)} has shape {tuple(x.shape)}, "
-                            f"the model needs {tuple(leaf.shape)}")
-        return np.asarray(x, np.float32)
-    return jax.tree_util.tree_map_with_path(take, wanted)

@@ -23,11 +23,12 @@ from flax import nnx
 from data.images import Augment, ImageExample, load_images
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup, checked_params
+from finetune.families import Setup
 from models.layers import normal, zeros
 from models.mae import MAEConfig, MAEEncoder
 from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
+from training.init_source import take_params
 
 POOLINGS = ("cls", "mean")
 _TRAIN_TAG = 0x46544947  # "FTIG": fine-tuning augmentation
@@ -209,7 +210,7 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     def initial_params(fresh: dict) -> dict:
         params = dict(fresh)
         if source_params is not None:
-            params["encoder"] = checked_params(source_params, fresh["encoder"], f"--init {init}")
+            params["encoder"] = take_params(source_params, fresh["encoder"], init)[0]
         if probe:
             params["probe_mean"], params["probe_var"] = _feature_stats(model_fn, params, probe_images())
         return params

@@ -21,13 +21,15 @@ from flax import nnx
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup, checked_params
-from models.bert import SIZES, BertConfig, BertEncoder
+from finetune.families import Setup
+from models.bert import BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
 from models.tokenizer import Tokenizer
-from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
+from training.init_source import (Source, check_overrides, describe_encoder, load_params,  # noqa: F401
+                                  load_tokenizer, recorded_source, resolve_source, size_name,
+                                  take_params)
 
 POOLINGS = ("cls", "mean")
 
@@ -83,104 +85,12 @@ def encoder_depth(num_layers: int):
 # Where the encoder (and its tokenizer) come from
 # ---------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Source:
-    init: str                     # --init as given
-    kind: str                     # "none" | "checkpoint" | "huggingface"
-    path: str | None = None       # the step folder or HuggingFace folder read
-    step: int | None = None
-    encoder: dict | None = None   # BertConfig fields (None: from the config, --init none)
-    tokenizer_dir: str | None = None
-
-    def bert_config(self) -> BertConfig:
-        return BertConfig(**self.encoder)
-
-
-def _init_key(init: str) -> str:
-    return init if init == "none" else str(Path(init).expanduser().resolve())
-
-
-def resolve_source(init: str) -> Source:
-    """What `--init` names, without reading any weights."""
-    if init == "none":
-        return Source(init, "none")
-    path = Path(init).expanduser()
-    usage = ("pass a pretraining workdir, one of its checkpoints/<step> folders, a HuggingFace BERT "
-             "folder (config.json + model.safetensors), or none")
-    if not path.is_dir():
-        raise UserError(f"--init {init}: no such folder; {usage}")
-    if (path / "checkpoints").is_dir() or path.name == "checkpoints" or path.name.isdigit():
-        directory, step = resolve_step_dir(path)
-        run_dir = directory.parent
-        encoder = None
-        if (run_dir / "source.json").is_file():  # a fine-tuning workdir: its encoder as recorded
-            encoder = json.loads((run_dir / "source.json").read_text())["encoder"]
-        elif (run_dir / "config.json").is_file():
-            try:
-                model = json.loads((run_dir / "config.json").read_text())["model"]
-                encoder = dataclasses.asdict(BertConfig.from_model_config(model))
-            except (KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{run_dir / 'config.json'} does not describe a BERT model ({e})") from None
-        if encoder is None:
-            raise UserError(f"{run_dir} has checkpoints but no config.json; {usage}")
-        if not (run_dir / "tokenizer").is_dir():
-            raise UserError(f"{run_dir} has no tokenizer/ folder; the encoder needs the tokenizer "
-                            f"it was trained with")
-        return Source(init, "checkpoint", str(directory / str(step)), step, encoder,
-                      str(run_dir / "tokenizer"))
-    if (path / "config.json").is_file():
-        from models.hf import ConversionError, config_from_hf
-        try:
-            cfg = config_from_hf(json.loads((path / "config.json").read_text()), family="bert")
-        except (ConversionError, ValueError) as e:
-            raise UserError(f"--init {init}: {e}") from None
-        return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg), str(path))
-    raise UserError(f"--init {init} is neither a checkpoint folder nor a HuggingFace model folder; {usage}")
-
-
 def load_encoder(source: Source) -> dict:
     """The source's encoder parameters as host numpy arrays (int layer keys)."""
-    if source.kind == "checkpoint":
-        params, _ = read_params(source.path)
-        if "encoder" not in params:
-            raise UserError(f"checkpoint {source.path} has no encoder parameters")
-        return params["encoder"]
-    from models.hf import ConversionError, import_params
-    try:
-        params, _, _ = import_params(source.path, architecture="BertModel")
-    except ConversionError as e:
-        raise UserError(f"--init {source.init}: {e}") from None
+    params = load_params(source, architecture="BertModel")
+    if "encoder" not in params:
+        raise UserError(f"checkpoint {source.path} has no encoder parameters")
     return params["encoder"]
-
-
-def size_name(cfg: BertConfig) -> str:
-    """The SIZES name of an encoder shape, or "custom"."""
-    for name, (layers, hidden, heads) in SIZES.items():
-        if (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (
-                layers, hidden, heads, 4 * hidden):
-            return name
-    return "custom"
-
-
-def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer) -> None:
-    """With a source, an explicit flag that contradicts its encoder or tokenizer is an error."""
-    if source.kind == "none":
-        return
-    enc = source.bert_config()
-    has = {"model.size": size_name(enc), "model.vocab_size": enc.vocab_size,
-           "model.max_position": enc.max_position, "data.vocab_size": tokenizer.vocab_size}
-    for key, value in has.items():
-        group, field = key.split(".")
-        if key in explicit and config[group][field] not in (value, 0):
-            raise UserError(f"--config.{key}={config[group][field]} contradicts --init {source.init}, "
-                            f"whose {'tokenizer' if group == 'data' else 'encoder'} has {value}: the "
-                            f"encoder shape and tokenizer come from the source; drop the flag or "
-                            f"use --init none")
-    if "data.tokenizer" in explicit and config.data.tokenizer:
-        if Path(config.data.tokenizer).expanduser().resolve() != Path(source.tokenizer_dir).resolve():
-            raise UserError(f"--config.data.tokenizer={config.data.tokenizer} contradicts --init "
-                            f"{source.init}, which brings its own tokenizer ({source.tokenizer_dir}); "
-                            f"drop the flag or use --init none")
 
 
 def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tokenizer:
@@ -190,11 +100,7 @@ def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tok
     where = saved if rerun and (saved / "tokenizer.json").is_file() else (
         source.tokenizer_dir or config.data.tokenizer)
     if where:
-        try:
-            tokenizer = Tokenizer.load(Path(where).expanduser())
-        except Exception as e:  # noqa: BLE001  FileNotFoundError, ValueError, or tokenizers' own
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load a tokenizer from {where}: {reason}") from None
+        tokenizer = load_tokenizer(where)
     else:
         print(f"--init none: training a {config.data.vocab_size}-token WordPiece vocabulary on "
               f"{len(train)} train examples (set --config.data.tokenizer=DIR to reuse one)")
@@ -210,12 +116,7 @@ def _source(workdir: Path, init: str) -> tuple[Source, bool]:
     recorded = workdir / "source.json"
     if not recorded.is_file():
         return resolve_source(init), False
-    fields = {f.name for f in dataclasses.fields(Source)}
-    source = Source(**{k: v for k, v in json.loads(recorded.read_text()).items() if k in fields})
-    if _init_key(init) != _init_key(source.init):
-        raise UserError(f"{workdir} was started with --init {source.init}; pass the same --init "
-                        f"to resume, or another --workdir")
-    return source, True
+    return recorded_source(json.loads(recorded.read_text()), init, workdir), True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +156,7 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     if dc.max_seq_len > bert.max_position:
         raise UserError(f"data.max_seq_len={dc.max_seq_len} exceeds the encoder's {bert.max_position} "
                         f"positions")
-    with config.unlocked():  # config.json tells the encoder that was used, field by field
-        name = size_name(bert)
-        config.model.size = "" if name == "custom" else name
-        for field in ("vocab_size", "max_position", "num_layers", "hidden_size", "num_heads",
-                      "intermediate_size", "type_vocab_size", "layer_norm_eps", "initializer_range"):
-            config.model[field] = getattr(bert, field)
+    describe_encoder(config, bert)
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
           f"; encoder {size_name(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
 
@@ -275,8 +171,7 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":
             return fresh
-        return {**fresh, "encoder": checked_params(load_encoder(source), fresh["encoder"],
-                                                   f"--init {source.init}")}
+        return {**fresh, "encoder": take_params(load_encoder(source), fresh["encoder"], source.init)[0]}
 
     return Setup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
                  model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),

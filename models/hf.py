@@ -142,12 +142,13 @@ def infer_architecture(params: dict, family: str = "bert") -> str:
 
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                  id2label=None, tokenizer=None, image_stats=None) -> Path:
+                  id2label=None, tokenizer=None, image_stats=None,
+                  config_extra: dict | None = None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
     (or shards + model.safetensors.index.json past `max_shard_bytes`); for a text family with
     `tokenizer` (a folder or a vocab.txt) also the tokenizer files; for an image family with
     `image_stats` (the per-channel `(mean, std)` of pixels in [0, 1] that training normalised
-    with) also preprocessor_config.json. Returns the folder.
+    with) also preprocessor_config.json; `config_extra` joins config.json. Returns the folder.
 
     `params` is our pure dict (`nnx.to_pure_dict`); layer keys may be ints or strings (Orbax).
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
@@ -169,7 +170,8 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         num_labels = leaf.shape[0]
     table = name_table(architecture, cfg, num_labels)
     leaves = _check_params(params, table, architecture)
-    config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels)
+    config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels,
+                       **(config_extra or {}))
     if tokenizer is not None and family.image_processor is not None:
         raise ConversionError(f"{architecture} reads images: it takes an image processor, not a tokenizer")
     if image_stats is not None and family.image_processor is None:
@@ -239,9 +241,12 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
     image_stats = family.image_stats(run_config, cfg) if family.image_stats else None
     if "probe_mean" in params:
         params = fold_probe_norm(params)
+    # Where a continued-pretraining run's first weights came from (its config.json `init`).
+    init = run_config.get("init")
+    provenance = {"pretrax_init": {k: init.get(k) for k in ("init", "kind", "path", "step")}} if init else None
     out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
-                        image_stats=image_stats)
+                        image_stats=image_stats, config_extra=provenance)
     return out, architecture
 
 

@@ -1,10 +1,13 @@
-"""BERT's HuggingFace record: `BertModel`, `BertForPreTraining`, `BertForSequenceClassification`.
+"""BERT's HuggingFace record: `BertModel`, `BertForPreTraining`, `BertForMaskedLM`,
+`BertForSequenceClassification`.
 
 Our `encoder/...` is HuggingFace's `BertModel`, kept under `bert.` in the task models. Facts
 checked on transformers 5.23: `save_pretrained` writes no `cls.predictions.decoder.{weight,bias}`:
 the decoder is tied to the word embeddings and to `cls.predictions.bias` (`_tied_weights_keys`),
 so neither do we, and on import such copies (older checkpoints) are accepted only when they equal
-what they are tied to. `hidden_act: "gelu"` is the exact (erf) GELU our model uses.
+what they are tied to. `BertForMaskedLM` is `BertForPreTraining` without the pooler (it builds
+its `BertModel` with `add_pooling_layer=False`) and without the NSP head. `hidden_act: "gelu"`
+is the exact (erf) GELU our model uses.
 """
 
 from models.bert import BertConfig
@@ -25,6 +28,14 @@ BERT_RULES = (
     *norm("layers/{i}/mlp_norm", "encoder.layer.{i}.output.LayerNorm"),
     *dense("pooler", "pooler.dense", "D", "D"),
 )
+
+MLM_HEAD = (
+    *dense("mlm_transform", "cls.predictions.transform.dense", "D", "D"),
+    *norm("mlm_norm", "cls.predictions.transform.LayerNorm"),
+    Rule("mlm_bias", "cls.predictions.bias", "V"),
+)
+MLM_TIED = (("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"))
 
 
 def bert_to_hf(cfg: BertConfig) -> dict:
@@ -81,14 +92,11 @@ BERT = Family(
         "BertForSequenceClassification": Architecture(
             tuple(dense("classifier", "classifier", "D", "C")), "bert.", marker="classifier",
             labels="classifier/bias"),
-        "BertForPreTraining": Architecture((
-            *dense("mlm_transform", "cls.predictions.transform.dense", "D", "D"),
-            *norm("mlm_norm", "cls.predictions.transform.LayerNorm"),
-            Rule("mlm_bias", "cls.predictions.bias", "V"),
-            *dense("nsp", "cls.seq_relationship", "D", "2"),
-        ), "bert.", marker="nsp", tied=(
-            ("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
-            ("cls.predictions.decoder.bias", "cls.predictions.bias"))),
+        "BertForPreTraining": Architecture((*MLM_HEAD, *dense("nsp", "cls.seq_relationship", "D", "2")),
+                                           "bert.", marker="nsp", tied=MLM_TIED),
+        # No marker: a tree with an MLM head has the NSP head too, so export infers the above.
+        "BertForMaskedLM": Architecture(MLM_HEAD, "bert.", tied=MLM_TIED,
+                                        lacks=("pooler.dense.weight", "pooler.dense.bias")),
         "BertModel": Architecture(),
     },
     prefix="bert.",

@@ -98,6 +98,7 @@ class Architecture:
     marker: str | None = None                # a top-level key of our params only this class has
     labels: str | None = None                # a classifier: our leaf whose one axis is the classes
     model_type: str | None = None            # config.json's model_type, when not the family's
+    lacks: tuple[str, ...] = ()              # base-model rules (their `hf` names) this class has not
 
 
 class Entry(NamedTuple):
@@ -186,7 +187,8 @@ class Family:
                  for letter, field in self.dims.items()} | {"C": num_labels}
         depths = {letter: getattr(cfg, field) for letter, field in self.depths.items()}
         rows = []
-        for rule, in_base in [(r, True) for r in self.rules] + [(r, False) for r in arch.heads]:
+        for rule, in_base in ([(r, True) for r in self.rules if r.hf not in arch.lacks]
+                             + [(r, False) for r in arch.heads]):
             if rule.when is not None and not rule.when(cfg):
                 continue
             dims = axes(rule.dims)

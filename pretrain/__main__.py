@@ -1,6 +1,9 @@
-"""`python -m pretrain [--config configs/NAME.py] [--workdir DIR] [--config.FIELD=VALUE ...]`.
+"""`python -m pretrain [--config configs/NAME.py] [--workdir DIR] [--init SRC] [--config.FIELD=VALUE ...]`.
 
 With no flags it runs the embedded default; the same command on the same workdir resumes.
+`--init SRC` continues pretraining from SRC's weights (a pretraining workdir, one of its
+checkpoints/<step> folders, or a HuggingFace BERT folder), with SRC's tokenizer and model shape
+and a fresh optimizer and step.
 Multi-process: `--coordinator HOST:PORT --num_processes N --process_id I` on every process (or
 nothing on TPU pods and under srun, which are detected); `--cpu_devices M` fakes M CPU devices.
 `python -m launch.local` starts such runs on one machine (see launch/README.md).
@@ -14,15 +17,19 @@ from training import distributed
 from training.config import parse_cli
 from training.errors import exits_cleanly
 
+INIT_ARG = ("--init", dict(default=None, metavar="SRC",
+                           help="continue from SRC's weights: a pretraining workdir, a "
+                                "checkpoints/<step> folder, or a HuggingFace BERT folder"))
+
 
 @exits_cleanly
 def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
                              "Pretrain a BERT encoder with MLM and NSP.",
-                             extra_args=distributed.DISTRIBUTED_ARGS)
+                             extra_args=[INIT_ARG, *distributed.DISTRIBUTED_ARGS])
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     from pretrain.train import train_and_evaluate  # after parsing: --help stays instant
-    train_and_evaluate(config, args.workdir)
+    train_and_evaluate(config, args.workdir, args.init, set(args.overrides))
 
 
 if __name__ == "__main__":

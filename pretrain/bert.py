@@ -1,12 +1,19 @@
 """The BERT family for pretraining: MLM + NSP (or SOP, or packed MLM alone) on prepared text.
 
-`setup(config, workdir)` prepares the corpus once (pretrain/prepare.py), saves the tokenizer in
-the workdir, rounds the vocabulary for sharding, and binds the masking options into the data
-iterator. Losses are sums and counts (training/step.py), so microbatching and evaluation
-normalise by the global number of predictions.
+`setup(config, workdir, init, explicit)` prepares the corpus once (pretrain/prepare.py), saves
+the tokenizer in the workdir, rounds the vocabulary for sharding, and binds the masking options
+into the data iterator. Losses are sums and counts (training/step.py), so microbatching and
+evaluation normalise by the global number of predictions.
+
+With `--init SRC` (continued pretraining) the model's shape and tokenizer are SRC's and the corpus
+is prepared with that tokenizer; a fresh start takes SRC's weights (a HuggingFace BertForMaskedLM
+has no pooler or NSP head, a BertModel no heads: those start random, said in one line).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +24,8 @@ from models.bert import BertConfig, BertForPreTraining
 from pretrain.families import Setup
 from pretrain.prepare import prepare
 from training.errors import UserError
+from training.init_source import (Source, check_overrides, describe_encoder, load_params,
+                                  load_tokenizer, resolve_source, run_source, take_params)
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
 from training.step import Objective
@@ -88,14 +97,61 @@ def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions:
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-def setup(config, workdir) -> Setup:
+ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")  # what --init takes
+USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or a HuggingFace "
+         f"{', '.join(ARCHITECTURES[:-1])} or {ARCHITECTURES[-1]} folder")
+# What a source may lack; it starts random then. Anything else missing is an error.
+HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler")
+
+
+def continued_source(config, workdir: Path, init: str | None, explicit) -> Source | None:
+    """The --init source (None: random weights), checked against the config; sets what it fixes
+    (the model's shape, data.tokenizer) and records it in config.init."""
+    source = run_source(workdir, init, lambda i: resolve_source(i, USAGE))
+    if source is None:
+        return None
+    if source.kind == "huggingface" and source.architecture not in ARCHITECTURES:
+        raise UserError(f"--init {source.init} holds a {source.architecture}; {USAGE}")
+    tokenizer = load_tokenizer(source.tokenizer_dir)
+    check_overrides(config, explicit, source, tokenizer,
+                    instead="drop --init to pretrain from random weights")
+    bert = source.bert_config()
+    if tokenizer.vocab_size > bert.vocab_size:
+        raise UserError(f"--init {source.init}: its tokenizer has {tokenizer.vocab_size} tokens "
+                        f"but its model only {bert.vocab_size} embeddings")
+    if config.data.max_seq_len > bert.max_position:
+        raise UserError(f"data.max_seq_len={config.data.max_seq_len} exceeds the "
+                        f"{bert.max_position} positions of --init {source.init}")
+    describe_encoder(config, bert)
+    with config.unlocked():
+        config.data.tokenizer = str(Path(source.tokenizer_dir).resolve())
+        config.init = dataclasses.asdict(source)
+    return source
+
+
+def initial_params(source: Source, fresh: dict) -> dict:
+    """SRC's weights in the shape of `fresh` (BertForPreTraining's random parameters)."""
+    loaded = load_params(source)
+    params, missing = take_params(loaded, fresh, source.init, optional=HEADS)
+    unused = sorted(set(loaded) - set(fresh))  # a fine-tuning checkpoint's classifier
+    at = f" at step {source.step}" if source.step is not None else ""
+    if jax.process_index() == 0:
+        print(f"--init: weights from {source.describe()}{at}"
+              + (f"; it has no {', '.join(missing)}: created fresh" if missing else "; every head loaded")
+              + (f"; its {', '.join(unused)} not used" if unused else ""))
+    return params
+
+
+def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
     dc, tc = config.data, config.train
+    source = continued_source(config, workdir, init, explicit)  # before anything is written
     corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
     if jax.process_index() == 0:
         corpus.tokenizer.save(workdir / "tokenizer")
-    with config.unlocked():
-        # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
-        config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
+    if source is None:
+        with config.unlocked():
+            # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
+            config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
     try:
         model_cfg = BertConfig.from_model_config(config.model)
     except ValueError as e:
@@ -111,4 +167,5 @@ def setup(config, workdir) -> Setup:
         flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
     return Setup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
-                 eval_batches, throughput)
+                 eval_batches, throughput,
+                 initial_params=None if source is None else lambda fresh: initial_params(source, fresh))

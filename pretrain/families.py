@@ -1,6 +1,8 @@
 """Model families for pretraining: what a family gives the shared trainer, and where to find them.
 
-A family is a module with `setup(config, workdir) -> Setup`; `config.family` names it. Adding one
+A family is a module with `setup(config, workdir, init, explicit) -> Setup`; `config.family`
+names it. `init` is `--init SRC` (None: random weights) and `explicit` the config keys set on the
+command line (a flag that contradicts SRC's model shape or tokenizer is an error). Adding one
 is adding a module (e.g. `pretrain/mae.py`) and a line in FAMILIES below (ARCHITECTURE.md).
 """
 
@@ -28,6 +30,11 @@ class Setup:
     `get_state()` / `set_state()` and `close()`; `eval_batches()` yields one evaluation pass.
     `pictures(model, batch)`, if given, draws {name: HWC image in [0, 1]} from the first eval
     batch at every evaluation (saved as workdir/<name>.png and in TensorBoard).
+
+    `initial_params(fresh)` gives the parameters a fresh start begins from (with `--init`: SRC's
+    weights, shape-checked, and `fresh` random values where SRC lacks a head), given the random
+    ones; None: the random ones. A rerun that restores a checkpoint never calls it. A family
+    that takes `--init` records SRC in `config.init` (config.json).
     """
     model_fn: Callable[[nnx.Rngs], nnx.Module]
     objective: Objective
@@ -35,3 +42,4 @@ class Setup:
     eval_batches: Callable[[], Iterable[dict]]
     throughput: Throughput
     pictures: Callable[[nnx.Module, dict], dict] | None = None
+    initial_params: Callable[[dict], dict] | None = None

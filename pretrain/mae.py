@@ -89,7 +89,8 @@ def model_fields(model_cfg) -> dict:
     return {k: v for k, v in model_cfg.items() if not (k in GEOMETRY and v == 0)}
 
 
-def setup(config, workdir) -> Setup:
+def setup(config, workdir, init: str | None = None, explicit=()) -> Setup:
+    """`init` (continued pretraining from SRC) is not supported for MAE yet: the trainer refuses it."""
     dc, tc = config.data, config.train
     try:
         cfg = MAEConfig.from_model_config(model_fields(config.model))

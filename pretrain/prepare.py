@@ -14,6 +14,12 @@ process); each shard's output depends only on its contents and index, so the res
 depend on the number of workers. Each stage writes into a temporary folder and renames it, so a
 crash leaves no half-written cache and concurrent runs keep one copy.
 
+A mixture (`data.source=news:0.7,task:rt_polarity:0.3`) prepares each source as above, all with
+one tokenizer (data.tokenizer, else a WordPiece vocabulary trained on every source's train
+documents, cached in `prepared/tokenizer-<key>/`), and writes `prepared/mix-<key>/meta.json`
+listing them with their weights, and a report of each source's share of the train stream and how
+many mixed examples one pass over it takes (data/pretraining.py mixes them).
+
 Bad input never stops a run; the reports count it: documents with non-UTF-8 bytes (replaced by
 U+FFFD, which the tokenizer drops), empty documents and sentences (dropped), one-sentence
 documents (kept: NSP pairs them with a random next; SOP cuts the sentence), documents longer than
@@ -37,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from data import records
-from data.corpora import iter_documents, source_fingerprint, split_sentences
+from data.corpora import iter_documents, parse_sources, source_fingerprint, split_sentences
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
@@ -155,9 +161,7 @@ def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
         if dc.tokenizer:
             tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
         else:
-            texts = (t for i, t in enumerate(iter_documents(dc.source, data_dir))
-                     if not _is_eval(i, dc.seed, dc.eval_fraction))
-            tokenizer = Tokenizer.train(texts, dc.vocab_size)
+            tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
         tokenizer.save(tmp / "tokenizer")
 
         docs = ((_is_eval(i, dc.seed, dc.eval_fraction), text)
@@ -190,6 +194,14 @@ def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _train_texts(dc, sources, data_dir: Path):
+    """The train documents of `sources` (what a trained WordPiece vocabulary learns from)."""
+    for source in sources:
+        for i, text in enumerate(iter_documents(source, data_dir)):
+            if not _is_eval(i, dc.seed, dc.eval_fraction):
+                yield text
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -299,6 +311,71 @@ def _examples_stage(dc, tokens_dir: Path, workers: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixtures: one tokenizer, each source prepared, a folder that lists them
+# ---------------------------------------------------------------------------------------------
+
+def _with(dc, **fields):
+    """A copy of config group `data` with some fields changed (one source of a mixture)."""
+    part = dc.copy_and_resolve_references()
+    for k, v in fields.items():
+        part[k] = v
+    return part
+
+
+def _mixture_tokenizer(dc, sources: list[str], data_dir: Path) -> Path:
+    """A WordPiece vocabulary trained on every source's train documents, cached."""
+    key = _digest(FORMAT_VERSION, [source_fingerprint(s) for s in sources], dc.vocab_size,
+                  dc.eval_fraction, dc.seed)
+    final = data_dir / "prepared" / f"tokenizer-{key}"
+    if (final / "tokenizer.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".partial-tokenizer-{key}-"))
+    try:
+        Tokenizer.train(_train_texts(dc, sources, data_dir), dc.vocab_size).save(tmp)
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _mixture_stage(dc, parts: list[tuple], data_dir: Path) -> Path:
+    """`prepared/mix-<key>/`: meta.json naming each source's examples folder (relative to
+    prepared/) with its weight, and report.json with each source's share."""
+    prepared = data_dir / "prepared"
+    total = sum(weight for _, weight, _, _ in parts)
+    rows, metas = [], []
+    for source, weight, tokens_dir, examples_dir in parts:
+        meta = json.loads((examples_dir / "meta.json").read_text())
+        tokens = json.loads((tokens_dir / "report.json").read_text())
+        metas.append(meta)
+        share = weight / total
+        rows.append({"source": source, "weight": weight, "share": round(share, 4),
+                     "folder": str(examples_dir.relative_to(prepared)),
+                     "train_examples": meta["train_examples"], "eval_examples": meta["eval_examples"],
+                     "train_documents": tokens["train_documents"], "tokens": tokens["tokens"],
+                     # mixed examples per pass over this source
+                     "epoch_every": round(meta["train_examples"] / share)})
+    assert len({m["dtype"] for m in metas}) == 1, "one tokenizer, one id dtype"
+    key = _digest(FORMAT_VERSION, [(r["folder"], r["weight"]) for r in rows])
+    final = prepared / f"mix-{key}"
+    if (final / "meta.json").exists():
+        return final
+    tmp = Path(tempfile.mkdtemp(dir=prepared, prefix=f".partial-mix-{key}-"))
+    try:
+        meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": metas[0]["dtype"],
+                "train_examples": sum(m["train_examples"] for m in metas),
+                "eval_examples": sum(m["eval_examples"] for m in metas),
+                "parts": [{k: r[k] for k in ("source", "weight", "folder")} for r in rows]}
+        (tmp / "report.json").write_text(json.dumps({"source": dc.source, "sources": rows}, indent=1) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
 # Both stages
 # ---------------------------------------------------------------------------------------------
 
@@ -312,24 +389,46 @@ def prepare(dc, *, verbose: bool = True) -> Path:
     data_dir = Path(dc.data_dir).expanduser()
     workers = _workers(dc.prepare_workers)
     try:
-        tokens_dir = _tokens_stage(dc, data_dir, workers)
-        examples_dir = _examples_stage(dc, tokens_dir, workers)
+        sources = parse_sources(dc.source)
+        tokenizer = dc.tokenizer
+        if len(sources) > 1 and not tokenizer:
+            tokenizer = str(_mixture_tokenizer(dc, [s for s, _ in sources], data_dir))
+        parts = []
+        for source, weight in sources:
+            part = dc if (source, tokenizer) == (dc.source, dc.tokenizer) else _with(
+                dc, source=source, tokenizer=tokenizer)
+            tokens_dir = _tokens_stage(part, data_dir, workers)
+            parts.append((source, weight, tokens_dir, _examples_stage(part, tokens_dir, workers)))
+        folder = parts[0][3] if len(parts) == 1 else _mixture_stage(dc, parts, data_dir)
     except DataError as e:  # bad input the user can fix: one line from the CLIs
         raise UserError(str(e)) from None
     if verbose:
-        t = json.loads((tokens_dir / "report.json").read_text())
-        e = json.loads((examples_dir / "report.json").read_text())
-        dropped = {k: t[k] for k in ("repaired_non_utf8_documents", "dropped_empty_documents",
-                                     "one_sentence_documents", "long_documents_split") if t[k]}
-        if e["long_sentences_split"]:
-            dropped["long_sentences_split"] = e["long_sentences_split"]
-        print(f"pretraining data {dc.source}: {t['train_documents']} + {t['eval_documents']} "
-              f"documents, {t['sentences']} sentences, {t['tokens']} tokens -> "
-              f"{e['train_examples']} train / {e['eval_examples']} eval {dc.objective} examples "
-              f"of {dc.max_seq_len} tokens"
-              + (f"; {', '.join(f'{k}={v}' for k, v in dropped.items())}" if dropped else "")
-              + f" ({examples_dir})")
-    return examples_dir
+        total = sum(weight for _, weight, _, _ in parts)
+        for source, weight, tokens_dir, examples_dir in parts:
+            share = ""
+            if len(parts) > 1:
+                n = json.loads((examples_dir / "meta.json").read_text())["train_examples"]
+                share = (f" (share {weight / total:.3f} of the mixture: one pass every "
+                         f"{n * total / weight:,.0f} mixed examples)")
+            print(f"pretraining data {source}{share}: {_summary(dc, tokens_dir, examples_dir)}")
+        if len(parts) > 1:
+            print(f"pretraining data mixture of {len(parts)} sources ({folder})")
+    return folder
+
+
+def _summary(dc, tokens_dir: Path, examples_dir: Path) -> str:
+    """One source's report in one line."""
+    t = json.loads((tokens_dir / "report.json").read_text())
+    e = json.loads((examples_dir / "report.json").read_text())
+    dropped = {k: t[k] for k in ("repaired_non_utf8_documents", "dropped_empty_documents",
+                                 "one_sentence_documents", "long_documents_split") if t[k]}
+    if e["long_sentences_split"]:
+        dropped["long_sentences_split"] = e["long_sentences_split"]
+    return (f"{t['train_documents']} + {t['eval_documents']} documents, {t['sentences']} "
+            f"sentences, {t['tokens']} tokens -> {e['train_examples']} train / "
+            f"{e['eval_examples']} eval {dc.objective} examples of {dc.max_seq_len} tokens"
+            + (f"; {', '.join(f'{k}={v}' for k, v in dropped.items())}" if dropped else "")
+            + f" ({examples_dir})")
 
 
 @exits_cleanly

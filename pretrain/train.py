@@ -1,8 +1,9 @@
 """Pretraining, top to bottom: any model family on the shared step and loop.
 
-`train_and_evaluate(config, workdir)` builds the mesh, asks the family named by `config.family`
-(pretrain/families.py) for its model, objective and data, creates the sharded train state (or
-restores the latest checkpoint in the workdir), then runs training/loop.py: jit-compiled steps
+`train_and_evaluate(config, workdir, init)` builds the mesh, asks the family named by
+`config.family` (pretrain/families.py) for its model, objective and data, creates the sharded
+train state (from random weights, or from `--init` SRC's with a fresh optimizer and step) or
+restores the latest checkpoint in the workdir, then runs training/loop.py: jit-compiled steps
 with explicit shardings and donated state, evaluating, logging and checkpointing as configured.
 """
 
@@ -17,32 +18,39 @@ from pretrain.families import FAMILIES
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
+from training.errors import UserError
 from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import abstract_state, create_train_state
+from training.state import abstract_state, create_train_state, init_params
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
 
-def train_and_evaluate(config, workdir: str | Path) -> dict[str, float]:
-    """Returns the last evaluation's metrics."""
+def train_and_evaluate(config, workdir: str | Path, init: str | None = None,
+                       explicit=()) -> dict[str, float]:
+    """Returns the last evaluation's metrics. `init`: continue from SRC's weights (None: random);
+    `explicit`: the config keys set on the command line."""
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLease(workdir) as lease:  # one run per workdir, before anything is written
-        return _train(config, workdir, lease)
+        return _train(config, workdir, init, explicit, lease)
 
 
-def _train(config, workdir: Path, lease) -> dict[str, float]:
+def _train(config, workdir: Path, init: str | None, explicit, lease) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
-    setup_family = FAMILIES.get(config.get("family", "bert"))
+    family_name = config.get("family", "bert")
+    setup_family = FAMILIES.get(family_name)
 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
-    family = setup_family(config, workdir)
+    family = setup_family(config, workdir, init, set(explicit))
+    if init is not None and family.initial_params is None:
+        family.train_batches.close()
+        raise UserError(f"the {family_name} family cannot start from --init yet; drop --init")
 
     # ---- Train state: restored, or created in its shardings ---------------------------------
     tx = make_optimizer(config.optim, tc.steps)
@@ -65,9 +73,13 @@ def _train(config, workdir: Path, lease) -> dict[str, float]:
     with contextlib.closing(family.train_batches), \
             Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                          config.checkpoint.every_seconds, poll_every=tc.log_every) as ckpt:
-        state, start, resumed = restore_or_init(
-            ckpt, target, lambda: create_train_state(family.model_fn, tx, mesh, tc.seed)[0],
-            family.train_batches)
+        def fresh_state():
+            params = None
+            if family.initial_params is not None:
+                params = family.initial_params(init_params(family.model_fn, tc.seed))
+            return create_train_state(family.model_fn, tx, mesh, tc.seed, params=params)[0]
+
+        state, start, resumed = restore_or_init(ckpt, target, fresh_state, family.train_batches)
         if jax.process_index() == 0:
             save_config(config, workdir / "config.json")
         outcome = run(

@@ -50,6 +50,16 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
+def stop_at(monkeypatch, step: int):
+    """What SIGTERM does at `step`: StopRequest says stop there (the signal path has CLI tests)."""
+    from training import loop
+
+    def should_stop(self, s):
+        self.reason = "SIGTERM" if s >= step else None
+        return s >= step
+    monkeypatch.setattr(loop.StopRequest, "should_stop", should_stop)
+
+
 def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, preds: int) -> dict:
     """A structurally valid pretraining batch of random ids, with padding in some rows."""
     lengths = rng.integers(seq // 2, seq + 1, size=batch)

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import bert_tiny, finetune_rt_polarity
+from conftest import stop_at
 from data import labelled
 from data.pipeline import prefetching_iterator, process_share
 from finetune import families as finetune_families
@@ -58,7 +59,7 @@ OBJECTIVE = Objective(
     lambda sums, prefix: {f"{prefix}/loss": float(sums["sq"]) / float(sums["count"])})
 
 
-def pretrain_setup(config, workdir):
+def pretrain_setup(config, workdir, init, explicit):
     ds = grain.MapDataset.range(256).shuffle(config.train.seed).repeat(None)
     ds = process_share(ds, config.train.batch_size, 0, 1).map(examples)
     return pretrain_families.Setup(
@@ -103,14 +104,6 @@ def configs():
     ft.train.steps, ft.train.batch_size, ft.train.log_every, ft.eval.every_steps = 9, 8, 2, 3
     ft.optim.lr = 0.05
     return pre, ft
-
-
-def stop_at(monkeypatch, step: int):
-    """What SIGTERM does at `step`: StopRequest says stop there (the signal path has CLI tests)."""
-    def should_stop(self, s):
-        self.reason = "SIGTERM" if s >= step else None
-        return s >= step
-    monkeypatch.setattr(loop.StopRequest, "should_stop", should_stop)
 
 
 def spy_on_the_loop(monkeypatch) -> list[int]:

@@ -71,7 +71,7 @@ def test_a_short_run_keeps_the_default_warmup():
     ("--config.optim.decay=cosin", "unknown decay schedule 'cosin' for optim.decay; choose one of: linear"),
     ("--config.data.objective=mlm", "unknown pretraining objective 'mlm'"),
     ("--config.model.dtype=fp32", "choose one of: float32, bfloat16, float16"),
-    ("--config.data.source=files:", "news, pydocs, files:PATTERN or tfds:NAME[:SPLIT]"),
+    ("--config.data.source=files:", "news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME"),
     ("--config.data.data_dir=", "data.data_dir=''"),
     ("--config.eval.every_steps=0", "eval.every_steps=0"),       # was a ZeroDivisionError
     ("--config.mesh.fsdp=0", "-1 (all remaining devices)"),

@@ -197,8 +197,12 @@ _IMAGES = {
 
 TABLES = {
     ("pretrain", "bert"): {**_COMMON, **_PRETRAIN, **_BERT,
-        "data.source": Text(required=True, names=("news", "pydocs"), prefixes=("files:", "tfds:"),
-                            meaning="news, pydocs, files:PATTERN or tfds:NAME[:SPLIT]"),
+        # One source or a weighted mixture (news:0.7,task:rt_polarity:0.3): data/corpora.py
+        # parses the weights and names a bad one.
+        "data.source": Text(required=True, names=("news", "pydocs"),
+                            prefixes=("files:", "tfds:", "task:", "news:", "pydocs:"),
+                            meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME or "
+                                    "SOURCE:WEIGHT,SOURCE:WEIGHT,..."),
         "data.objective": Choice(OBJECTIVES, "pretraining objective"),
         "data.seed": SEED,
         "data.max_predictions": COUNT,
