@@ -75,3 +75,13 @@ def random_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, pre
         "masked_weights": weights,
         "next_sentence_labels": rng.integers(0, 2, size=batch).astype(np.int32),
     }
+
+
+def cli_error(capsys, main, argv) -> str:
+    """The one line a CLI `main` prints for bad input (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import finetune_rt_polarity
-from conftest import TINY_FT, tiny_flags
+from conftest import TINY_FT, cli_error, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
@@ -320,12 +320,7 @@ def test_sweep_grid_medians_and_winner(tmp_path, capsys, data_dir):
 # ---- one-line errors ----------------------------------------------------------------------
 
 def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
+    return cli_error(capsys, main, argv)
 
 
 def test_bad_inputs_are_one_line(capsys, tmp_path, pretrained, data_dir):

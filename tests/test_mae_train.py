@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import cli_error
 from finetune.__main__ import main as finetune_main
 from models.mae import MAEConfig, MAEForPreTraining
 from pretrain.__main__ import main as pretrain_main
@@ -148,27 +149,18 @@ def test_linear_probe_keeps_the_encoder_and_standardises_features(pretrained, da
     np.testing.assert_allclose(logits, np.asarray(ours(images)), atol=1e-4)
 
 
-def one_line(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-def test_bad_inputs_are_one_line(capsys, tmp_path, data_dir, pretrained):
+def test_bad_inputs_are_cli_error(capsys, tmp_path, data_dir, pretrained):
     root, _ = pretrained
-    run = lambda *extra: one_line(capsys, pretrain_main, ["--workdir", str(tmp_path / "w"), *flags(data_dir), *extra])
+    run = lambda *extra: cli_error(capsys, pretrain_main, ["--workdir", str(tmp_path / "w"), *flags(data_dir), *extra])
     assert "not divisible by patch_size 7" in run("--config.model.image_size=30")
     assert "model.mask_ratio=1.5: expected a number in (0, 1)" in run("--config.model.mask_ratio=1.5")
     err = run(f"--config.data.data_dir={tmp_path}", "--config.data.source=tfds:cifar10")
     assert "cifar10" in err and "tfds build" in err
     # A workdir trained with 7x7 patches, rerun with 4x4 ones.
-    err = one_line(capsys, pretrain_main, ["--workdir", str(root / "full"), *flags(data_dir, train__steps=20),
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(root / "full"), *flags(data_dir, train__steps=20),
                                            "--config.model.patch_size=4"])
     assert "shape" in err and "another --workdir" in err
-    ft = lambda init, *extra: one_line(capsys, finetune_main, [
+    ft = lambda init, *extra: cli_error(capsys, finetune_main, [
         "--config", str(REPO / "configs" / "finetune_mnist.py"), "--init", str(init),
         "--workdir", str(tmp_path / "ft"), f"--config.data.data_dir={data_dir}", *extra])
     (tmp_path / "bert").mkdir()

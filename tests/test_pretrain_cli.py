@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_flags
+from conftest import cli_error, tiny_flags
 from pretrain.__main__ import main
 from training.metrics import read_metrics
 
@@ -52,12 +52,7 @@ def test_sigterm_then_rerun_resumes_bitwise(tmp_path, data_dir):
 
 
 def one_line_error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    return cli_error(capsys, main, argv)
 
 
 def test_unknown_config_key_names_the_closest(capsys, tmp_path):
