@@ -9,7 +9,9 @@ folders, a HuggingFace ViTMAE folder, or `none` for a random encoder of `model.s
     # 500 labels
     ... --config.data.max_train_examples=500 --config.train.epochs=30
 
-MEASURED
+Measured from configs/mae_tiny.py's run, medians of 3 seeds (benchmarks/RESULTS.md): linear probe
+0.800 test accuracy (random encoder 0.478); full fine-tuning on 500 labels for 40 epochs 0.922
+(scratch 0.604).
 """
 
 import ml_collections
