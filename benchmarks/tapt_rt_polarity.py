@@ -19,6 +19,22 @@ benchmarks/finetune_rt_polarity.py (full fine-tuning, best dev checkpoint):
 Runs go to DIR/tapt (pretraining), DIR/ft_tapt and DIR/ft_base (fine-tuning); the table (median
 [min, max] over seeds of dev and test accuracy) and the wall time of each phase are printed and
 written to DIR/summary.json. Rerunning resumes or reuses finished runs.
+
+Measured on the 2-core machine (shared, load 5-8), from the default run (7,000 BERT-tiny steps on
+news, eval/mlm_accuracy 0.285), defaults (TAPT: 2,000 steps of mlm_packed at lr 5e-4 over the
+6,459 packed 64-token rows of rt_polarity's 10,178 train texts, about 10 passes; held-out rt MLM
+accuracy 0.241 -> 0.341; fine-tuning 3 epochs at lr 5e-4), medians [min, max] of 3 seeds:
+                 dev                    test
+  tapt           0.749 [0.743, 0.756]   0.731 [0.725, 0.745]
+  pretrained     0.737 [0.735, 0.746]   0.729 [0.727, 0.736]
+  scratch        0.746 [0.742, 0.760]   0.732 [0.725, 0.743]
+  wall: TAPT 7.4 min, fine-tuning 9.7 min (tapt) + 17.5 min (pretrained, scratch).
+With 2,000 labelled examples and 10 epochs (--train-examples 2000 --epochs 10, the same TAPT run):
+tapt 0.669 [0.655, 0.671], pretrained 0.669 [0.668, 0.677], scratch 0.686 [0.683, 0.708] test.
+TAPT learns the domain's words (MLM accuracy +0.10 on held-out task text) but at this model size
+and budget it does not move polarity: all three tie on the full split, and scratch wins with
+fewer labels. Not tried yet: longer TAPT, a news+task mixture, lower fine-tuning LRs for the
+pretrained encoders, a larger encoder.
 """
 
 import argparse
