@@ -7,7 +7,7 @@ on the task's own unlabelled train texts help, where news pretraining alone ties
         [--config.FIELD=VALUE ...]   (fine-tuning flags, for every condition)
 
 Three conditions, each fine-tuned with the same seeds and budget by
-benchmarks/finetune_rt_polarity.py (full fine-tuning, best dev checkpoint):
+benchmarks/transfer.py (full fine-tuning, best dev checkpoint):
 
   tapt         PRETRAIN_WORKDIR, then `python -m pretrain --init PRETRAIN_WORKDIR` on
                --tapt-source (the train split's texts only; never dev or test) for --tapt-steps
@@ -83,7 +83,7 @@ def main() -> None:
         f"--config.eval.every_steps={max(1, args.tapt_steps // 4)}",
         f"--config.checkpoint.every_steps={max(1, args.tapt_steps // 4)}"])
 
-    finetune = [sys.executable, "benchmarks/finetune_rt_polarity.py", "--seeds", str(args.seeds),
+    finetune = [sys.executable, "benchmarks/transfer.py", "--seeds", str(args.seeds),
                 "--epochs", args.epochs, "--lr", args.lr, "--train-examples", args.train_examples]
     walls["fine-tuning tapt"] = run([*finetune, str(tapt), "--out", str(out / "ft_tapt"),
                                      "--conditions", "pretrained", *extra])
