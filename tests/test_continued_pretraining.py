@@ -182,6 +182,7 @@ def test_heads_the_source_lacks_start_fresh_and_are_named(cls, fresh, tmp_path, 
 # 2. From our own workdir; reruns resume from their own checkpoints
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # long: the default run stays under CI's 15 minutes
 def test_continue_from_workdir_then_rerun_resumes_its_own_checkpoints(pretrained, tmp_path, data_dir,
                                                                        monkeypatch):
     flags = {"data.data_dir": str(data_dir), "train.steps": 6}
@@ -265,6 +266,7 @@ def test_mixture_shares_match_the_weights(data_dir, capsys):
     assert [(s["source"], s["share"]) for s in report["sources"]] == [("pydocs", 0.6), ("task:rt_polarity", 0.4)]
 
 
+@pytest.mark.slow  # long: the default run stays under CI's 15 minutes
 def test_mixed_run_stopped_and_resumed_replays_exactly(tmp_path, data_dir, monkeypatch):
     flags = {"data.data_dir": str(data_dir), "data.source": MIX, "train.steps": 6}
     train_and_evaluate(tiny_config(**flags), tmp_path / "full")

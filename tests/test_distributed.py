@@ -153,6 +153,7 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, data_dir, multi
 # (c) SIGTERM to one process: all save the same step, exit 0; the rerun continues exactly
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # long: the default run stays under CI's 15 minutes
 def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, data_dir, multi):
     reference, _ = multi
     workdir, log = tmp_path / "w", tmp_path / "launch.log"
@@ -278,6 +279,7 @@ def finetune(workdir, data_dir, init, processes: int) -> list[str]:
             "--devices_per_process", str(8 // processes), "--", *program]
 
 
+@pytest.mark.slow  # long: the default run stays under CI's 15 minutes
 def test_finetune_two_processes_match_one_process(tmp_path, data_dir, single):
     run(finetune(tmp_path / "one", data_dir, single, 1))
     out = run(finetune(tmp_path / "two", data_dir, single, 2))

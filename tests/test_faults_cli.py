@@ -64,6 +64,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_replays_bitwise(
     assert losses(workdir) == losses(finished)
 
 
+@pytest.mark.slow  # long: the default run stays under CI's 15 minutes
 def test_a_second_run_on_a_live_workdir_is_refused_then_a_killed_one_is_taken_over(tmp_path, data_dir):
     workdir = tmp_path / "run"
     command = cli(workdir, data_dir, train__steps=60, checkpoint__every_steps=2)
