@@ -8,9 +8,9 @@ A ViT with 4 blocks of width 128 encodes the 12 visible 4x4 patches of 49 (75% m
 Look at runs/mae_tiny/reconstruction.png (original, masked input, reconstruction) and
 curves.png.
 
-Measured (2026-12-01, 2 CPU cores shared with four other jobs): eval reconstruction loss 1.82 at
-step 0 -> 0.328 (500) -> 0.229 (2,000) -> 0.221 (3,000), 42 minutes under that load (2.3
-steps/s at best; the train step is 12 GFLOP). From it, on MNIST (benchmarks/RESULTS.md): a linear
+Measured (2026-12-01): on 2 idle CPU cores 4.4-4.9 steps/s (MFU 0.29-0.32), so the 3,000 steps
+take about 11 minutes plus evaluations; eval reconstruction loss 1.82 at step 0 -> 0.328 (500)
+-> 0.229 (2,000) -> 0.221 (3,000) (that run shared the cores with four other jobs: 42 minutes). From it, on MNIST (benchmarks/RESULTS.md): a linear
 probe reaches 0.800 test accuracy against 0.478 from a random encoder, and fine-tuning on 500
 labels 0.922 against 0.604 from scratch (medians of 3 seeds).
 """
