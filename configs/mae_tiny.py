@@ -42,16 +42,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.workers = 0
     c.data.prefetch = 4
 
-    c.train = ml_collections.ConfigDict()
+    base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
+    for group in ("train", "optim", "mesh", "checkpoint", "eval", "perf", "wandb"):
+        c[group] = base[group]
     c.train.steps = 3000
     c.train.batch_size = 128         # global, over all processes
-    c.train.grad_accum = 1
-    c.train.seed = 0
-    c.train.log_every = 50
-
-    base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
-    for group in ("optim", "mesh", "checkpoint", "eval", "perf", "wandb"):
-        c[group] = base[group]
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 200
     c.optim.decay = "cosine"
