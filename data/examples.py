@@ -183,19 +183,69 @@ def create_nsp_instances(documents: list[list[list[int]]], max_seq_len: int, sho
 # ---------------------------------------------------------------------------------------------
 
 
+MASK_WORDS = 2  # random 64-bit words mask_tokens takes per token: [N, MASK_WORDS, T]
+_CHANCE = 1 << 32  # the corruption word's high 32 bits are the 80/10/10 coin
+
+
 @functools.lru_cache(maxsize=8)
-def _non_special_ids(vocab_size: int, special_ids: tuple[int, ...]) -> np.ndarray:
-    """The ids a masked token may be replaced by (cached: masking runs once per example)."""
-    out = np.setdiff1d(np.arange(vocab_size), np.asarray(special_ids, np.int64))
-    out.flags.writeable = False
-    return out
+def _specials(vocab_size: int, special_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(is_special bool [vocab], the non-special ids a masked token may become), cached: looking
+    ids up in a table is many times faster than np.isin on every batch."""
+    is_special = np.zeros(vocab_size, bool)
+    is_special[list(special_ids)] = True
+    non_special = np.flatnonzero(~is_special)
+    is_special.flags.writeable = non_special.flags.writeable = False
+    return is_special, non_special
 
 
-def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.random.Generator, *,
+def number_documents(input_ids: np.ndarray, attention_mask: np.ndarray, sep_id: int) -> np.ndarray:
+    """The attention_mask of packed rows [N, T]: 0 on padding, and 1, 2, 3, ... numbering the
+    documents of a row (`[CLS] doc 1 [SEP] doc 2 [SEP]`, see iter_packed_sequences): a [SEP]
+    belongs to the document it ends, so a token's number is 1 + the [SEP]s before it."""
+    real = np.asarray(attention_mask) != 0
+    sep = (np.asarray(input_ids) == sep_id) & real
+    return np.where(real, 1 + np.cumsum(sep, axis=1) - sep, 0).astype(np.int32)
+
+
+def _take_words(lens: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Greedy fill, per row: visit the words in order (lens [N, W], 0 = no word) and take each
+    word whose length still fits the row's target count; -> taken bool [N, W].
+
+    The same as looping over the W ranks, in a few vectorised passes: every word before the
+    first overshoot of the running total fits; after it, each pass takes the next word that fits
+    the rest, and a taken word shrinks the rest by at least 1, so there are at most
+    max(rest) passes (none without whole words, where every length is 1).
+    """
+    n, w = lens.shape
+    total = np.cumsum(lens, axis=1)
+    taken = (total <= target[:, None]) & (lens > 0)
+    over = total > target[:, None]
+    rows = np.flatnonzero(over.any(axis=1))
+    if not len(rows):
+        return taken
+    last = over[rows].argmax(axis=1)  # the first word that overshoots: skipped
+    lens, taken_rows = lens[rows], taken[rows]
+    rest = target[rows] - np.where(last > 0, total[rows, last - 1], 0)
+    columns = np.arange(w)
+    while True:
+        fits = (columns > last[:, None]) & (lens > 0) & (lens <= rest[:, None])
+        active = np.flatnonzero(fits.any(axis=1))
+        if not len(active):
+            break
+        j = fits[active].argmax(axis=1)
+        taken_rows[active, j] = True
+        rest[active] -= lens[active, j]
+        last[active] = j
+    taken[rows] = taken_rows
+    return taken
+
+
+def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, bits: np.ndarray, *,
                 vocab_size: int, mask_id: int, special_ids: Collection[int],
                 mask_prob: float = 0.15, max_predictions: int,
                 word_starts: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Chooses tokens to predict and corrupts them, BERT style, for a batch [N, T].
+    """Chooses tokens to predict and corrupts them, BERT style, for a batch [N, T] of ids below
+    vocab_size.
 
     Each row predicts round(real_len * mask_prob) tokens (real_len counts [CLS]/[SEP]), at least 1
     and at most max_predictions, chosen at random among real non-special tokens. A chosen token
@@ -205,62 +255,60 @@ def mask_tokens(input_ids: np.ndarray, attention_mask: np.ndarray, rng: np.rando
     chosen: words are taken in random order and a word that would overshoot the row's count is
     skipped, so a word is never split (rows may then predict a little fewer tokens).
 
+    bits: uint64 [N, MASK_WORDS, T], the randomness (data.pipeline.batch_bits): bits[:, 0, k]
+    orders word k of a row (the lowest first), bits[:, 1, k] corrupts token k (its high 32 bits
+    against 0.8 and 0.9 of 2**32, its low 32 bits pick the random replacement).
+
     Returns input_ids (corrupted copy), and for P = max_predictions slots, sorted by position:
     masked_positions int32 [N, P], masked_ids int32 [N, P] (original ids), masked_weights float32
     [N, P] (1 on real predictions, 0 on unused slots, whose position and id are 0).
     """
     input_ids = np.asarray(input_ids)
     n, t = input_ids.shape
-    special = np.isin(input_ids, np.fromiter(special_ids, np.int64))
-    candidate = (np.asarray(attention_mask) != 0) & ~special
-    real_len = (np.asarray(attention_mask) != 0).sum(1)
+    bits = np.asarray(bits, np.uint64)
+    if bits.shape != (n, MASK_WORDS, t):
+        raise ValueError(f"bits has shape {bits.shape}, not {(n, MASK_WORDS, t)}")
+    is_special, non_special = _specials(vocab_size, tuple(sorted(special_ids)))
+    real = np.asarray(attention_mask) != 0
+    candidate = real & ~is_special[input_ids]
     # np.round rounds half to even, like Python's round in the original.
-    target = np.round(real_len * mask_prob).astype(np.int64)
+    target = np.round(real.sum(1) * mask_prob).astype(np.int64)
     target = np.minimum(max_predictions, np.maximum(1, target))
 
     # Words: a candidate starts a new word unless it is a ## continuation of the candidate just
     # before it. Without word_starts every candidate token is its own word.
     starts = candidate.copy()
     if word_starts is not None:
-        prev_candidate = np.pad(candidate[:, :-1], ((0, 0), (1, 0)))
-        starts &= np.asarray(word_starts, bool) | ~prev_candidate
+        starts[:, 1:] &= np.asarray(word_starts, bool)[:, 1:] | ~candidate[:, :-1]
     word_id = np.where(candidate, np.cumsum(starts, axis=1) - 1, t)  # t = "no word" bucket
     flat_word = (np.arange(n)[:, None] * (t + 1) + word_id).ravel()
     word_len = np.bincount(flat_word, minlength=n * (t + 1)).reshape(n, t + 1)[:, :t]
 
     # Visit the words of each row in a random order; take a word while it fits in the row's count.
-    order = np.argsort(np.where(word_len > 0, rng.random((n, t)), 2.0), axis=1)
-    lens_in_order = np.take_along_axis(word_len, order, axis=1)
-    taken_in_order = np.zeros((n, t), bool)
-    count = np.zeros(n, np.int64)
-    for r in range(t):  # over word ranks, vectorised across rows
-        length = lens_in_order[:, r]
-        if not length.any() or (count >= target).all():  # no words left, or every row is full
-            break
-        fits = (length > 0) & (count + length <= target)
-        taken_in_order[:, r] = fits
-        count += np.where(fits, length, 0)
+    keys = np.where(word_len > 0, bits[:, 0] >> np.uint64(1), np.uint64(1 << 63))
+    order = np.argsort(keys, axis=1)
+    taken = _take_words(np.take_along_axis(word_len, order, axis=1), target)
     word_taken = np.zeros((n, t + 1), bool)
-    np.put_along_axis(word_taken, order, taken_in_order, axis=1)
-    chosen = np.take_along_axis(word_taken, word_id, axis=1)
+    np.put_along_axis(word_taken, order, taken, axis=1)
+    rows, cols = np.nonzero(np.take_along_axis(word_taken, word_id, axis=1))  # row-major
 
     # Corrupt the chosen tokens: 80% [MASK], 10% random token, 10% unchanged (decided per token).
-    non_special = _non_special_ids(vocab_size, tuple(sorted(special_ids)))
-    u = rng.random((n, t))
-    random_tokens = non_special[rng.integers(0, len(non_special), (n, t))]
-    masked = np.where(chosen & (u < 0.8), mask_id, input_ids)
-    masked = np.where(chosen & (u >= 0.8) & (u < 0.9), random_tokens, masked)
-    masked = masked.astype(input_ids.dtype)
+    word = bits[rows, 1, cols]
+    coin = word >> np.uint64(32)
+    pick = ((word & np.uint64(_CHANCE - 1)) * np.uint64(len(non_special))) >> np.uint64(32)
+    original = input_ids[rows, cols]
+    new = np.where(coin < np.uint64(0.8 * _CHANCE), mask_id,
+                   np.where(coin < np.uint64(0.9 * _CHANCE), non_special[pick], original))
+    masked = input_ids.copy()
+    masked[rows, cols] = new
 
-    # Chosen positions first, in ascending order (stable sort of "not chosen").
+    # Chosen positions in ascending order: slot = how many chosen tokens came before in the row.
     p = max_predictions
-    positions = np.argsort(~chosen, axis=1, kind="stable")[:, :p]
-    if positions.shape[1] < p:
-        positions = np.pad(positions, ((0, 0), (0, p - positions.shape[1])))
-    valid = np.arange(p)[None, :] < chosen.sum(1, keepdims=True)
-    positions = np.where(valid, positions, 0)
-    ids = np.where(valid, np.take_along_axis(input_ids, positions, axis=1), 0)
-    return {"input_ids": masked,
-            "masked_positions": positions.astype(np.int32),
-            "masked_ids": ids.astype(np.int32),
-            "masked_weights": valid.astype(np.float32)}
+    first = np.searchsorted(rows, np.arange(n))
+    slots = np.arange(len(rows)) - first[rows]
+    positions = np.zeros((n, p), np.int32)
+    ids = np.zeros((n, p), np.int32)
+    weights = np.zeros((n, p), np.float32)
+    positions[rows, slots], ids[rows, slots], weights[rows, slots] = cols, original, 1.0
+    return {"input_ids": masked, "masked_positions": positions, "masked_ids": ids,
+            "masked_weights": weights}

@@ -5,8 +5,8 @@ of example shards (see data/records.py and pretrain/prepare.py); `PretrainingDat
 it. The train stream is
 
     ArrayRecord examples -> global shuffle (reshuffled every epoch) -> repeat forever
-      -> pad + mask each example with rng([seed, step, index in the global batch])
-      -> batches of batch_size / process_count -> this process's batches only
+      -> batches of batch_size / process_count records -> this process's batches only
+      -> pad + mask the whole local batch at once, from batch_bits(seed, tag, step, its rows)
       -> prefetch in threads, or in `workers` processes (grain.mp_prefetch)
 
 A mixture (`data.source=news:0.7,task:rt_polarity:0.3`, pretrain/prepare.py) has one such folder
@@ -15,9 +15,15 @@ per source; each source's records are shuffled and repeated on their own, and gr
 stream is a pure function of k and resume stays exact.
 
 Global batch `step` is stream positions [step * B, (step + 1) * B); process i reads and masks only
-positions step * B + i * B/P ... of it, so the processes' shares are disjoint and together make the
-single-process batch, masks included, for any process count. The iterator's state is grain's
-(a small JSON dict); saved with every checkpoint, it resumes the stream exactly.
+its rows [i * B/P, (i + 1) * B/P) of it, and the mask randomness of a row depends on (seed, step,
+row) alone (a counter-based stream, data.pipeline.batch_bits), so the processes' shares are
+disjoint and together make the single-process batch, masks included, for any process count. The
+iterator's state is grain's (a small JSON dict); saved with every checkpoint, it resumes the
+stream exactly.
+
+Packed rows (objective mlm_packed) number their documents in attention_mask: 0 on padding, then
+1, 2, 3, ... (data.examples.number_documents), so attention can stay within a document; other
+objectives keep 1 on every real token.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import grain
 import numpy as np
 
 from data import records
-from data.examples import mask_tokens
-from data.pipeline import grain_seed, position_rng, prefetching_iterator, process_share
+from data.examples import MASK_WORDS, mask_tokens, number_documents
+from data.pipeline import (ArrayRecordSource, batch_bits, grain_seed, prefetching_iterator, process_rows,
+                           process_share)
 from models.tokenizer import Tokenizer
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
@@ -41,32 +48,37 @@ _TRAIN_TAG = 0x4D41534B  # "MASK": train masks
 _EVAL_TAG = 0x4556414C  # "EVAL": eval masks
 
 
-class MaskExample:
-    """grain map_with_index transform: stream position, record -> one padded, masked example.
+class MaskBatch:
+    """grain map_with_index transform: global step, this process's records of it (its `rows` of
+    the global batch) -> one padded, masked batch.
 
-    The masks are drawn from rng([seed, tag, step, index]) with (step, index) = divmod(position,
-    global batch size): a pure function of where the example sits in the global stream.
+    The masks are drawn from batch_bits(seed, tag, step, rows): a pure function of where each
+    example sits in the global stream, whichever process makes it.
     """
 
-    def __init__(self, *, dtype: str, max_seq_len: int, global_batch: int, seed: int, tag: int,
+    def __init__(self, *, dtype: str, max_seq_len: int, rows: range, seed: int, tag: int,
                  vocab_size: int, mask_id: int, special_ids, mask_prob: float,
-                 max_predictions: int, is_continuation: np.ndarray | None):
-        self.dtype, self.max_seq_len, self.global_batch = np.dtype(dtype), max_seq_len, global_batch
+                 max_predictions: int, is_continuation: np.ndarray | None,
+                 document_sep: int | None):
+        self.dtype, self.max_seq_len, self.rows = np.dtype(dtype), max_seq_len, rows
         self.seed, self.tag = seed, tag
         self.vocab_size, self.mask_id, self.special_ids = vocab_size, mask_id, tuple(special_ids)
         self.mask_prob, self.max_predictions = mask_prob, max_predictions
-        self.is_continuation = is_continuation
+        self.is_continuation, self.document_sep = is_continuation, document_sep
 
-    def __call__(self, position: int, record: bytes) -> dict[str, np.ndarray]:
-        example = records.pad_example(record, self.dtype, self.max_seq_len)
-        rng = position_rng(self.seed, self.tag, position, self.global_batch)
-        ids = example["input_ids"][None]
+    def __call__(self, step: int, batch_records: list[bytes]) -> dict[str, np.ndarray]:
+        batch = records.pad_examples(batch_records, self.dtype, self.max_seq_len)
+        ids = batch["input_ids"]
+        bits = batch_bits(self.seed, self.tag, step, self.rows, MASK_WORDS * self.max_seq_len)
         masked = mask_tokens(
-            ids, example["attention_mask"][None], rng, vocab_size=self.vocab_size,
-            mask_id=self.mask_id, special_ids=self.special_ids, mask_prob=self.mask_prob,
-            max_predictions=self.max_predictions,
+            ids, batch["attention_mask"], bits.reshape(len(ids), MASK_WORDS, self.max_seq_len),
+            vocab_size=self.vocab_size, mask_id=self.mask_id, special_ids=self.special_ids,
+            mask_prob=self.mask_prob, max_predictions=self.max_predictions,
             word_starts=None if self.is_continuation is None else ~self.is_continuation[ids])
-        out = {**example, **{k: v[0] for k, v in masked.items()}}
+        if self.document_sep is not None:
+            batch["attention_mask"] = number_documents(ids, batch["attention_mask"],
+                                                       self.document_sep)
+        out = {**batch, **masked}
         return {k: out[k] for k in KEYS}
 
 
@@ -86,7 +98,7 @@ class PretrainingData:
         metas = [json.loads((f / "meta.json").read_text()) for f, _ in self.parts]
         self._paths = [{split: [str(f / name) for name in meta[f"{split}_files"]]
                         for split in ("train", "eval")} for (f, _), meta in zip(self.parts, metas)]
-        self._sources: dict[tuple, grain.sources.ArrayRecordDataSource] = {}
+        self._sources: dict[tuple, ArrayRecordSource] = {}
 
     def __len__(self) -> int:
         return self.meta["train_examples"]
@@ -99,7 +111,7 @@ class PretrainingData:
         if (split, part) not in self._sources:
             if not self._paths[part][split]:
                 raise ValueError(f"the {split} split is empty")
-            self._sources[split, part] = grain.sources.ArrayRecordDataSource(self._paths[part][split])
+            self._sources[split, part] = ArrayRecordSource(self._paths[part][split])
         return self._sources[split, part]
 
     def records(self, split: str, seed: int | None = None) -> grain.MapDataset:
@@ -121,23 +133,29 @@ class PretrainingData:
 
     # --- datasets -------------------------------------------------------------------------
 
-    def _masker(self, global_batch: int, seed: int, tag: int, max_predictions: int,
-                mask_prob: float, whole_word: bool) -> MaskExample:
+    def _batches(self, split: str, batch_size: int, *, seed: int, tag: int,
+                 max_predictions: int, mask_prob: float, whole_word: bool, process_index: int,
+                 process_count: int) -> grain.MapDataset:
+        """This process's masked batches of a split's stream (shuffled for train)."""
         tok = self.tokenizer
-        return MaskExample(dtype=self.meta["dtype"], max_seq_len=self.max_seq_len,
-                           global_batch=global_batch, seed=seed, tag=tag,
-                           vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-                           special_ids=sorted(tok.special_ids), mask_prob=mask_prob,
-                           max_predictions=max_predictions,
-                           is_continuation=tok._is_continuation if whole_word else None)
+        ds = process_share(self.records(split, seed if split == "train" else None), batch_size,
+                           process_index, process_count, batch_fn=list)
+        return ds.map_with_index(MaskBatch(
+            dtype=self.meta["dtype"], max_seq_len=self.max_seq_len,
+            rows=process_rows(batch_size, process_index, process_count), seed=seed, tag=tag,
+            vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=sorted(tok.special_ids),
+            mask_prob=mask_prob, max_predictions=max_predictions,
+            is_continuation=tok._is_continuation if whole_word else None,
+            document_sep=tok.sep_id if self.objective == "mlm_packed" else None))
 
     def train_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
                       mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                       process_count: int = 1) -> grain.MapDataset:
         """This process's batches of the endless train stream, as a random-access dataset."""
-        ds = self.records("train", seed).map_with_index(
-            self._masker(batch_size, seed, _TRAIN_TAG, max_predictions, mask_prob, whole_word))
-        return process_share(ds, batch_size, process_index, process_count)
+        return self._batches("train", batch_size, seed=seed, tag=_TRAIN_TAG,
+                             max_predictions=max_predictions, mask_prob=mask_prob,
+                             whole_word=whole_word, process_index=process_index,
+                             process_count=process_count)
 
     def train_iterator(self, batch_size: int, *, seed: int, max_predictions: int,
                        mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
@@ -169,9 +187,10 @@ class PretrainingData:
     def eval_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
                      mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                      process_count: int = 1) -> grain.MapDataset:
-        ds = self.records("eval").map_with_index(
-            self._masker(batch_size, seed, _EVAL_TAG, max_predictions, mask_prob, whole_word))
-        return process_share(ds, batch_size, process_index, process_count)
+        return self._batches("eval", batch_size, seed=seed, tag=_EVAL_TAG,
+                             max_predictions=max_predictions, mask_prob=mask_prob,
+                             whole_word=whole_word, process_index=process_index,
+                             process_count=process_count)
 
     def eval_batches(self, batch_size: int, max_batches: int | None = None, **kwargs):
         """Yields the eval batches in order (kwargs as for eval_dataset)."""

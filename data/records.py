@@ -54,17 +54,20 @@ def decode_example(record: bytes, dtype: np.dtype) -> tuple[np.ndarray, int, int
     return a[2:], int(a[1]), int(a[0])
 
 
-def pad_example(record: bytes, dtype: np.dtype, max_seq_len: int) -> dict[str, np.ndarray]:
-    """An example record -> padded int32 input_ids, token_type_ids, attention_mask [T], label []."""
-    ids, type_start, label = decode_example(record, dtype)
-    n = len(ids)
-    input_ids = np.zeros(max_seq_len, np.int32)
-    input_ids[:n] = ids
+def pad_examples(records: Sequence[bytes], dtype: np.dtype, max_seq_len: int) -> dict[str, np.ndarray]:
+    """Example records -> padded int32 input_ids, token_type_ids, attention_mask [N, T] and
+    next_sentence_labels [N]."""
+    arrays = [np.frombuffer(r, dtype) for r in records]
+    heads = np.array([a[:2] for a in arrays], np.int64).reshape(len(arrays), 2)
+    lengths = np.fromiter(map(len, arrays), np.int64, len(arrays)) - 2
     positions = np.arange(max_seq_len)
+    real = positions < lengths[:, None]
+    input_ids = np.zeros((len(arrays), max_seq_len), np.int32)
+    input_ids[real] = np.concatenate([a[2:] for a in arrays]) if arrays else []
     return {"input_ids": input_ids,
-            "token_type_ids": ((positions >= type_start) & (positions < n)).astype(np.int32),
-            "attention_mask": (positions < n).astype(np.int32),
-            "next_sentence_labels": np.asarray(label, np.int32)}
+            "token_type_ids": (real & (positions >= heads[:, 1:])).astype(np.int32),
+            "attention_mask": real.astype(np.int32),
+            "next_sentence_labels": heads[:, 0].astype(np.int32)}
 
 
 # --- files ------------------------------------------------------------------------------------
