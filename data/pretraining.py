@@ -133,20 +133,25 @@ class PretrainingData:
 
     # --- datasets -------------------------------------------------------------------------
 
+    def _masker(self, rows: range, seed: int, tag: int, max_predictions: int, mask_prob: float,
+                whole_word: bool) -> MaskBatch:
+        tok = self.tokenizer
+        return MaskBatch(dtype=self.meta["dtype"], max_seq_len=self.max_seq_len, rows=rows,
+                         seed=seed, tag=tag, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
+                         special_ids=sorted(tok.special_ids), mask_prob=mask_prob,
+                         max_predictions=max_predictions,
+                         is_continuation=tok._is_continuation if whole_word else None,
+                         document_sep=tok.sep_id if self.objective == "mlm_packed" else None)
+
     def _batches(self, split: str, batch_size: int, *, seed: int, tag: int,
                  max_predictions: int, mask_prob: float, whole_word: bool, process_index: int,
                  process_count: int) -> grain.MapDataset:
         """This process's masked batches of a split's stream (shuffled for train)."""
-        tok = self.tokenizer
         ds = process_share(self.records(split, seed if split == "train" else None), batch_size,
                            process_index, process_count, batch_fn=list)
-        return ds.map_with_index(MaskBatch(
-            dtype=self.meta["dtype"], max_seq_len=self.max_seq_len,
-            rows=process_rows(batch_size, process_index, process_count), seed=seed, tag=tag,
-            vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=sorted(tok.special_ids),
-            mask_prob=mask_prob, max_predictions=max_predictions,
-            is_continuation=tok._is_continuation if whole_word else None,
-            document_sep=tok.sep_id if self.objective == "mlm_packed" else None))
+        rows = process_rows(batch_size, process_index, process_count)
+        return ds.map_with_index(self._masker(rows, seed, tag, max_predictions, mask_prob,
+                                              whole_word))
 
     def train_dataset(self, batch_size: int, *, seed: int, max_predictions: int,
                       mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,

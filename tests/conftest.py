@@ -26,6 +26,14 @@ TINY_FT = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval
            "optim.lr": 1e-3}
 
 
+def unmasked(batch):
+    """The input ids before masking: the original ids put back at the masked positions."""
+    ids = batch["input_ids"].copy()
+    rows, slots = np.nonzero(batch["masked_weights"])
+    ids[rows, batch["masked_positions"][rows, slots]] = batch["masked_ids"][rows, slots]
+    return ids
+
+
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     c = bert_tiny.get_config()
     for key, value in {**TINY, **overrides}.items():

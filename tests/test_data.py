@@ -18,7 +18,7 @@ from data.pretraining import KEYS, PretrainingData
 from data.wheels import DataError, fetch_wheel_member
 from models.tokenizer import Tokenizer
 from pretrain.prepare import prepare
-from conftest import tiny_config
+from conftest import tiny_config, unmasked
 
 # ---------------------------------------------------------------------------------------------
 # Wheels
@@ -279,17 +279,18 @@ def corpus(corpus_dirs):
     return PretrainingData(prepare(_data_config(corpus_dirs[0])))
 
 
-def _unmasked(batch):
-    """The input ids before masking: the original ids put back at the masked positions."""
-    ids = batch["input_ids"].copy()
-    rows, slots = np.nonzero(batch["masked_weights"])
-    ids[rows, batch["masked_positions"][rows, slots]] = batch["masked_ids"][rows, slots]
-    return ids
-
-
 def _all_rows(corpus, split):
-    return [records.pad_example(r, np.dtype(corpus.meta["dtype"]), corpus.max_seq_len)
-            for r in corpus.source(split)]
+    """Every record of a split padded by hand, one by one (what records.pad_examples must give)."""
+    out = []
+    for r in corpus.source(split):
+        ids, type_start, label = records.decode_example(r, np.dtype(corpus.meta["dtype"]))
+        row = np.zeros(corpus.max_seq_len, np.int64)
+        row[:len(ids)] = ids
+        types = [int(type_start <= i < len(ids)) for i in range(corpus.max_seq_len)]
+        out.append({"input_ids": row, "token_type_ids": np.array(types),
+                    "attention_mask": (np.arange(corpus.max_seq_len) < len(ids)).astype(int),
+                    "next_sentence_labels": label})
+    return out
 
 
 def test_corpus_build_and_cache(corpus, corpus_dirs, capsys):
@@ -341,7 +342,7 @@ def test_epochs_visit_every_example_once(corpus):
     n, batch_size = len(corpus), 512
     steps = -(-n // batch_size) + 1  # past the epoch boundary, into the next epoch
     ds = corpus.train_dataset(batch_size, **BATCH)
-    seen = np.concatenate([_unmasked(ds[s]) for s in range(steps)])
+    seen = np.concatenate([unmasked(ds[s]) for s in range(steps)])
     rows = lambda a: sorted(r.tobytes() for r in np.asarray(a, np.int32))
     assert rows(seen[:n]) == rows([r["input_ids"] for r in _all_rows(corpus, "train")])
     # The next epoch is another order of the same examples.
@@ -360,10 +361,11 @@ def test_eval_batches_fixed_and_in_order(corpus):
     for key in KEYS:
         np.testing.assert_array_equal(batches[1][key], again[key])
     rows = _all_rows(corpus, "eval")[:len(batches) * 16]
-    np.testing.assert_array_equal(np.concatenate([_unmasked(b) for b in batches]),
+    np.testing.assert_array_equal(np.concatenate([unmasked(b) for b in batches]),
                                   [r["input_ids"] for r in rows])
-    np.testing.assert_array_equal(np.concatenate([b["next_sentence_labels"] for b in batches]),
-                                  [r["next_sentence_labels"] for r in rows])
+    for key in ("token_type_ids", "attention_mask", "next_sentence_labels"):
+        np.testing.assert_array_equal(np.concatenate([b[key] for b in batches]),
+                                      [r[key] for r in rows])
     assert not np.array_equal(batches[0]["masked_weights"] * batches[0]["masked_positions"],
                               batches[1]["masked_weights"] * batches[1]["masked_positions"])
     parts = [corpus.eval_dataset(16, process_index=i, process_count=2, **BATCH)[2] for i in range(2)]
@@ -376,7 +378,7 @@ def test_whole_word_batches_never_split_words(corpus):
     ds = corpus.train_dataset(32, whole_word=True, **BATCH)
     for step in range(5):
         batch = ds[step]
-        original = _unmasked(batch)
+        original = unmasked(batch)
         chosen = np.zeros(original.shape, bool)
         rows, slots = np.nonzero(batch["masked_weights"])
         chosen[rows, batch["masked_positions"][rows, slots]] = True

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.examples import create_nsp_instances, mask_tokens
+from data.examples import MASK_WORDS, _take_words, create_nsp_instances, mask_tokens, number_documents
 
 CLS, SEP, MASK = 2, 3, 4
 SPECIALS = frozenset({0, 1, 2, 3, 4})
@@ -217,44 +217,86 @@ def test_nsp_statistics():
 # ---------------------------------------------------------------------------------------------
 
 
+def corruption(coin: float, pick: int = 0, choices: int = 15) -> int:
+    """The corruption word of one token: the coin (high 32 bits, against 0.8 and 0.9) and the
+    index of its random replacement among `choices` non-special ids (low 32 bits)."""
+    return (int(coin * 2**32) << 32) | int((pick + 0.5) * 2**32 / choices)
+
+
+def random_bits(rng, n, t):
+    return rng.integers(0, 2**64, (n, MASK_WORDS, t), dtype=np.uint64, endpoint=False)
+
+
 def test_mask_golden_by_hand():
     ids = np.array([[2, 10, 11, 12, 3, 13, 3, 0]])
     attn = np.array([[1, 1, 1, 1, 1, 1, 1, 0]])
     # 7 real tokens * 0.3 = 2.1 -> 2 predictions among the candidates at positions 1, 2, 3, 5.
-    rng = ScriptedRng(
+    bits = np.array([[
         # One key per word, in word order (words are positions 1, 2, 3, 5): the lowest keys win,
         # i.e. positions 2 and 5. Columns past the 4 words are unused.
-        random=[[[0.5, 0.1, 0.9, 0.3, 0.0, 0.0, 0.0, 0.0]],
-                # One draw per position: position 2 -> [MASK] (< 0.8), 5 -> random (0.8-0.9).
-                [[0.0, 0.95, 0.5, 0.0, 0.0, 0.85, 0.0, 0.0]]],
-        # Random replacement ids index the non-special ids 5..19: index 7 is token 12.
-        integers=[[[0, 0, 0, 0, 0, 7, 0, 0]]])
-    out = mask_tokens(ids, attn, rng, vocab_size=20, mask_id=MASK, special_ids=SPECIALS,
+        [50, 10, 90, 30, 0, 0, 0, 0],
+        # One word per position: position 2 -> [MASK] (< 0.8), 5 -> random (0.8-0.9), index 7
+        # of the non-special ids 5..19, i.e. token 12.
+        [0, corruption(0.95), corruption(0.5), 0, 0, corruption(0.85, pick=7), 0, 0]]],
+        np.uint64)
+    out = mask_tokens(ids, attn, bits, vocab_size=20, mask_id=MASK, special_ids=SPECIALS,
                       mask_prob=0.3, max_predictions=3)
-    assert rng.done()
     np.testing.assert_array_equal(out["input_ids"], [[2, 10, 4, 12, 3, 12, 3, 0]])
     np.testing.assert_array_equal(out["masked_positions"], [[2, 5, 0]])
     np.testing.assert_array_equal(out["masked_ids"], [[11, 13, 0]])
     np.testing.assert_array_equal(out["masked_weights"], [[1, 1, 0]])
     assert out["masked_positions"].dtype == np.int32 and out["masked_weights"].dtype == np.float32
+    with pytest.raises(ValueError, match="bits has shape"):
+        mask_tokens(ids, attn, bits[:, :1], vocab_size=20, mask_id=MASK, special_ids=SPECIALS,
+                    max_predictions=3)
 
 
 def test_whole_word_mask_golden_by_hand():
     ids = np.array([[2, 10, 11, 12, 13, 14, 3, 0]])
     attn = np.array([[1, 1, 1, 1, 1, 1, 1, 0]])
     starts = np.array([[1, 1, 0, 1, 0, 0, 1, 1]], bool)  # words: positions 1-2 and 3-5
-    rng = ScriptedRng(
+    bits = np.array([[
         # Word 1 (3 tokens) comes first but overshoots the 2 predictions: skipped; word 0 fits.
-        random=[[[0.2, 0.1, 0, 0, 0, 0, 0, 0]],
-                [[0, 0.95, 0.1, 0, 0, 0, 0, 0]]],  # position 1 kept as is, 2 -> [MASK]
-        integers=[np.zeros((1, 8), int)])
-    out = mask_tokens(ids, attn, rng, vocab_size=20, mask_id=MASK, special_ids=SPECIALS,
+        [20, 10, 0, 0, 0, 0, 0, 0],
+        [0, corruption(0.95), corruption(0.1), 0, 0, 0, 0, 0]]],  # 1 kept as is, 2 -> [MASK]
+        np.uint64)
+    out = mask_tokens(ids, attn, bits, vocab_size=20, mask_id=MASK, special_ids=SPECIALS,
                       mask_prob=0.3, max_predictions=4, word_starts=starts)
-    assert rng.done()
     np.testing.assert_array_equal(out["input_ids"], [[2, 10, 4, 12, 13, 14, 3, 0]])
     np.testing.assert_array_equal(out["masked_positions"], [[1, 2, 0, 0]])
     np.testing.assert_array_equal(out["masked_ids"], [[10, 11, 0, 0]])
     np.testing.assert_array_equal(out["masked_weights"], [[1, 1, 0, 0]])
+
+
+def _greedy_by_loop(lens, target):
+    """The whole-word fill written as the plain loop of the original: visit words in order, take
+    each one that fits the row's count."""
+    taken = np.zeros(lens.shape, bool)
+    for r, (row, goal) in enumerate(zip(lens.tolist(), target.tolist())):
+        count = 0
+        for k, length in enumerate(row):
+            if length and count + length <= goal:
+                taken[r, k], count = True, count + length
+    return taken
+
+
+def test_vectorised_word_fill_equals_the_loop():
+    rng = np.random.default_rng(5)
+    for max_len in (1, 2, 4, 9):  # 1: no whole words
+        lens = rng.integers(1, max_len + 1, (500, 40)) * (rng.random((500, 40)) < 0.8)
+        lens = np.sort(lens, axis=1)[:, ::-1].copy() if max_len == 9 else lens  # long words first
+        target = rng.integers(0, 25, 500)
+        np.testing.assert_array_equal(_take_words(lens, target), _greedy_by_loop(lens, target))
+
+
+def test_document_numbers_of_packed_rows():
+    ids = np.array([[CLS, 10, 11, SEP, 12, SEP, 13, SEP, 0, 0],
+                    [CLS, 10, 11, 12, 13, SEP, 0, 0, 0, 0]])
+    attn = (ids != 0).astype(np.int32)
+    # A [SEP] belongs to the document it ends; padding stays 0.
+    np.testing.assert_array_equal(number_documents(ids, attn, SEP),
+                                  [[1, 1, 1, 1, 2, 2, 3, 3, 0, 0],
+                                   [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]])
 
 
 def _random_rows(rng, n, t, vocab):
@@ -276,8 +318,9 @@ def test_mask_statistics(whole_word):
     n, t, vocab, p = 10_000, 64, 1000, 12
     rng = np.random.default_rng(0)
     ids, attn, starts = _random_rows(rng, n, t, vocab)
-    out = mask_tokens(ids, attn, rng, vocab_size=vocab, mask_id=MASK, special_ids=SPECIALS,
-                      max_predictions=p, word_starts=starts if whole_word else None)
+    out = mask_tokens(ids, attn, random_bits(rng, n, t), vocab_size=vocab, mask_id=MASK,
+                      special_ids=SPECIALS, max_predictions=p,
+                      word_starts=starts if whole_word else None)
     pos, w = out["masked_positions"], out["masked_weights"].astype(bool)
     target = np.minimum(p, np.maximum(1, np.round(attn.sum(1) * 0.15)))
     counts = w.sum(1)
@@ -320,8 +363,8 @@ def test_mask_never_touches_specials_in_tiny_rows():
     ids = np.array([[2, 7, 3, 0, 0], [2, 3, 3, 0, 0]])
     attn = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]])
     for seed in range(20):
-        out = mask_tokens(ids, attn, np.random.default_rng(seed), vocab_size=10, mask_id=MASK,
-                          special_ids=SPECIALS, max_predictions=2)
+        out = mask_tokens(ids, attn, random_bits(np.random.default_rng(seed), 2, 5),
+                          vocab_size=10, mask_id=MASK, special_ids=SPECIALS, max_predictions=2)
         np.testing.assert_array_equal(out["masked_positions"], [[1, 0], [0, 0]])
         np.testing.assert_array_equal(out["masked_weights"], [[1, 0], [0, 0]])
         np.testing.assert_array_equal(out["input_ids"][:, [0, 2, 3, 4]], ids[:, [0, 2, 3, 4]])

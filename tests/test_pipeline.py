@@ -6,9 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, unmasked
 from data import records
 from data.corpora import load_documents
+from data.pipeline import ArrayRecordSource, batch_bits
 from data.pretraining import KEYS, PretrainingData
 from data.wheels import DataError
 from pretrain import prepare as prepare_mod
@@ -76,13 +77,50 @@ def test_process_shares_are_disjoint_balanced_and_make_the_global_batch(small, p
     assert len(set(rows)) == len(rows)
 
 
-def test_dynamic_masks_change_every_epoch_and_fold_step_and_index(small):
-    record = small.source("train")[0]
-    masker = small._masker(8, 3, 1, 5, 0.15, False)
-    first = masker(0, record)
-    assert same(first, masker(0, record))  # a pure function of the position
-    others = [masker(p, record) for p in (1, 8, 8 * 1000)]
-    assert not all(np.array_equal(first["masked_positions"], o["masked_positions"]) for o in others)
+def test_dynamic_masks_are_a_pure_function_of_seed_step_and_row(small):
+    records_ = [small.source("train")[i] for i in range(4)]
+    masker = small._masker(range(0, 4), 3, 1, 5, 0.15, False)
+    first = masker(0, records_)
+    assert same(first, masker(0, records_))  # a pure function of where the rows sit
+    # The same records as another step's rows, in other rows of the batch, or with another seed
+    # get other masks.
+    others = [masker(1, records_), masker(1000, records_),
+              small._masker(range(4, 8), 3, 1, 5, 0.15, False)(0, records_),
+              small._masker(range(0, 4), 4, 1, 5, 0.15, False)(0, records_)]
+    for other in others:
+        assert not np.array_equal(first["masked_positions"], other["masked_positions"])
+        np.testing.assert_array_equal(unmasked(first), unmasked(other))
+
+
+def test_batch_bits_of_a_row_range_are_those_rows_of_the_whole_batch():
+    whole = batch_bits(3, 7, 11, range(0, 12), 2 * 33)  # words per row not a multiple of 4
+    assert whole.shape == (12, 66) and whole.dtype == np.uint64
+    for rows in (range(0, 1), range(5, 9), range(11, 12)):
+        np.testing.assert_array_equal(batch_bits(3, 7, 11, rows, 66), whole[rows.start:rows.stop])
+    for seed, tag, step in ((4, 7, 11), (3, 8, 11), (3, 7, 12)):
+        assert not np.array_equal(batch_bits(seed, tag, step, range(0, 12), 66), whole)
+    # Uniform: the high bits split evenly (an eighth each, within 5 sigma).
+    eighths = np.bincount((batch_bits(0, 0, 0, range(0, 1000), 256) >> np.uint64(61)).ravel())
+    assert (abs(eighths / 256_000 - 1 / 8) < 5 * np.sqrt(1 / 8 * 7 / 8 / 256_000)).all()
+
+
+def test_array_record_source_reads_what_grain_reads(small, tmp_path):
+    import pickle
+
+    import grain
+
+    source = small.source("train")
+    paths = [str(tmp_path / f"part-{i}.array_record") for i in range(3)]
+    for path, (start, stop) in zip(paths, [(0, 120), (120, 120), (120, 200)]):  # one is empty
+        records.write_records(path, [source[i] for i in range(start, stop)])
+    ours, grains = ArrayRecordSource(paths), grain.sources.ArrayRecordDataSource(paths)
+    assert len(ours) == len(grains) == 200
+    picks = [0, 119, 120, 199, *np.random.default_rng(0).integers(0, 200, 100)]
+    assert [ours[i] for i in picks] == [grains[i] for i in picks]
+    copy = pickle.loads(pickle.dumps(ours))  # what grain worker processes get
+    assert [copy[i] for i in picks] == [grains[i] for i in picks]
+    with pytest.raises(IndexError):
+        ours[200]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +208,47 @@ def test_packed_sequences_respect_length_and_separators(tmp_path):
     assert 0 < boundaries < documents  # [SEP] between documents, inside rows only
     batch = data.batch(0, 8, **BATCH)
     assert (batch["next_sentence_labels"] == 0).all() and (batch["token_type_ids"] == 0).all()
+
+
+def _document_numbers_by_loop(ids, sep_id):
+    """attention_mask as agreed with the model: 0 on padding, documents numbered 1, 2, ...; the
+    [SEP] that ends a document is that document's."""
+    out, doc = [], 1
+    for token in ids.tolist():
+        out.append(doc if token else 0)
+        doc += token == sep_id
+    return out
+
+
+def test_packed_rows_number_their_documents(tmp_path):
+    data = PretrainingData(prepare(data_config(tmp_path, objective="mlm_packed"), verbose=False))
+    sep = data.tokenizer.sep_id
+    ds = data.train_dataset(16, **BATCH)
+    for step in range(8):
+        batch = ds[step]
+        original = unmasked(batch)  # [SEP] is never masked, nor put in by a random replacement
+        expected = [_document_numbers_by_loop(row, sep) for row in original]
+        np.testing.assert_array_equal(batch["attention_mask"], expected)
+        # Masks see only real tokens, whatever their number.
+        rows, slots = np.nonzero(batch["masked_weights"])
+        assert (batch["attention_mask"][rows, batch["masked_positions"][rows, slots]] > 0).all()
+    # Rows that cross a document boundary (under 1% of pydocs rows: its documents are long).
+    dtype = np.dtype(data.meta["dtype"])
+    crossing = [r for r in data.source("train")
+                if (records.decode_example(r, dtype)[0][1:-1] == sep).any()][:16]
+    assert len(crossing) >= 8
+    batch = data._masker(range(0, len(crossing)), 3, 1, 5, 0.15, False)(0, crossing)
+    expected = [_document_numbers_by_loop(row, sep) for row in unmasked(batch)]
+    np.testing.assert_array_equal(batch["attention_mask"], expected)
+    assert (batch["attention_mask"].max(axis=1) == 2).all()
+    # Shares of the processes number the same: the rows are the same.
+    parts = [data.train_dataset(16, process_index=i, process_count=2, **BATCH)[3]
+             for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["attention_mask"] for p in parts]),
+                                  ds[3]["attention_mask"])
+    # Sentence pairs keep 1 on every real token.
+    pairs = PretrainingData(prepare(data_config(tmp_path), verbose=False)).batch(0, 16, **BATCH)
+    assert set(np.unique(pairs["attention_mask"]).tolist()) <= {0, 1}
 
 
 def test_sop_labels_are_balanced_and_mean_swapped(tmp_path):
