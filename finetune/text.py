@@ -60,7 +60,8 @@ class SequenceClassifier(nnx.Module):
         """Logits (or scores) BC in float32. `key=None` disables dropout."""
         x_BTD, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
         if self.pooling == "mean":
-            mask_BT1 = attention_mask[..., None].astype(x_BTD.dtype)
+            # != 0: packed rows number their documents 1, 2, ... in attention_mask
+            mask_BT1 = (attention_mask != 0)[..., None].astype(x_BTD.dtype)
             pooled_BD = jnp.sum(x_BTD * mask_BT1, axis=1) / jnp.maximum(jnp.sum(mask_BT1, axis=1), 1)
         pooled_BD = dropout(pooled_BD, self.classifier_dropout, fold(key, 1))
         return self.classifier(pooled_BD).astype(jnp.float32)
