@@ -36,8 +36,8 @@ import numpy as np
 
 from data import records
 from data.examples import MASK_WORDS, mask_tokens, number_documents
-from data.pipeline import (ArrayRecordSource, batch_bits, grain_seed, prefetching_iterator, process_rows,
-                           process_share)
+from data.pipeline import (ArrayRecordSource, batch_bits, grain_seed, prefetching_iterator,
+                           process_rows, process_share)
 from models.tokenizer import Tokenizer
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",

@@ -54,7 +54,8 @@ def decode_example(record: bytes, dtype: np.dtype) -> tuple[np.ndarray, int, int
     return a[2:], int(a[1]), int(a[0])
 
 
-def pad_examples(records: Sequence[bytes], dtype: np.dtype, max_seq_len: int) -> dict[str, np.ndarray]:
+def pad_examples(records: Sequence[bytes], dtype: np.dtype,
+                 max_seq_len: int) -> dict[str, np.ndarray]:
     """Example records -> padded int32 input_ids, token_type_ids, attention_mask [N, T] and
     next_sentence_labels [N]."""
     arrays = [np.frombuffer(r, dtype) for r in records]

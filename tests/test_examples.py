@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from data.examples import MASK_WORDS, _take_words, create_nsp_instances, mask_tokens, number_documents
+from data.examples import (MASK_WORDS, _take_words, create_nsp_instances, mask_tokens,
+                           number_documents)
 
 CLS, SEP, MASK = 2, 3, 4
 SPECIALS = frozenset({0, 1, 2, 3, 4})
