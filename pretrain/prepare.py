@@ -4,20 +4,31 @@ Turns a text source into pretraining examples on disk, once; `python -m pretrain
 `prepare` and reuses what is there. Two cached stages under `data.data_dir/prepared/`:
 
   <tokens key>/                  documents split into sentences and tokenised (depends on the
-    tokenizer/                   source, the tokenizer, data.eval_fraction and data.seed)
-    docs-{train,eval}-NNNNN.array_record, report.json
+    tokenizer/                   source, the tokenizer, data.eval_fraction, data.seed and
+    docs-{train,eval}-NNNNN.array_record, report.json          data.shard_documents)
   <tokens key>/<objective>-<key>/  examples (depends on objective, max_seq_len, short_seq_prob,
     {train,eval}-NNNNN.array_record, meta.json, report.json        dupe_factor and data.seed)
+  each with done/NAME.json       one marker per finished shard (and the tokenizer), with its counts
 
-Documents go in shards of `data.shard_documents` to `data.prepare_workers` processes (0: this
-process); each shard's output depends only on its contents and index, so the result does not
-depend on the number of workers. Each stage writes into a temporary folder and renames it, so a
-crash leaves no half-written cache and concurrent runs keep one copy.
+Documents go in shards of `data.shard_documents` (read a range at a time: a TFDS dataset reads
+only the shard's records); each shard's output depends only on its contents and index, so the
+result does not depend on how many processes or workers made it. On a multi-process run
+(`python -m pretrain` or `python -m pretrain.prepare` with `--coordinator ... --num_processes N
+--process_id I`, or `python -m launch.local`) process I prepares shards I, I + N, ... into the
+shared folder, each process with `data.prepare_workers` worker processes (0: itself; they call
+the tokenizer's batch API, one thread each).
+
+Commit without renames (a bucket has none that is atomic): a shard's files are written first,
+then its done marker; process 0 waits until every shard has a marker and then writes the
+manifest (report.json for stage 1; report.json then meta.json for stage 2) last, and the other
+processes wait for it. Only a folder with its manifest is used; a rerun after a crash or SIGKILL
+keeps the shards that have markers and prepares the rest (what is unmarked is written again).
+Concurrent runs on one data dir write the same bytes to the same names.
 
 A mixture (`data.source=news:0.7,task:rt_polarity:0.3`) prepares each source as above, all with
 one tokenizer (data.tokenizer, else a WordPiece vocabulary trained on every source's train
 documents, cached in `prepared/tokenizer-<key>/`), and writes `prepared/mix-<key>/meta.json`
-listing them with their weights, and a report of each source's share of the train stream and how
+listing them with their weights (written last, by process 0), and a report of each source's share of the train stream and how
 many mixed examples one pass over it takes (data/pretraining.py mixes them).
 
 Bad input never stops a run; the reports count it: documents with non-UTF-8 bytes (replaced by

@@ -111,6 +111,7 @@ def prepared_folder(data_dir) -> Path:
     return meta.parent
 
 
+@pytest.mark.slow  # about 2 minutes on the shared 2-core machine
 def test_two_processes_prepare_shares_and_train_like_one(storage):
     run([sys.executable, "-m", "pretrain", "--cpu_devices", "8", *pretrain_flags(storage, "one")])
     out = run([sys.executable, "-m", "launch.local", "--num_processes", "2",
