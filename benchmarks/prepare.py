@@ -9,7 +9,7 @@ written, then the NSP examples made and written (the default config: vocabulary 
 tokens, dupe_factor 5), in shards of 500 documents (`data.shard_documents`: 8 shards of news).
 
   1. news, the WordPiece vocabulary trained as well (one process, no workers)
-  2. news with that vocabulary given (`data.tokenizer`), with 1 and with 2 worker processes:
+  2. news with that vocabulary given (`data.tokenizer`), with 0 (in-process), 1 and 2 workers:
      the tokenising and example stages alone, what scales with cores
   3. a synthetic corpus `--synthetic-copies` times the news corpus (its sentences drawn at
      random into new documents of news-like length), written to a JSON-lines file on tmpfs
@@ -17,7 +17,9 @@ tokens, dupe_factor 5), in shards of 500 documents (`data.shard_documents`: 8 sh
   4. the serial part of one process: reading the documents and handing them to its workers
      (the parent's work, which more workers do not share)
 
-Tokens/s counts the WordPiece tokens of the prepared documents (report.json) over wall time.
+Tokens/s counts the WordPiece tokens of the prepared documents (report.json) over wall time;
+tokens per CPU second divides them by the CPU time of the process and its workers (the per-core
+rate, which other jobs on a shared machine do not change much).
 Results and the projection to English Wikipedia: benchmarks/RESULTS.md.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import pickle
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -40,16 +43,23 @@ WHEELS = Path("~/.cache/pretrax/wheels").expanduser()
 SHARD_DOCUMENTS = 500
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (the workers included: each
+    process waits for its own), so that a busy machine does not change the per-core rate."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_prepare(data_dir: Path, **fields) -> dict:
     """One `python -m pretrain.prepare` process; its wall time and the two reports."""
     data_dir.mkdir(parents=True)
     (data_dir / "wheels").symlink_to(WHEELS)
     fields = {"data_dir": data_dir, "shard_documents": SHARD_DOCUMENTS, **fields}
     flags = [f"--config.data.{k}={v}" for k, v in fields.items()]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-m", "pretrain.prepare", *flags], cwd=REPO, check=True,
                    capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     (tokens_report,) = data_dir.glob("prepared/*/report.json")
     (examples_report,) = data_dir.glob("prepared/*/nsp-*/report.json")
     tokens = json.loads(tokens_report.read_text())
@@ -57,6 +67,7 @@ def run_prepare(data_dir: Path, **fields) -> dict:
     return {"seconds": seconds, "tokens": tokens["tokens"], "documents": tokens["documents_read"],
             "tokens_stage_s": tokens["seconds"], "examples_stage_s": examples["seconds"],
             "examples": examples["train_examples"], "tokens_per_s": tokens["tokens"] / seconds,
+            "cpu_seconds": cpu, "tokens_per_cpu_s": tokens["tokens"] / cpu,
             "tokenizer_dir": str(tokens_report.parent / "tokenizer")}
 
 
@@ -72,7 +83,8 @@ def synthetic_corpus(path: Path, copies: int, seed: int = 0) -> int:
     with open(path, "w") as f:
         for _ in range(copies):
             for length in lengths:
-                f.write(json.dumps({"text": " ".join(rng.choices(sentences, k=max(length, 1)))}) + "\n")
+                text = " ".join(rng.choices(sentences, k=max(length, 1)))
+                f.write(json.dumps({"text": text}) + "\n")
                 n += 1
     return n
 
@@ -94,7 +106,7 @@ def serial_seconds(source: str, data_dir: Path, shard_documents: int = SHARD_DOC
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--synthetic-copies", type=int, default=4)
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -119,8 +131,9 @@ def main() -> None:
                 "tokens_per_s": synthetic_tokens / seconds}
     for name, r in rows.items():
         r.pop("tokenizer_dir", None)
-        extra = (f", stages {r['tokens_stage_s']:.1f} s + {r['examples_stage_s']:.1f} s"
-                 if "tokens_stage_s" in r else "")
+        extra = (f", stages {r['tokens_stage_s']:.1f} s + {r['examples_stage_s']:.1f} s; "
+                 f"{r['cpu_seconds']:.1f} CPU s = {r['tokens_per_cpu_s']:,.0f} tokens per CPU "
+                 f"second" if "tokens_stage_s" in r else "")
         print(f"{name}: {r['tokens']:,} tokens in {r['seconds']:.1f} s = "
               f"{r['tokens_per_s']:,.0f} tokens/s{extra}")
     if args.out:

@@ -277,13 +277,15 @@ class TfdsDocuments:
         except Exception as e:  # not prepared, unknown name, no such split, not ArrayRecord
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(
-                f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir} ({reason[:200]}); "
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir} "
+                f"({reason[:200]}); "
                 f"prepare it once with `tfds build {name.split('/')[0]} --data_dir {data_dir} "
                 f"--file_format=array_record` (where TensorFlow is installed), or pass another "
                 f"data.data_dir") from None
         text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
         if not text_keys:
-            raise DataError(f"TFDS dataset {name!r} has no text feature (features: {list(features)})")
+            raise DataError(f"TFDS dataset {name!r} has no text feature "
+                            f"(features: {list(features)})")
         keys = ["text"] if "text" in text_keys else text_keys[:1]
         if "title" in text_keys and keys == ["text"]:
             keys = ["title", "text"]

@@ -28,8 +28,8 @@ Concurrent runs on one data dir write the same bytes to the same names.
 A mixture (`data.source=news:0.7,task:rt_polarity:0.3`) prepares each source as above, all with
 one tokenizer (data.tokenizer, else a WordPiece vocabulary trained on every source's train
 documents, cached in `prepared/tokenizer-<key>/`), and writes `prepared/mix-<key>/meta.json`
-listing them with their weights (written last, by process 0), and a report of each source's share of the train stream and how
-many mixed examples one pass over it takes (data/pretraining.py mixes them).
+listing them with their weights (last, by process 0), and a report of each source's share of the
+train stream and how many mixed examples one pass over it takes (data/pretraining.py mixes them).
 
 Bad input never stops a run; the reports count it: documents with non-UTF-8 bytes (replaced by
 U+FFFD, which the tokenizer drops), empty documents and sentences (dropped), one-sentence
@@ -53,7 +53,8 @@ import numpy as np
 from etils import epath
 
 from data import records
-from data.corpora import iter_documents, open_documents, parse_sources, source_fingerprint, split_sentences
+from data.corpora import (iter_documents, open_documents, parse_sources, source_fingerprint,
+                          split_sentences)
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
@@ -115,11 +116,20 @@ def _mark_done(folder: epath.Path, name: str, content: dict) -> None:
     _write_json(_done_path(folder, name), content)
 
 
+def _missing(paths: list[epath.Path]) -> list[epath.Path]:
+    """The paths that do not exist yet, with one listing per folder (one request on a bucket,
+    however many shards)."""
+    present = {}
+    for folder in {p.parent for p in paths}:
+        present[folder] = {c.name for c in folder.iterdir()} if folder.exists() else set()
+    return [p for p in paths if p.name not in present[p.parent]]
+
+
 def _wait_for(paths: list[epath.Path], what: str) -> None:
     """Until every path exists (written by other processes of the run). No time limit: the
     launcher (or jax.distributed) stops the run when a process fails."""
     delay, since, told = POLL_SECONDS[0], time.monotonic(), False
-    missing = [p for p in paths if not p.exists()]
+    missing = _missing(paths)
     while missing:
         if not told and time.monotonic() - since > 60:
             print(f"prepare: waiting for {what} ({len(missing)} of {len(paths)} still missing, "
@@ -127,7 +137,7 @@ def _wait_for(paths: list[epath.Path], what: str) -> None:
             told = True
         time.sleep(delay)
         delay = min(delay * 2, POLL_SECONDS[1])
-        missing = [p for p in missing if not p.exists()]
+        missing = _missing(missing)
 
 
 def _commit(folder: epath.Path, share: Share, files: dict[str, dict]) -> None:
@@ -150,7 +160,8 @@ def _shards_of_all(folder: epath.Path, names: list[str]) -> list[dict]:
 def _todo(folder: epath.Path, names: list[str], share: Share) -> list[str]:
     """This process's shards that no earlier (interrupted) run has finished."""
     mine = share.of(names)
-    todo = [n for n in mine if not _done_path(folder, n).exists()]
+    missing = set(_missing([_done_path(folder, n) for n in mine]))
+    todo = [n for n in mine if _done_path(folder, n) in missing]
     if len(todo) < len(mine):
         print(f"prepare: {len(mine) - len(todo)} of {len(mine)} shards of {folder} were done "
               f"by an earlier run; preparing the other {len(todo)}", flush=True)
@@ -209,7 +220,8 @@ def _tokenize_shard(job) -> dict:
             stats["tokens"] += sum(map(len, piece))
     for split, recs in out.items():
         if recs:
-            records.write_records(epath.Path(folder) / f"docs-{split}-{shard:05d}.array_record", recs)
+            records.write_records(epath.Path(folder) / f"docs-{split}-{shard:05d}.array_record",
+                                  recs)
     return dict(stats)
 
 
@@ -449,7 +461,8 @@ def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: Share) -
             "train_examples": sum(m["train_examples"] for m in metas),
             "eval_examples": sum(m["eval_examples"] for m in metas),
             "parts": [{k: r[k] for k in ("source", "weight", "folder")} for r in rows]}
-    _commit(final, share, {"report.json": {"source": dc.source, "sources": rows}, "meta.json": meta})
+    _commit(final, share, {"report.json": {"source": dc.source, "sources": rows},
+                           "meta.json": meta})
     return final
 
 

@@ -43,8 +43,8 @@ def examples(folder) -> dict:
     """What a prepared folder holds for training: its examples in order, and its vocabulary."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    out = {split: [r for name in meta[f"{split}_files"] for r in records.read_records(folder / name)]
-           for split in ("train", "eval")}
+    out = {split: [r for name in meta[f"{split}_files"]
+                   for r in records.read_records(folder / name)] for split in ("train", "eval")}
     out["vocab"] = (folder.parent / "tokenizer" / "vocab.txt").read_text()
     out["dtype"] = meta["dtype"]
     return out
@@ -80,7 +80,8 @@ def test_two_shares_make_the_single_process_folder(tmp_path, reference):
     assert result["folder"] == folder
     assert examples(folder) == reference[1]
     assert Path(folder).name == Path(reference[0]).name  # the same cache key
-    tokens_by = [m["process"] for n, m in done_markers(Path(folder).parent).items() if n != "tokenizer"]
+    tokens_by = [m["process"] for n, m in done_markers(Path(folder).parent).items()
+                 if n != "tokenizer"]
     assert tokens_by == [0, 1] * 4  # shards 0, 2, 4, 6 by process 0; 1, 3, 5, 7 by process 1
     examples_by = [m["process"] for m in done_markers(folder).values()]
     assert set(examples_by) == {0, 1} and len(examples_by) > 8
@@ -157,7 +158,8 @@ def test_sigkill_during_preparation_then_rerun_gets_the_same_examples(tmp_path, 
     log = tmp_path / "prepare.log"
     with open(log, "w") as out:
         held = subprocess.Popen([sys.executable, "-c", HOLD_MARKER, *flags], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, env={**ENV, "PRETRAX_TEST_HOLD_MARKER": shard})
+                                stderr=subprocess.STDOUT,
+                                env={**ENV, "PRETRAX_TEST_HOLD_MARKER": shard})
     try:
         deadline = time.time() + 120
         while "holding the marker" not in log.read_text():
