@@ -444,13 +444,13 @@ def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: Share) -
         meta = json.loads((examples_dir / "meta.json").read_text())
         tokens = json.loads((tokens_dir / "report.json").read_text())
         metas.append(meta)
-        share = weight / total
-        rows.append({"source": source, "weight": weight, "share": round(share, 4),
+        fraction = weight / total
+        rows.append({"source": source, "weight": weight, "share": round(fraction, 4),
                      "folder": str(examples_dir.relative_to(prepared)),
                      "train_examples": meta["train_examples"], "eval_examples": meta["eval_examples"],
                      "train_documents": tokens["train_documents"], "tokens": tokens["tokens"],
                      # mixed examples per pass over this source
-                     "epoch_every": round(meta["train_examples"] / share)})
+                     "epoch_every": round(meta["train_examples"] / fraction)})
     assert len({m["dtype"] for m in metas}) == 1, "one tokenizer, one id dtype"
     key = _digest(FORMAT_VERSION, [(r["folder"], r["weight"]) for r in rows])
     final = prepared / f"mix-{key}"
@@ -501,12 +501,12 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
     if verbose and share.index == 0:
         total = sum(weight for _, weight, _, _ in parts)
         for source, weight, tokens_dir, examples_dir in parts:
-            share = ""
+            mixed = ""
             if len(parts) > 1:
                 n = json.loads((examples_dir / "meta.json").read_text())["train_examples"]
-                share = (f" (share {weight / total:.3f} of the mixture: one pass every "
+                mixed = (f" (share {weight / total:.3f} of the mixture: one pass every "
                          f"{n * total / weight:,.0f} mixed examples)")
-            print(f"pretraining data {source}{share}: {_summary(dc, tokens_dir, examples_dir)}")
+            print(f"pretraining data {source}{mixed}: {_summary(dc, tokens_dir, examples_dir)}")
         if len(parts) > 1:
             print(f"pretraining data mixture of {len(parts)} sources ({folder})")
     return folder

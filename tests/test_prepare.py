@@ -219,3 +219,26 @@ def test_tfds_text_documents_are_read_in_batches(tmp_path, monkeypatch):
             by_thread.setdefault(thread, []).append(keys)
     assert by_thread == {threading.main_thread().ident: [[0, 1, 2], [6, 7, 8]],
                          second.ident: [[3, 4, 5], [9, 10, 11]]}
+
+
+def test_two_shares_of_a_mixture_make_the_single_process_folders(tmp_path):
+    """A mixture: one vocabulary learned by process 0, each source's shards shared, the mixture's
+    manifest written by process 0."""
+    (tmp_path / "notes.jsonl").write_text("".join(
+        json.dumps({"text": f"Note {i} is short. It has two sentences about {i * 3} items."}) + "\n"
+        for i in range(40)))
+    mix = {"data.source": f"pydocs:0.7,files:{tmp_path}/notes.jsonl:0.3"}
+    one = prepare(data_config(tmp_path / "one", **mix), verbose=False)
+    dc, result = data_config(tmp_path / "two", **mix), {}
+    second = threading.Thread(target=lambda: result.update(
+        folder=prepare(dc, verbose=False, process_index=1, process_count=2)))
+    second.start()
+    two = prepare(dc, verbose=False, process_index=0, process_count=2)
+    second.join(timeout=120)
+    assert result["folder"] == two and Path(two).name == Path(one).name
+    meta = json.loads((Path(two) / "meta.json").read_text())
+    assert meta == json.loads((Path(one) / "meta.json").read_text())
+    for part in meta["parts"]:
+        got, want = (Path(root, "prepared", part["folder"]) for root in (tmp_path / "two",
+                                                                         tmp_path / "one"))
+        assert examples(got) == examples(want)
