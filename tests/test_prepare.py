@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from etils import epath
 
 from conftest import tiny_config, tiny_flags
 from data import records
@@ -37,12 +37,12 @@ STORAGES = ["local"]
 @pytest.fixture(params=STORAGES)
 def storage(request, tmp_path):
     """The root of the shared folders (workdirs and data dirs) of one test."""
-    return tmp_path / "shared"
+    return epath.Path(tmp_path / "shared")
 
 
 def examples(folder) -> dict:
     """What a prepared folder holds for training: its examples in order, and its vocabulary."""
-    folder = Path(folder)
+    folder = epath.Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     out = {split: [r for name in meta[f"{split}_files"]
                    for r in records.read_records(folder / name)] for split in ("train", "eval")}
@@ -52,7 +52,8 @@ def examples(folder) -> dict:
 
 
 def done_markers(folder) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(Path(folder, "done").glob("*.json"))}
+    return {p.stem: json.loads(p.read_text())
+            for p in sorted(epath.Path(folder, "done").glob("*.json"))}
 
 
 def data_config(data_dir, **overrides):
@@ -103,8 +104,8 @@ def pretrain_flags(root, name):
         mesh__fsdp=2, mesh__tensor=2, data__shard_documents=10)]
 
 
-def prepared_folder(data_dir) -> Path:
-    (meta,) = Path(data_dir, "prepared").glob("*/nsp-*/meta.json")
+def prepared_folder(data_dir) -> epath.Path:
+    (meta,) = epath.Path(data_dir, "prepared").glob("*/nsp-*/meta.json")
     return meta.parent
 
 
@@ -123,6 +124,17 @@ def test_two_processes_prepare_shares_and_train_like_one(storage):
     assert "[0] pretraining data pydocs:" in out and "[1] pretraining data" not in out
     assert sorted(losses(storage / "two")) == list(range(1, STEPS + 1))
     assert_close(losses(storage / "two"), losses(storage / "one"), range(1, STEPS + 1), tol=1e-5)
+
+
+def test_prepare_cli_on_two_processes_makes_the_single_process_folder(storage, reference):
+    out = run([sys.executable, "-m", "launch.local", "--num_processes", "2", "--",
+               sys.executable, "-m", "pretrain.prepare",
+               *tiny_flags(storage / "data", data__shard_documents=10)])
+    folder = prepared_folder(storage / "data")
+    assert examples(folder) == reference[1]
+    assert {m["process"] for n, m in done_markers(folder.parent).items() if n != "tokenizer"} \
+        == {0, 1}
+    assert "[0] pretraining data pydocs:" in out and "[1] pretraining data" not in out
 
 
 # ---------------------------------------------------------------------------------------------
