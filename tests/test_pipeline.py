@@ -1,6 +1,7 @@
 """The production data pipeline: prepare (sources, bad input, reports, TFDS), grain resume and
 per-process shares, packed and SOP examples."""
 
+import functools
 import json
 
 import numpy as np
@@ -263,7 +264,8 @@ def test_sop_labels_are_balanced_and_mean_swapped(tmp_path):
 # TFDS without TensorFlow
 # ---------------------------------------------------------------------------------------------
 
-def _tiny_tfds(data_dir):
+@functools.cache  # TFDS registers a builder class by name, once per session
+def _tiny_tfds_builder():
     import tensorflow_datasets as tfds
 
     class TinyPretraxText(tfds.core.GeneratorBasedBuilder):
@@ -281,7 +283,11 @@ def _tiny_tfds(data_dir):
                 yield i, {"title": f"Title {i}",
                           "text": f"Document {i} starts here. It goes on for a while.\nEnd {i}."}
 
-    TinyPretraxText(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return TinyPretraxText
+
+
+def _tiny_tfds(data_dir):
+    _tiny_tfds_builder()(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
 
 
 def test_tfds_source_from_a_prepared_builder(tmp_path):
