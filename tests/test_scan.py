@@ -15,6 +15,7 @@ from pretrain.bert import objective
 from test_train_step import mesh_of
 from training import mesh as mesh_lib
 from training.optim import make_optimizer
+from training.init_source import take_params
 from training.state import create_train_state, graphdef_and_specs, init_params
 from training.step import make_train_step
 
@@ -109,3 +110,13 @@ def test_remat_names():
     assert set(REMAT_POLICIES) >= {"none", "full", "dots", "dots_no_batch"}
     with pytest.raises(ValueError, match="unknown remat policy 'sometimes'; choose one of none"):
         BertConfig.of_size("tiny", VOCAB, remat="sometimes")
+
+
+def test_init_converts_a_source_of_the_other_layout(unrolled_init):
+    scanned_fresh = init_params(model_fn(dataclasses.replace(TINY, scan_layers=True)), seed=1)
+    taken, _ = take_params(unrolled_init, scanned_fresh, "SRC")
+    for a, b in zip(jax.tree.leaves(taken), jax.tree.leaves(stack_layers(unrolled_init))):
+        np.testing.assert_array_equal(a, b)
+    back, _ = take_params(taken, init_params(model_fn(TINY), seed=1), "SRC")
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled_init)):
+        np.testing.assert_array_equal(a, b)
