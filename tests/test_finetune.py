@@ -346,6 +346,8 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, pretrained, data_dir):
     assert "did you mean" in error("none", "--sweep", "method.l2sp=1")
     assert "regression" in error("none", "--config.method.label_smoothing=0.1", "--config.data.task=glue/stsb")
     assert "freeze_bottom=5" in error(pretrained, "--config.method.freeze_bottom=5")
+    for method in ("--config.method.freeze_bottom=1", "--config.method.layer_decay=0.8"):
+        assert "set model.scan_layers=false" in error(pretrained, "--config.model.scan_layers=true", method)
     assert "choose one of: cls, mean" in error("none", "--config.model.pooling=max")
 
 
