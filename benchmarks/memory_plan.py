@@ -12,9 +12,10 @@ the compiled program's `memory_analysis()` is read. Per device it prints:
   act/example     temporaries that grow with the batch: the slope of temp bytes between two
                   compiled batch sizes (activations kept for the backward pass)
   fixed temp      the batch-independent temporaries (gradients, gathered weights, buffers)
-  max batch       the largest per-device batch (a multiple of 1) whose arguments + temporaries
-                  fit each HBM size, from the linear fit, then checked by compiling it for the
-                  largest HBM (`checked`: the compiled total at that batch)
+  max batch       the largest per-device batch whose arguments + temporaries fit each HBM size:
+                  a linear fit of the compiled totals, refitted through the batch it predicts
+                  for the largest HBM, then checked by compiling the refitted batch for the
+                  largest HBM (`checked`: that batch and its compiled total)
 
 CPU XLA is not TPU or GPU XLA (other fusion, no HBM-specific rematerialisation), so the numbers
 are a plan to check on the hardware, not a promise. Results: benchmarks/RESULTS.md.
@@ -104,26 +105,27 @@ def peak_bytes(compiled) -> tuple[int, int, int]:
 
 
 def plan(config, mesh_shape, hbm_gib, probe=(8, 16)):
-    """One row of the plan: bytes per device and the largest per-device batch for each HBM."""
+    """One row of the plan: bytes per device and the largest per-device batch for each HBM.
+
+    Totals are fitted linearly between two small compiled batches, then refitted through the
+    batch that first fit predicts for the largest HBM (compiled: XLA's temporaries do not grow
+    quite linearly), and the refitted batch for the largest HBM is compiled to check it."""
     dp = mesh_shape[0] * mesh_shape[1]
-    results = {}
-    for per_device in probe:
-        compiled, target, lower_s, compile_s = compile_train_step(config, mesh_shape, per_device * dp)
-        results[per_device] = (*peak_bytes(compiled), compile_s)
-    (b0, (a0, t0, tot0, c0)), (b1, (a1, t1, tot1, c1)) = sorted(results.items())
-    per_example = (tot1 - tot0) / (b1 - b0)
-    fixed = tot0 - per_example * b0
-    fits = {h: max(0, int((h * GiB - fixed) // per_example)) for h in hbm_gib}
-    check_batch = fits[max(hbm_gib)]
-    checked = None
-    if check_batch:
-        compiled, *_ = compile_train_step(config, mesh_shape, check_batch * dp)
-        checked = peak_bytes(compiled)[2]
-    params = per_device_bytes(target["params"])
-    opt = per_device_bytes(target["opt_state"])
-    return dict(mesh=mesh_shape, params=params, opt=opt, act_per_example=(t1 - t0) / (b1 - b0),
-                fixed_temp=t0 - (t1 - t0) / (b1 - b0) * b0, total_at=(b0, tot0), fits=fits,
-                checked=(check_batch, checked), compile_s=(c0 + c1) / 2)
+    total = lambda per_device: peak_bytes(compile_train_step(config, mesh_shape, per_device * dp)[0])
+    compiled, target, _, compile_s = compile_train_step(config, mesh_shape, probe[0] * dp)
+    (b0, b1), (_, t0, tot0) = probe, peak_bytes(compiled)
+    _, t1, tot1 = total(b1)
+    slope = (tot1 - tot0) / (b1 - b0)
+    far = max(b1 + 1, int((max(hbm_gib) * GiB - tot0) // slope) + b0)
+    tot_far = total(far)[2]
+    slope = (tot_far - tot0) / (far - b0)  # the secant through the far point
+    fits = {h: max(0, int((h * GiB - tot0) // slope) + b0) for h in hbm_gib}
+    best = fits[max(hbm_gib)]
+    checked = total(best)[2] if best else None
+    return dict(mesh=mesh_shape, params=per_device_bytes(target["params"]),
+                opt=per_device_bytes(target["opt_state"]), act_per_example=(t1 - t0) / (b1 - b0),
+                fixed_temp=t0 - (t1 - t0) / (b1 - b0) * b0, fits=fits, checked=(best, checked),
+                compile_s=compile_s)
 
 
 def main(argv=None) -> None:

@@ -6,6 +6,8 @@ table that maps them onto the `(data, fsdp, tensor)` mesh lives in `training/mes
 force through `flax.core.spmd.logical_axis_rules` while a step is traced.
 """
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,9 +156,9 @@ def _is_layer_index(k) -> bool:
 def is_stacked(tree) -> bool:
     """Whether a parameter tree holds a scanned stack: a `layers` entry keyed by weight names
     rather than layer indices."""
-    if not isinstance(tree, dict):
+    if not isinstance(tree, Mapping):  # a pure dict, or Orbax's metadata tree
         return False
-    return any((k == "layers" and isinstance(v, dict) and v and not any(map(_is_layer_index, v)))
+    return any((k == "layers" and isinstance(v, Mapping) and v and not any(map(_is_layer_index, v)))
                or is_stacked(v) for k, v in tree.items())
 
 
