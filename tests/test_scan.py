@@ -61,7 +61,7 @@ def unrolled_run(batches, unrolled_init):
 
 
 @pytest.mark.parametrize("shape,remat", [((1, 1, 1), "none"), ((2, 2, 2), "none"),
-                                         ((2, 2, 2), "dots_no_batch")])
+                                         pytest.param((2, 2, 2), "dots_no_batch", marks=pytest.mark.slow)])
 def test_scanned_losses_equal_unrolled(shape, remat, batches, unrolled_init, unrolled_run):
     scanned = dataclasses.replace(TINY, scan_layers=True, remat=remat)
     losses, params = run_steps(scanned, stack_layers(unrolled_init), shape, batches)
@@ -72,6 +72,7 @@ def test_scanned_losses_equal_unrolled(shape, remat, batches, unrolled_init, unr
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_remat_policies_change_nothing_but_memory(batches, unrolled_init, unrolled_run):
     for remat in ("full", "dots"):
         cfg = dataclasses.replace(TINY, remat=remat)
