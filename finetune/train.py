@@ -73,7 +73,7 @@ def _train(config, workdir: Path, init: str, explicit, lease) -> dict | None:
 
     # ---- Method, optimizer, steps ------------------------------------------------------------
     shapes = jax.eval_shape(lambda: init_params(family.model_fn, 0))
-    if is_stacked(shapes["encoder"]) and (method.freeze_bottom >= 0 or method.layer_decay != 1.0):
+    if is_stacked(shapes) and (method.freeze_bottom >= 0 or method.layer_decay != 1.0):
         raise UserError("method.freeze_bottom and method.layer_decay treat each layer on its own, "
                         "which a scanned stack's stacked weights cannot; set "
                         "model.scan_layers=false (the source's weights are converted)")
