@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"        # compute dtype; parameters stay float32
     c.model.dropout = 0.0            # off for a short budget, as in Cramming (BERT used 0.1)
     c.model.attention_dropout = 0.0
-    c.model.remat = False
+    c.model.remat = "none"           # rematerialisation: none | full | dots | dots_no_batch
+    c.model.scan_layers = False      # one scanned layer over stacked weights: compiles in seconds
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "news"           # news | pydocs | files:/path/*.txt|*.jsonl | tfds:NAME[:SPLIT]

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()  # the encoder's shape comes from --init
     c.model.size = "small"           # --init none: models/mae.py SIZES
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.model.drop_path = 0.1          # stochastic depth (MAE fine-tuning: 0.1 for ViT-B)
     c.model.pooling = "cls"          # cls: exports as ViTForImageClassification | mean (MAE's)
     c.model.probe_norm = False       # the linear-probe protocol's BatchNorm without affine

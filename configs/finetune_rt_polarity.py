@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.classifier_dropout = 0.1
     c.model.pooling = "cls"          # cls: BERT's pooler (exports as BertForSequenceClassification)
                                      # mean: the mean hidden state (the usual frozen-feature probe)
-    c.model.remat = False
+    c.model.remat = "none"
+    c.model.scan_layers = False      # true: refuses method.freeze_bottom and method.layer_decay
 
     c.data = ml_collections.ConfigDict()
     c.data.task = "rt_polarity"      # see data/tasks.py: rt_polarity, reuters_r8, newsgroups20, glue/...

@@ -13,5 +13,5 @@ from configs import mae_base
 def get_config():
     c = mae_base.get_config()
     c.model.size = "large"
-    c.model.remat = True
+    c.model.remat = "full"
     return c

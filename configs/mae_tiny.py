@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.mask_ratio = 0.75
     c.model.norm_pix_loss = True     # targets: each patch standardised (better features)
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "mnist"          # mnist | tfds:NAME (prepared in data_dir, array_record)

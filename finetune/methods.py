@@ -4,7 +4,9 @@ the L2-SP penalty.
 A model's params are `{"encoder": what comes from the source, ...the task head}`. The family
 says how deep each encoder parameter sits (`depth(keys)`, keys relative to the encoder):
 0 for the embeddings, i + 1 for layer i, num_layers + 1 above the layers (e.g. BERT's pooler);
-the head is always at num_layers + 1.
+the head is always at num_layers + 1. A scanned stack (`model.scan_layers`) keeps all layers in
+one array per weight, so finetune/train.py refuses freezing the bottom layers and layer decay
+with it.
 """
 
 from __future__ import annotations

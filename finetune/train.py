@@ -26,6 +26,7 @@ from data import labelled
 from finetune import tasks
 from finetune.families import FAMILIES
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
+from models.layers import is_stacked
 from training import mesh as mesh_lib
 from training.checkpoint import Checkpointer
 from training.config import save_config
@@ -72,6 +73,10 @@ def _train(config, workdir: Path, init: str, explicit, lease) -> dict | None:
 
     # ---- Method, optimizer, steps ------------------------------------------------------------
     shapes = jax.eval_shape(lambda: init_params(family.model_fn, 0))
+    if is_stacked(shapes) and (method.freeze_bottom >= 0 or method.layer_decay != 1.0):
+        raise UserError("method.freeze_bottom and method.layer_decay treat each layer on its own, "
+                        "which a scanned stack's stacked weights cannot; set "
+                        "model.scan_layers=false (the source's weights are converted)")
     if method.freeze_bottom > family.num_layers:
         raise UserError(f"method.freeze_bottom={method.freeze_bottom} but the encoder has "
                         f"{family.num_layers} layers")

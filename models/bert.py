@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import constrain, dropout, fold, layer_norm, normal, zeros
+from models.layers import (constrain, dropout, fold, layer_norm, make_stack, normal, remat_name,
+                           run_stack, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
 SIZES = {
@@ -38,9 +39,11 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"         # a models/layers.py REMAT_POLICIES name (true/false: full/none)
+    scan_layers: bool = False   # one scanned layer over stacked weights (compiles in O(1) layers)
 
     def __post_init__(self):  # the attention reshapes D into N x H
+        object.__setattr__(self, "remat", remat_name(self.remat))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
 
@@ -153,7 +156,8 @@ class BertEncoder(nnx.Module):
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.embed = Embeddings(cfg, rngs)
-        self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = make_stack(lambda rngs: Layer(cfg, rngs), cfg.num_layers, rngs,
+                                 scan=cfg.scan_layers)
         self.pooler = _dense(cfg, cfg.hidden_size, cfg.hidden_size, ["embed"], [None], rngs)
         self.cfg = cfg
 
@@ -161,9 +165,7 @@ class BertEncoder(nnx.Module):
         """Returns (hidden states BTD, pooled BD). `key=None` disables dropout."""
         mask_BT = attention_mask.astype(bool)
         x_BTD = self.embed(input_ids, token_type_ids, fold(key, 0))
-        for i, layer in enumerate(self.layers):
-            call = nnx.remat(type(layer).__call__) if self.cfg.remat else type(layer).__call__
-            x_BTD = call(layer, x_BTD, mask_BT, fold(key, i + 1))
+        x_BTD = run_stack(self.layers, x_BTD, mask_BT, key=key, key_offset=1, remat=self.cfg.remat)
         pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0]))
         return x_BTD, pooled_BD
 

@@ -49,6 +49,7 @@ from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES, 
                               write_json, write_safetensors, write_tokenizer)
 from models.hf_mae import MAE
 from models.hf_table import Architecture, ConversionError, Entry, Family
+from models.layers import unstack_layers
 
 FAMILIES = {"bert": BERT, "mae": MAE}  # keyed as run configs name them (`family`)
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
@@ -151,6 +152,9 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     with) also preprocessor_config.json; `config_extra` joins config.json. Returns the folder.
 
     `params` is our pure dict (`nnx.to_pure_dict`); layer keys may be ints or strings (Orbax).
+    A scanned stack's stacked weights are split into layers first: the tables, like HuggingFace,
+    name each layer (import gives per-layer weights; `models.layers.stack_layers` stacks them
+    for a scanned model).
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
     pretraining tree); everything under the ones it uses must be mapped. Leaves go to host one
     at a time. The folder appears whole or not at all; an existing one is replaced only if it
@@ -169,7 +173,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
             raise ConversionError(f"params have no {arch.labels} of shape (C,) to export as {architecture}")
         num_labels = leaf.shape[0]
     table = name_table(architecture, cfg, num_labels)
-    leaves = _check_params(params, table, architecture)
+    leaves = _check_params(unstack_layers(params), table, architecture)
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels,
                        **(config_extra or {}))
     if tokenizer is not None and family.image_processor is not None:

@@ -1,12 +1,16 @@
-"""Blocks shared by the model families: sharded initialisers, activation constraints, dropout.
+"""Blocks shared by the model families: sharded initialisers, activation constraints, dropout,
+and the transformer stack in either layout (unrolled or scanned) with its remat policy.
 
 Model code names logical axes only (`batch, seq, embed, heads, kv, mlp, vocab, patch`); the one
 table that maps them onto the `(data, fsdp, tensor)` mesh lives in `training/mesh.py` and is in
 force through `flax.core.spmd.logical_axis_rules` while a step is traced.
 """
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.sharding import PartitionSpec as P
@@ -78,3 +82,116 @@ def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BS=None, dropou
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
     probs_BNTS = dropout(probs_BNTS, dropout_rate, key)
     return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer stack: unrolled (one module per layer) or scanned (one module whose weights
+# carry a leading `layers` axis, applied with lax.scan, as MaxText does), with rematerialisation
+# ---------------------------------------------------------------------------------------------
+
+# `model.remat` names one of these. "full" keeps only each layer's input; "dots" also keeps the
+# matmul outputs; "dots_no_batch" keeps only matmuls without a batch dimension (the weights'
+# projections, not attention's scores), MaxText's "minimal".
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(value) -> str:
+    """A `remat` config value as a REMAT_POLICIES name; run configs from before the policies
+    said true/false, which mean "full"/"none"."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {value!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return value
+
+
+def make_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, scan: bool):
+    """`num_layers` layers from `make_layer(rngs)`: an nnx.List, or (scan) one module whose
+    weights are stacked along a leading axis named `layers` (training/mesh.py shards it nowhere).
+    The two draw different random inits; `stack_layers` converts one layout's weights to the other."""
+    if not scan:
+        return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return make_layer(rngs)
+    return create(rngs)
+
+
+def run_stack(layers, x, *args, key, key_offset: int = 0, remat: str = "none"):
+    """x -> layer_{L-1}(...layer_0(x, *args, key_0)...), key_i = fold(key, key_offset + i) in
+    both layouts, so dropout (and hence the loss) is the same whichever layout holds the weights."""
+    policy = REMAT_POLICIES[remat_name(remat)]
+    if isinstance(layers, nnx.List):
+        for i, layer in enumerate(layers):
+            call = type(layer).__call__
+            if remat_name(remat) != "none":
+                call = nnx.remat(call, policy=policy)
+            x = call(layer, x, *args, fold(key, key_offset + i))
+        return x
+
+    graphdef, stacked = nnx.split(layers)
+
+    def body(x, layer_and_index):
+        state, i = layer_and_index
+        return nnx.merge(graphdef, state)(x, *args, fold(key, key_offset + i)), None
+
+    if remat_name(remat) != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan already keeps CSE apart
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(num_layers)))
+    return x
+
+
+def _is_layer_index(k) -> bool:
+    return isinstance(k, int) or (isinstance(k, str) and k.isdigit())  # Orbax restores '0'
+
+
+def is_stacked(tree) -> bool:
+    """Whether a parameter tree holds a scanned stack: a `layers` entry keyed by weight names
+    rather than layer indices."""
+    if not isinstance(tree, Mapping):  # a pure dict, or Orbax's metadata tree
+        return False
+    return any((k == "layers" and isinstance(v, Mapping) and v and not any(map(_is_layer_index, v)))
+               or is_stacked(v) for k, v in tree.items())
+
+
+def stack_layers(tree):
+    """Every per-layer `layers` entry ({0: {...}, 1: {...}}) of a parameter tree as one entry of
+    arrays with a leading layer axis; a stacked tree stays as it is."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        if k == "layers" and isinstance(v, dict) and v and all(map(_is_layer_index, v)):
+            ordered = [v[i] for i in sorted(v, key=int)]
+            out[k] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)
+        else:
+            out[k] = stack_layers(v)
+    return out
+
+
+def unstack_layers(tree):
+    """The inverse of `stack_layers`: a stacked `layers` entry as {0: {...}, 1: {...}} (int keys)."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for k, v in tree.items():
+        if k == "layers" and isinstance(v, dict) and v and not any(map(_is_layer_index, v)):
+            n = jax.tree.leaves(v)[0].shape[0]
+            host = jax.tree.map(np.asarray, v)  # one host copy, sliced into views
+            out[k] = {i: jax.tree.map(lambda x: x[i], host) for i in range(n)}
+        else:
+            out[k] = unstack_layers(v)
+    return out
+
+
+def in_layout(tree, scanned: bool):
+    """`tree`'s weights in the scanned (stacked) or unrolled (per-layer) layout."""
+    return stack_layers(tree) if scanned else unstack_layers(tree)

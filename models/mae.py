@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import constrain, dense, dot_product_attention, dropout, fold, layer_norm, normal
+from models.layers import (constrain, dense, dot_product_attention, dropout, fold, layer_norm,
+                           normal, remat_name, run_stack)
 
 # name: (encoder layers, width, heads), (decoder layers, width, heads), (image, patch, channels).
 # Feed-forward is 4x width. base/large/huge are the paper's ViT-B/16, L/16, H/14 with its decoder.
@@ -57,9 +58,10 @@ class MAEConfig:
     layer_norm_eps: float = 1e-6  # the MAE paper's; transformers defaults to 1e-12
     initializer_range: float = 0.02
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"  # a models/layers.py REMAT_POLICIES name (true/false: full/none)
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat))
         S, p = self.image_size, self.patch_size
         if p < 1 or S % p:
             multiples = f"{S // p * p} or {(S // p + 1) * p}" if p >= 1 and S >= p else f"{p}"
@@ -245,13 +247,6 @@ def _drop_path(branch_BTD, rate: float, key):
     return jnp.where(keep_B11, branch_BTD / (1.0 - rate), 0).astype(branch_BTD.dtype)
 
 
-def _run_blocks(blocks, x_BTD, key, remat: bool):
-    for i, block in enumerate(blocks):
-        call = nnx.remat(type(block).__call__) if remat else type(block).__call__
-        x_BTD = call(block, x_BTD, fold(key, i))
-    return x_BTD
-
-
 class MAEEncoder(nnx.Module):
     """Patch projection + fixed positions, a class token, pre-LN blocks and a final LayerNorm."""
 
@@ -282,7 +277,7 @@ class MAEEncoder(nnx.Module):
         cls_1D = (self.cls_token[...] + pos_TD[0])[None].astype(cfg.dtype)
         cls_B1D = jnp.broadcast_to(cls_1D, (x_BLD.shape[0], *cls_1D.shape))
         x_BSD = constrain(jnp.concatenate([cls_B1D, x_BLD], axis=1), "batch", "seq", None)
-        x_BSD = _run_blocks(self.layers, x_BSD, key, cfg.remat)
+        x_BSD = run_stack(self.layers, x_BSD, key=key, remat=cfg.remat)
         return self.norm(x_BSD).astype(cfg.dtype)
 
     def features(self, pixels_BHWC, *, key=None):
@@ -318,7 +313,8 @@ class MAEDecoder(nnx.Module):
         patches_BLE = jnp.take_along_axis(shuffled_BLE, ids_restore_BL[..., None], axis=1)
         pos_TE = jnp.asarray(sincos_position_table(cfg.grid_size, E)).astype(cfg.dtype)
         x_BTE = jnp.concatenate([x_BSE[:, :1], patches_BLE], axis=1) + pos_TE
-        x_BTE = _run_blocks(self.layers, constrain(x_BTE, "batch", "seq", None), key, cfg.remat)
+        x_BTE = run_stack(self.layers, constrain(x_BTE, "batch", "seq", None), key=key,
+                          remat=cfg.remat)
         x_BTE = self.norm(x_BTE).astype(cfg.dtype)
         logits_BTP = self.pred(x_BTE).astype(jnp.float32)
         return constrain(logits_BTP[:, 1:], "batch", "seq", None)  # drop the class token

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from flax import nnx
 
 from models import hf
 from models.bert import BertConfig, BertForPreTraining
+from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
 from pretrain.__main__ import main as pretrain
 from conftest import tiny_flags
@@ -17,10 +19,12 @@ from training.checkpoint import read_params
 from training.state import abstract_model
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, data_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def pretrained(request, tmp_path_factory, data_dir):
+    """A workdir of 3 steps; `scanned`: its checkpoint holds the stacked layout."""
     workdir = tmp_path_factory.mktemp("pretrained")
-    pretrain(["--workdir", str(workdir), *tiny_flags(data_dir, train__steps=3)])
+    pretrain(["--workdir", str(workdir),
+              *tiny_flags(data_dir, train__steps=3, model__scan_layers=request.param)])
     return workdir
 
 
@@ -48,3 +52,14 @@ def test_exported_pretraining_checkpoint_matches_ours(pretrained, tmp_path):
     real = enc["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(mlm)[real], out_t.prediction_logits.numpy()[real], atol=1e-5)
     np.testing.assert_allclose(np.asarray(nsp), out_t.seq_relationship_logits.numpy(), atol=1e-5)
+
+    # Import gives per-layer weights whatever the checkpoint's layout; in that layout, ours again.
+    imported, _, _ = hf.import_params(out)
+    assert is_stacked(params) == cfg.scan_layers
+    again = in_layout(imported, scanned=cfg.scan_layers)
+    flat = lambda tree: {jax.tree_util.keystr(p, simple=True, separator="/"): np.asarray(x)
+                         for p, x in jax.tree_util.tree_leaves_with_path(tree)}  # 0 and '0' alike
+    ours = flat({k: v for k, v in params.items() if k in again})
+    assert flat(again).keys() == ours.keys()
+    for name, x in flat(again).items():
+        np.testing.assert_array_equal(x, ours[name])

@@ -20,6 +20,7 @@ from finetune.__main__ import main
 from finetune.sweep import run_sweep
 from finetune.text import SequenceClassifier, load_encoder, resolve_source
 from finetune.train import train_and_evaluate
+from models.layers import stack_layers
 from training.checkpoint import read_params
 from training.metrics import read_metrics
 
@@ -112,6 +113,23 @@ def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, 
     err = capsys.readouterr().err.strip()
     assert "mean-pooled" in err and "--architecture BertModel" in err and "\n" not in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_scanned_encoder_from_an_unrolled_checkpoint_exports(pretrained, data_dir, tmp_path):
+    """The pretraining checkpoint is unrolled; the fine-tuned model scans: --init converts, and
+    the export splits the stack back into HuggingFace's layers."""
+    train_and_evaluate(ft_config(data_dir, method__freeze_encoder=True, model__scan_layers=True),
+                       tmp_path, str(pretrained))
+    after = read_params(tmp_path)[0]
+    source = jax.tree.map(np.asarray, encoder_of(pretrained))
+    assert after["encoder"]["layers"]["query"]["kernel"].shape[0] == 2
+    assert_trees_equal(after["encoder"], stack_layers(source))
+    from models import hf
+    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    imported, _, architecture = hf.import_params(tmp_path / "hf")
+    assert architecture == "BertForSequenceClassification"
+    np.testing.assert_array_equal(imported["encoder"]["layers"][1]["mlp_out"]["kernel"],
+                                  stack_layers(source)["layers"]["mlp_out"]["kernel"][1])
 
 
 def test_freeze_embeddings_and_bottom_layer_bitwise(plain_run, pretrained, data_dir, tmp_path):
@@ -346,6 +364,8 @@ def test_bad_inputs_are_one_line(capsys, tmp_path, pretrained, data_dir):
     assert "did you mean" in error("none", "--sweep", "method.l2sp=1")
     assert "regression" in error("none", "--config.method.label_smoothing=0.1", "--config.data.task=glue/stsb")
     assert "freeze_bottom=5" in error(pretrained, "--config.method.freeze_bottom=5")
+    for method in ("--config.method.freeze_bottom=1", "--config.method.layer_decay=0.8"):
+        assert "set model.scan_layers=false" in error(pretrained, "--config.model.scan_layers=true", method)
     assert "choose one of: cls, mean" in error("none", "--config.model.pooling=max")
 
 

@@ -80,3 +80,7 @@ def test_workdir_of_another_model_shape(capsys, tmp_path, data_dir):
     assert "shape" in err and "another --workdir" in err
     assert (tmp_path / "config.json").read_text() == config_before  # nothing written is lost
     assert json.loads(config_before)["model"]["size"] == "tiny"
+    # The same model in the other layer layout: says which layout resumes, and how to convert.
+    err = one_line_error(capsys, ["--workdir", str(tmp_path), *tiny_flags(data_dir, train__steps=2),
+                                  "--config.model.scan_layers=true"])
+    assert "holds the unrolled layer stack" in err and "--config.model.scan_layers=false" in err

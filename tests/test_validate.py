@@ -9,6 +9,7 @@ from finetune.image import POOLINGS as IMAGE_POOLINGS
 from finetune.tasks import TASKS
 from finetune.text import POOLINGS
 from models.bert import SIZES
+from models.layers import REMAT_POLICIES
 from models.mae import SIZES as MAE_SIZES
 from pretrain.__main__ import main as pretrain_main
 from pretrain.prepare import OBJECTIVES
@@ -114,14 +115,17 @@ def test_validate_checks_types_of_values_set_in_code():
     config = finetune_rt_polarity.get_config()
     with config.ignore_type():
         config.model.remat = 1
-    with pytest.raises(UserError, match="model.remat=1: expected true or false"):
+    with pytest.raises(UserError, match="unknown remat policy 1 for model.remat; choose one of: none, full, dots"):
         v.validate(config)
-    config.model.remat, config.optim.lr = False, 1  # an int learning rate is a number
+    with config.ignore_type():
+        config.model.remat = "dots"
+    config.optim.lr = 1  # an int learning rate is a number
     v.validate(config)
 
 
 def test_choice_lists_match_their_owners():
     assert v.BERT_SIZES == tuple(SIZES) and v.MAE_SIZES == tuple(MAE_SIZES)
+    assert v.REMATS == tuple(REMAT_POLICIES)
     assert set(v.TASKS + v.IMAGE_TASKS) == set(TASKS)
     assert v.POOLINGS == tuple(POOLINGS) == tuple(IMAGE_POOLINGS)
     assert v.OBJECTIVES == tuple(OBJECTIVES)

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from models.layers import is_stacked
 from training import collectives
 from training.errors import UserError
 
@@ -168,6 +169,12 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 def _check_params_shapes(saved_params, target_params, where: Path) -> None:
+    if is_stacked(saved_params) != is_stacked(target_params):
+        layout = lambda tree: "scanned" if is_stacked(tree) else "unrolled"
+        raise UserError(f"checkpoint {where} holds the {layout(saved_params)} layer stack but this "
+                        f"config's model is {layout(target_params)}; resume with "
+                        f"--config.model.scan_layers={str(is_stacked(saved_params)).lower()}, or "
+                        f"start another --workdir with --init from it (which converts)")
     saved, wanted = _flat_shapes(saved_params), _flat_shapes(target_params)
     for name, shape in wanted.items():
         if name not in saved:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from models.bert import SIZES, BertConfig
+from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
 from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
@@ -148,7 +149,9 @@ def _name(path) -> str:
 def take_params(loaded: dict, fresh: dict, init: str, optional=()) -> tuple[dict, list[str]]:
     """`fresh` (a model's parameter tree) with every leaf taken from `loaded`, shape-checked, as
     float32 numpy, and the `optional` parts (e.g. "nsp", "encoder/pooler") the source lacks: those
-    keep their fresh values. Any other leaf the source lacks is an error."""
+    keep their fresh values. Any other leaf the source lacks is an error. A source of the other
+    layer layout (scanned vs unrolled stack) is converted to `fresh`'s."""
+    loaded = in_layout(loaded, scanned=is_stacked(fresh))
     flat = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
     kept = []
 

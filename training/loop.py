@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from training import mesh as mesh_lib
@@ -46,6 +47,7 @@ class LogWindow:
 
     def _new_window(self):
         self._sums, self._steps = None, 0
+        self._carried = None  # a resumed window's sums, on the host until the next step
         self.restart_timer()
 
     def restart_timer(self):
@@ -55,6 +57,11 @@ class LogWindow:
         if jax.process_count() > 1:
             jax.block_until_ready(self._previous)
             self._previous = sums
+        if self._sums is None and self._carried is not None:
+            # A window resumed from a checkpoint: its host sums go over explicitly, next to the
+            # step's, and are added in the order an unstopped run adds them (bitwise resume).
+            self._sums = jax.tree.map(lambda c, s: jax.device_put(c, s.sharding), self._carried, sums)
+            self._carried = None
         self._sums = sums if self._sums is None else jax.tree.map(jnp.add, self._sums, sums)
         self._steps += 1
         self._timed_steps += 1
@@ -65,21 +72,24 @@ class LogWindow:
     def take(self):
         """(the sums on the host, the steps in the window, timed steps per second or None); then
         starts the next window."""
-        host = jax.device_get(self._sums)
+        host = self._host_sums()
         elapsed = time.perf_counter() - self._timer
         steps_per_sec = self._timed_steps / elapsed if self._timed_steps else None
         steps = self._steps
         self._new_window()
         return host, steps, steps_per_sec
 
+    def _host_sums(self):
+        return self._carried if self._sums is None else jax.device_get(self._sums)
+
     def state(self) -> dict:
         """The open window as JSON (float32 values are exact as JSON floats)."""
-        sums = None if self._sums is None else jax.tree.map(float, jax.device_get(self._sums))
-        return {"steps": self._steps, "sums": sums}
+        sums = self._host_sums()
+        return {"steps": self._steps, "sums": None if sums is None else jax.tree.map(float, sums)}
 
     def restore(self, state: dict | None) -> None:
         if state and state["steps"]:
-            self._sums = jax.tree.map(np.float32, state["sums"])
+            self._carried = jax.tree.map(np.float32, state["sums"])
             self._steps = state["steps"]
 
 
@@ -145,6 +155,9 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                dynamic_ncols=True, desc=desc)
     window = LogWindow(start)  # losses average over it; throughput leaves out compiles and evals
     window.restore(window_state)
+    # The schedule is jnp code; run eagerly it would copy its constants to the device and its
+    # value back behind our back (tests run this loop under jax.transfer_guard("disallow")).
+    lr_of = jax.jit(lr)
 
     def report_eval(step: int, params) -> dict[str, float]:
         results = evaluate(params, step)
@@ -177,7 +190,8 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                                         f"optim.lr or raise optim.warmup_steps, then rerun to "
                                         f"resume from the last good checkpoint")
                     row.update({f"train/{k}": float(v) / window_steps for k, v in host["means"].items()})
-                    row["train/lr"] = float(lr(step - 1))
+                    at = jax.device_put(np.int32(step - 1), NamedSharding(mesh, P()))
+                    row["train/lr"] = float(jax.device_get(lr_of(at)))
                     row.update(epoch(step))
                     if steps_per_sec:
                         row["perf/steps_per_sec"] = steps_per_sec

@@ -23,6 +23,7 @@ RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("patch", None),
+    ("layers", None),  # a scanned stack's layer axis: each device holds every layer's shard
 )
 
 

@@ -113,6 +113,7 @@ MESH_AXIS = Int(1, special={-1: "all remaining devices"})
 BERT_SIZES = ("tiny", "mini", "small", "medium", "base", "large")
 MAE_SIZES = ("tiny", "small", "base", "large", "huge")
 DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots", "dots_no_batch")  # models/layers.py REMAT_POLICIES
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 DECAYS = ("linear", "cosine", "constant")
 POOLINGS = ("cls", "mean")
@@ -124,7 +125,7 @@ IMAGE_TASKS = ("mnist",)
 _COMMON = {
     "family": Text(required=True, meaning="a model family"),
     "model.dtype": Choice(DTYPES, "compute dtype"),
-    "model.remat": Bool(),
+    "model.remat": Choice(REMATS, "remat policy"),
     "data.data_dir": Text(required=True, meaning="a folder or gs:// URL"),
     "train.batch_size": COUNT,
     "train.grad_accum": COUNT,
@@ -181,6 +182,7 @@ _BERT = {
     "model.max_position": COUNT,
     "model.dropout": DROPOUT,
     "model.attention_dropout": DROPOUT,
+    "model.scan_layers": Bool(),
     "data.tokenizer": Text(),
     "data.vocab_size": COUNT,
     "data.max_seq_len": Int(8),
