@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --sweep           # tiny, mini, base at several batches, 128 and 512
     python benchmarks/train_step.py --sweep --large   # and bert_large
     python benchmarks/train_step.py --rows base:8:128,mini:32:512 --rounds 5 --steps 3
+    python benchmarks/train_step.py --attention-paths  # one layer's attention, each path, fwd+bwd
 
 One process. For each row (size, batch, sequence length) both sides build the same model config
 (BERT's shapes, vocabulary 30522, exact GELU, LayerNorm eps 1e-12, `--dropout` on both), the
@@ -44,7 +45,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from models.bert import BertConfig, BertForPreTraining
+from models.bert import BertConfig, BertForPreTraining, segment_mask
+from models.layers import dot_product_attention
 from pretrain.bert import objective, train_flops
 from training import mesh as mesh_lib
 from training.optim import make_optimizer
@@ -188,6 +190,30 @@ def time_row(sides: dict, rounds: int, steps: int) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def attention_paths(rows: str, rounds: int, steps: int, dtype: str) -> None:
+    """Forward + backward of one layer's attention (packed rows: two documents each), per path."""
+    import jax.numpy as jnp
+
+    paths = ("reference", "xla") + (("cudnn",) if jax.default_backend() == "gpu" and dtype != "float32" else ())
+    print(f"{'size':<6} {'batch':>5} {'seq':>4} " + " ".join(f"{p + ' ms':>12}" for p in paths))
+    for row in rows.split(","):
+        size, B, T = row.split(":")
+        B, T = int(B), int(T)
+        cfg = BertConfig.of_size(size, VOCAB)
+        rng = np.random.default_rng(0)
+        q, k, v = (jnp.asarray(rng.normal(size=(B, T, cfg.num_heads, cfg.head_size)), dtype) for _ in range(3))
+        mask = segment_mask(jnp.asarray(np.where(np.arange(T) < T // 3, 1, 2)[None].repeat(B, 0)))
+        loss = lambda p: lambda *qkv: jnp.sum(dot_product_attention(
+            *qkv, dtype=dtype, mask_BTS=mask, implementation=p).astype(jnp.float32) ** 2)
+        runs = {}
+        for p in paths:
+            f = jax.jit(jax.grad(loss(p), (0, 1, 2)))
+            jax.block_until_ready(f(q, k, v))
+            runs[p] = lambda n, f=f: jax.block_until_ready([f(q, k, v) for _ in range(n)])
+        step_s = time_row(runs, rounds, steps)
+        print(f"{size:<6} {B:>5} {T:>4} " + " ".join(f"{step_s[p] * 1e3:>12.1f}" for p in paths), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", default=None, help=f"size:batch:seq,... (default {DEFAULT_ROWS})")
@@ -199,10 +225,14 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout, both sides")
     p.add_argument("--attention", default="auto", help="pretrax's model.attention")
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument("--attention-paths", action="store_true",
+                   help="time only one layer's attention through each path on the rows")
     args = p.parse_args()
     rows = args.rows or (SWEEP_ROWS if args.sweep else DEFAULT_ROWS)
     if args.large:
         rows += "," + LARGE_ROWS
+    if args.attention_paths:
+        return attention_paths(rows, args.rounds, max(args.steps, 5), args.dtype)
 
     import torch
     torch.set_num_threads(args.torch_threads)

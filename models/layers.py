@@ -72,8 +72,10 @@ ATTENTIONS = ("auto", "reference", "xla", "cudnn")
 
 def attention_implementation(choice: str, dtype, dropout_active: bool) -> str:
     """The path `choice` means on this platform. "auto": cuDNN flash attention on GPU in 16-bit
-    (cuDNN has no float32 kernel), XLA's fused attention elsewhere. Attention dropout needs the
-    probabilities, which only the reference einsums materialise, so it always takes that path."""
+    (cuDNN has no float32 kernel), the reference einsums elsewhere (on CPU they run attention's
+    forward and backward 1.2-1.3x faster than jax.nn.dot_product_attention's XLA path:
+    benchmarks/RESULTS.md). Attention dropout needs the probabilities, which only the reference
+    einsums materialise, so it always takes that path."""
     if choice not in ATTENTIONS:
         raise ValueError(f"unknown attention {choice!r}; choose one of {', '.join(ATTENTIONS)}")
     if dropout_active:
@@ -81,7 +83,7 @@ def attention_implementation(choice: str, dtype, dropout_active: bool) -> str:
     if choice != "auto":
         return choice
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+    return "cudnn" if jax.default_backend() == "gpu" and half else "reference"
 
 
 def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BTS=None, dropout_rate=0.0,
