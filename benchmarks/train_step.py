@@ -25,8 +25,10 @@ matmul FLOPs only, 2 per multiply-add, backward = 2x forward, so a step is 3x th
   + B*P * 2*(D^2 + D*V)                        MLM transform and tied vocabulary projection
 where P is the number of positions that get vocabulary logits: the masked slots for pretrax, all
 T for transformers. MFU is each side's own FLOPs over the step time, against the float32 (or
-`--dtype`) matmul peak measured in this run (training/perf.py `matmul_peak`); "x tf" is
-pretrax's throughput over transformers' in the same row.
+`--dtype`) matmul peak measured in this run: one 2048^2 matmul timed as a third side in the same
+alternating rounds, so it sees the same load as the two steps (the header's figure is
+training/perf.py `matmul_peak` before the rows); "x tf" is pretrax's throughput over
+transformers' in the same row.
 
 Peak memory: XLA's buffer plan for the compiled step (arguments + outputs + temporaries -
 donated aliases) on CPU, the device's peak bytes in use on accelerators; for PyTorch the CUDA
@@ -179,6 +181,15 @@ def transformers_side(cfg: BertConfig, batch: dict, dtype: str):
 # Timing and the table
 # ---------------------------------------------------------------------------------------------
 
+def matmul_side(dtype: str, n: int = 2048):
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return lambda reps: jax.block_until_ready([f(a) for _ in range(reps)]), 2 * n ** 3
+
+
 def time_row(sides: dict, rounds: int, steps: int) -> dict[str, float]:
     """Median seconds per step of each side, timed in alternating rounds."""
     times = {name: [] for name in sides}
@@ -251,10 +262,13 @@ def main() -> None:
                                  attention_dropout=args.dropout, attention=args.attention)
         batch = make_batch(batch_size, seq_len)
         P = predictions(seq_len)
+        matmul = matmul_side(args.dtype)
         with jax.set_mesh(mesh), mesh_lib.logical_rules():
             ours = pretrax_side(cfg, batch, mesh)
             theirs = transformers_side(cfg, batch, args.dtype)
-            step_s = time_row({"pretrax": ours[0], "transformers": theirs[0]}, args.rounds, args.steps)
+            step_s = time_row({"pretrax": ours[0], "transformers": theirs[0], "matmul": matmul[0]},
+                              args.rounds, args.steps)
+        peak = matmul[1] / step_s["matmul"]
         flops = {"pretrax": train_flops(cfg, batch_size, seq_len, P),
                  "transformers": train_flops(cfg, batch_size, seq_len, seq_len)}
         for name, (_, compile_s, peak_bytes) in (("pretrax", ours), ("transformers", theirs)):
@@ -264,6 +278,7 @@ def main() -> None:
             print(f"{size:<6} {batch_size:>5} {seq_len:>4} {name:<12} {batch_size * seq_len / s:>9.0f} "
                   f"{batch_size / s:>7.1f} {s * 1e3:>8.1f} {compile_s:>9.1f} {mem} "
                   f"{flops[name] / s / peak:>6.1%} {ratio}", flush=True)
+        print(f"{'':<6} {'':>5} {'':>4} matmul peak in these rounds: {peak / 1e9:.0f} GFLOP/s", flush=True)
 
 
 if __name__ == "__main__":
