@@ -85,12 +85,13 @@ def test_packed_rows_give_the_loss_of_their_documents_one_per_row(attention):
     docs = _documents(np.random.default_rng(0), [13, 17, 20, 9])
     packed = _rows(docs, [[0, 1], [2, 3]], T=40)
     single = _rows(docs, [[0], [1], [2], [3]], T=40)
-    # Each single row has 3 predictions, each packed row 6: regroup the single rows' slots.
-    model = make_model(tiny(attention=attention))
+    # Each single row has 3 predictions, each packed row 6: the same 12 slots in the same order.
+    graphdef, params = nnx.split(make_model(tiny(attention=attention)), nnx.Param)
+    forward = jax.jit(lambda b: nnx.merge(graphdef, params)(
+        b["input_ids"], b["token_type_ids"], b["attention_mask"], b["masked_positions"]))
     logits = {}
     for name, b in (("packed", packed), ("single", single)):
-        mlm_BPV, nsp_BC = model(b["input_ids"], b["token_type_ids"], b["attention_mask"],
-                                b["masked_positions"])
+        mlm_BPV, nsp_BC = forward(b)
         logits[name] = np.asarray(mlm_BPV)
         sums = bert_family.mlm_nsp_sums(mlm_BPV, nsp_BC, b)
         logits[name + "_loss"] = float(sums["mlm_loss"] / sums["mlm_count"])
@@ -99,8 +100,7 @@ def test_packed_rows_give_the_loss_of_their_documents_one_per_row(attention):
     assert abs(logits["packed_loss"] - logits["single_loss"]) < 1e-5
     # Packing without the segment numbers (all 1s) lets documents see each other: it differs.
     mixed = dict(packed, attention_mask=(packed["attention_mask"] > 0).astype(np.int32))
-    leaked = np.asarray(model(mixed["input_ids"], mixed["token_type_ids"], mixed["attention_mask"],
-                              mixed["masked_positions"])[0])
+    leaked = np.asarray(forward(mixed)[0])
     assert np.abs(leaked - logits["packed"]).max() > 1e-3
 
 
