@@ -27,6 +27,7 @@ from models.mae import MAEConfig, MAEForPreTraining, random_masking, reconstruct
 from pretrain.mae import objective, train_flops
 from training import mesh as mesh_lib
 from training.optim import make_optimizer
+from training.perf import matmul_peak
 from training.state import create_train_state
 from training.step import Objective, make_train_step
 
@@ -45,17 +46,6 @@ def all_patches_objective(cfg: MAEConfig) -> Objective:
                                    norm_pix_loss=cfg.norm_pix_loss)
 
     return Objective(sums, visible.normalisers, visible.loss, visible.summarize)
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """float32 FLOP/s of one large matmul on the first device."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return reps * 2 * n ** 3 / (time.perf_counter() - start)
 
 
 def make_step(cfg: MAEConfig, obj: Objective, mesh):

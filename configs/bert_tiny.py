@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"        # compute dtype; parameters stay float32
     c.model.dropout = 0.0            # off for a short budget, as in Cramming (BERT used 0.1)
     c.model.attention_dropout = 0.0
+    c.model.attention = "auto"       # auto: cuDNN flash on GPU in bf16, the einsums elsewhere; attention
+                                     # dropout > 0 always runs the reference einsums (models/layers.py)
     c.model.remat = "none"           # rematerialisation: none | full | dots | dots_no_batch
     c.model.scan_layers = False      # one scanned layer over stacked weights: compiles in seconds
 

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.family = "bert"                # the encoder family: finetune/families.py
 
     # The encoder's shape comes from --init; these apply only with --init none (size,
-    # vocab_size, max_position), or always (dropout, dtype, remat, classifier_dropout, pooling).
+    # vocab_size, max_position), or always (dropout, attention, dtype, remat, classifier_dropout, pooling).
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"
     c.model.vocab_size = 0           # 0: the tokenizer's, rounded up to a multiple of 128
@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.dropout = 0.1
     c.model.attention_dropout = 0.1
+    c.model.attention = "auto"       # models/layers.py ATTENTIONS (training with attention dropout: reference)
     c.model.classifier_dropout = 0.1
     c.model.pooling = "cls"          # cls: BERT's pooler (exports as BertForSequenceClassification)
                                      # mean: the mean hidden state (the usual frozen-feature probe)

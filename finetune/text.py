@@ -151,7 +151,8 @@ def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
     bert = dataclasses.replace(source.bert_config(), dropout=config.model.dropout,
                                attention_dropout=config.model.attention_dropout,
                                dtype=config.model.dtype, remat=config.model.remat,
-                               scan_layers=config.model.scan_layers)
+                               scan_layers=config.model.scan_layers,
+                               attention=config.model.attention)
     if tokenizer.vocab_size > bert.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the encoder only "
                         f"{bert.vocab_size} embeddings")

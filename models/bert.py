@@ -1,8 +1,14 @@
 """BERT as published (Devlin et al. 2019): post-LayerNorm blocks, exact GELU, learned positions.
 
-Shapes: B batch, T sequence, D hidden, N heads, H head size, F feed-forward, P masked positions,
-V vocabulary. Parameters are float32; `dtype` is the compute dtype. Every weight carries logical
-axis names; `training/mesh.py` maps them onto the mesh.
+Shapes: B batch, T sequence (S for keys), D hidden, N heads, H head size, F feed-forward, P masked
+positions, V vocabulary. Parameters are float32; `dtype` is the compute dtype (LayerNorm
+statistics and the attention softmax stay float32). Every weight carries logical axis names;
+`training/mesh.py` maps them onto the mesh.
+
+`attention_mask` (BT) is 0 on padding and numbers the documents of a packed row 1, 2, 3, ...
+(an unpacked row is all 1s on its tokens). A token attends only to the real tokens of its own
+document (`segment_mask`), and positions restart at 0 with each document (`segment_positions`),
+so a packed row computes what its documents would, each alone in a row.
 """
 
 import dataclasses
@@ -11,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (constrain, dropout, fold, layer_norm, make_stack, normal, remat_name,
-                           run_stack, zeros)
+from models.layers import (ATTENTIONS, constrain, dot_product_attention, dropout, fold, layer_norm,
+                           make_stack, normal, remat_name, run_stack, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
 SIZES = {
@@ -41,11 +47,14 @@ class BertConfig:
     dtype: str = "float32"
     remat: str = "none"         # a models/layers.py REMAT_POLICIES name (true/false: full/none)
     scan_layers: bool = False   # one scanned layer over stacked weights (compiles in O(1) layers)
+    attention: str = "auto"     # models/layers.py ATTENTIONS: auto | reference | xla | cudnn
 
     def __post_init__(self):  # the attention reshapes D into N x H
         object.__setattr__(self, "remat", remat_name(self.remat))
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
 
     @classmethod
     def of_size(cls, size: str, vocab_size: int, **overrides) -> "BertConfig":
@@ -88,6 +97,24 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
 
+def segment_mask(segments_BT: jax.Array) -> jax.Array:
+    """BTS bool: query t sees key s iff s is a real token of t's document (`attention_mask`
+    numbers documents from 1, 0 is padding). A padding query sees every real key, as in BERT,
+    so its (unused) value stays finite; an unpacked row gets BERT's padding mask."""
+    q_BT1, k_B1S = segments_BT[:, :, None], segments_BT[:, None, :]
+    return (k_B1S > 0) & ((k_B1S == q_BT1) | (q_BT1 == 0))
+
+
+def segment_positions(segments_BT: jax.Array) -> jax.Array:
+    """BT position ids: 0 at the first token of every document, counting up within it; padding
+    keeps its index in the row. An unpacked row gets exactly arange(T) (HuggingFace's ids)."""
+    t_T = jnp.arange(segments_BT.shape[1])
+    previous_BT = jnp.pad(segments_BT[:, :-1], ((0, 0), (1, 0)))
+    starts_BT = (segments_BT > 0) & (segments_BT != previous_BT)
+    last_start_BT = jax.lax.cummax(jnp.where(starts_BT, t_T, 0), axis=1)
+    return jnp.where(segments_BT > 0, t_T - last_start_BT, t_T)
+
+
 def _dense(cfg: BertConfig, d_in, d_out, in_axes, out_axes, rngs, axis=-1) -> nnx.LinearGeneral:
     in_axes, out_axes = tuple(in_axes), tuple(out_axes)
     return nnx.LinearGeneral(
@@ -105,13 +132,13 @@ class Embeddings(nnx.Module):
         self.norm = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, token_type_ids, key):
-        T = input_ids.shape[1]
+    def __call__(self, input_ids, token_type_ids, attention_mask, key):
         # Gather the fsdp-sharded table before the lookup (as FSDP does for every weight), so
         # the partitioner never has to reshard the gather's output from the table's layout.
         table_VD = constrain(self.word.embedding[...], "vocab", None)
         words_BTD = jnp.take(table_VD, input_ids, axis=0)
-        x_BTD = words_BTD + self.position(jnp.arange(T))[None] + self.token_type(token_type_ids)
+        positions_BTD = self.position(segment_positions(attention_mask))
+        x_BTD = words_BTD + positions_BTD + self.token_type(token_type_ids)
         x_BTD = self.norm(x_BTD).astype(self.cfg.dtype)
         return constrain(dropout(x_BTD, self.cfg.dropout, key), "batch", "seq", None)
 
@@ -131,17 +158,14 @@ class Layer(nnx.Module):
         self.mlp_norm = layer_norm(D, cfg.layer_norm_eps, rngs)
         self.cfg = cfg
 
-    def __call__(self, x_BTD, mask_BT, key):
+    def __call__(self, x_BTD, mask_BTS, key):
         cfg = self.cfg
         q_BTNH = constrain(self.query(x_BTD), "batch", "seq", "heads", "kv")
         k_BSNH = constrain(self.key(x_BTD), "batch", "seq", "heads", "kv")
         v_BSNH = constrain(self.value(x_BTD), "batch", "seq", "heads", "kv")
-        scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32)
-        scores_BNTS = scores_BNTS / jnp.sqrt(cfg.head_size).astype(jnp.float32)
-        scores_BNTS = jnp.where(mask_BT[:, None, None, :], scores_BNTS, jnp.finfo(jnp.float32).min)
-        probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(cfg.dtype)
-        probs_BNTS = dropout(probs_BNTS, cfg.attention_dropout, fold(key, 0))
-        ctx_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
+        ctx_BTNH = dot_product_attention(q_BTNH, k_BSNH, v_BSNH, dtype=cfg.dtype, mask_BTS=mask_BTS,
+                                         dropout_rate=cfg.attention_dropout, key=fold(key, 0),
+                                         implementation=cfg.attention)
         attn_BTD = dropout(self.attn_out(ctx_BTNH), cfg.dropout, fold(key, 1))
         x_BTD = self.attn_norm(x_BTD + attn_BTD).astype(cfg.dtype)
 
@@ -163,9 +187,9 @@ class BertEncoder(nnx.Module):
 
     def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
         """Returns (hidden states BTD, pooled BD). `key=None` disables dropout."""
-        mask_BT = attention_mask.astype(bool)
-        x_BTD = self.embed(input_ids, token_type_ids, fold(key, 0))
-        x_BTD = run_stack(self.layers, x_BTD, mask_BT, key=key, key_offset=1, remat=self.cfg.remat)
+        mask_BTS = segment_mask(attention_mask)
+        x_BTD = self.embed(input_ids, token_type_ids, attention_mask, fold(key, 0))
+        x_BTD = run_stack(self.layers, x_BTD, mask_BTS, key=key, key_offset=1, remat=self.cfg.remat)
         pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0]))
         return x_BTD, pooled_BD
 

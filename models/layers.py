@@ -70,15 +70,45 @@ def dense(d_in, d_out, in_axes, out_axes, *, kernel_init, dtype, rngs: nnx.Rngs,
         bias_init=zeros(*out_axes), rngs=rngs)
 
 
-def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BS=None, dropout_rate=0.0,
-                          key=None) -> jax.Array:
-    """softmax(q k / sqrt(H)) v with scores and softmax in float32; `mask_BS` False = ignored."""
+# model.attention: which dot-product attention runs (see `dot_product_attention`).
+ATTENTIONS = ("auto", "reference", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, dtype, dropout_active: bool) -> str:
+    """The path `choice` means on this platform. "auto": cuDNN flash attention on GPU in 16-bit
+    (cuDNN has no float32 kernel), the reference einsums elsewhere (on CPU they run attention's
+    forward and backward 1.2-1.3x faster than jax.nn.dot_product_attention's XLA path:
+    benchmarks/RESULTS.md). Attention dropout needs the probabilities, which only the reference
+    einsums materialise, so it always takes that path."""
+    if choice not in ATTENTIONS:
+        raise ValueError(f"unknown attention {choice!r}; choose one of {', '.join(ATTENTIONS)}")
+    if dropout_active:
+        return "reference"
+    if choice != "auto":
+        return choice
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if jax.default_backend() == "gpu" and half else "reference"
+
+
+def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BTS=None, dropout_rate=0.0,
+                          key=None, implementation: str = "reference") -> jax.Array:
+    """softmax(q k / sqrt(H)) v with scores and softmax in float32 whatever `dtype`.
+
+    `mask_BTS` (bool, broadcastable to B T S): False = query t ignores key s. `implementation`:
+    one of ATTENTIONS; "xla" and "cudnn" are `jax.nn.dot_product_attention`'s, "reference" the
+    einsums below (the only one with attention dropout: see `attention_implementation`).
+    """
+    dropout_active = key is not None and dropout_rate > 0
+    path = attention_implementation(implementation, dtype, dropout_active)
+    mask_BNTS = None if mask_BTS is None else mask_BTS[:, None]
+    if path != "reference":
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS,
+                                            implementation=path).astype(dtype)
     H = q_BTNH.shape[-1]
-    scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH).astype(jnp.float32)
+    scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
     scores_BNTS = scores_BNTS / jnp.sqrt(H).astype(jnp.float32)
-    if mask_BS is not None:
-        scores_BNTS = jnp.where(mask_BS[:, None, None, :], scores_BNTS,
-                                jnp.finfo(jnp.float32).min)
+    if mask_BNTS is not None:
+        scores_BNTS = jnp.where(mask_BNTS, scores_BNTS, jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(dtype)
     probs_BNTS = dropout(probs_BNTS, dropout_rate, key)
     return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)

@@ -84,7 +84,13 @@ def objective(nsp_weight: float = 1.0) -> Objective:
 
 
 def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions: int) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3x forward)."""
+    """Matmul FLOPs of one training step: 2 per multiply-add, backward = 2x forward, so 3x
+        B*T * L * (2*(4*D^2 + 2*D*F) + 4*T*D)   q, k, v, out projections, MLP; scores and mix
+      + B*P * 2*(D^2 + D*V)                       MLM transform and the tied vocabulary projection
+    with P = `max_predictions` (the positions that get vocabulary logits; T for a model that
+    scores every position). The tied table's gradient is the projection's weight gradient,
+    inside the 3x. Not counted: softmax, LayerNorm, GELU, the embedding gathers and their
+    scatter-add gradients, the pooler and NSP head (under 0.1% at BERT-base), the optimizer."""
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     tokens = batch_size * seq_len
     per_token = L * (4 * D * D + 2 * D * F) * 2           # qkv+out, mlp

@@ -76,3 +76,17 @@ def test_model_config_from_size_or_fields_and_unknown_keys_fail():
         BertConfig.from_model_config({k: v for k, v in explicit.items() if k != "num_heads"})
     with pytest.raises(ValueError, match="not divisible by 3 heads"):
         BertConfig.from_model_config({**explicit, "num_heads": 3})
+
+
+def test_train_flops_matches_xla_cost_analysis():
+    # XLA's own count of the compiled forward + backward (matmuls and every elementwise op) is
+    # an independent check of pretrain/bert.py's analytic matmul count: a little above it.
+    cfg = BertConfig.of_size("mini", 1024, max_position=64)
+    with nnx.use_eager_sharding(False):
+        graphdef, params = nnx.split(BertForPreTraining(cfg, nnx.Rngs(0)), nnx.Param)
+    b = random_batch(np.random.default_rng(0), 4, 64, 1024, 8)
+    loss = lambda p: nnx.merge(graphdef, p)(b["input_ids"], b["token_type_ids"], b["attention_mask"],
+                                            b["masked_positions"])[0].sum()
+    xla = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
+    ratio = xla / bert_family.train_flops(cfg, 4, 64, 8)
+    assert 1.0 < ratio < 1.06, ratio

@@ -10,6 +10,7 @@ from finetune.tasks import TASKS
 from finetune.text import POOLINGS
 from models.bert import SIZES
 from models.layers import REMAT_POLICIES
+from models.layers import ATTENTIONS
 from models.mae import SIZES as MAE_SIZES
 from pretrain.__main__ import main as pretrain_main
 from pretrain.prepare import OBJECTIVES
@@ -126,6 +127,7 @@ def test_validate_checks_types_of_values_set_in_code():
 def test_choice_lists_match_their_owners():
     assert v.BERT_SIZES == tuple(SIZES) and v.MAE_SIZES == tuple(MAE_SIZES)
     assert v.REMATS == tuple(REMAT_POLICIES)
+    assert v.ATTENTIONS == ATTENTIONS
     assert set(v.TASKS + v.IMAGE_TASKS) == set(TASKS)
     assert v.POOLINGS == tuple(POOLINGS) == tuple(IMAGE_POOLINGS)
     assert v.OBJECTIVES == tuple(OBJECTIVES)

@@ -1,6 +1,9 @@
 """Peak FLOP/s per device, for MFU. Dense bf16 figures from the vendors' data sheets."""
 
+import time
+
 import jax
+import jax.numpy as jnp
 
 PEAK_TFLOPS = {
     "TPU v4": 275.0,
@@ -23,3 +26,15 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
         if kind.startswith(name):
             return tflops * 1e12
     return 0.0
+
+
+def matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Measured FLOP/s of one large n x n matmul on the first device (the MFU denominator on
+    machines no data sheet covers, e.g. CPUs); benchmarks measure it in the same run."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    return reps * 2 * n ** 3 / (time.perf_counter() - start)

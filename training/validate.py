@@ -107,13 +107,15 @@ DROPOUT = Real(0, 1, hi_open=True)
 BETA = Real(0, 1, hi_open=True)
 MESH_AXIS = Int(1, special={-1: "all remaining devices"})
 
-# Names owned by models/bert.py and models/mae.py (SIZES), finetune/tasks.py (TASKS),
+# Names owned by models/bert.py and models/mae.py (SIZES), models/layers.py (ATTENTIONS),
+# finetune/tasks.py (TASKS),
 # finetune/text.py and finetune/image.py (POOLINGS) and pretrain/prepare.py (OBJECTIVES); kept
 # equal by tests/test_validate.py.
 BERT_SIZES = ("tiny", "mini", "small", "medium", "base", "large")
 MAE_SIZES = ("tiny", "small", "base", "large", "huge")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")  # models/layers.py REMAT_POLICIES
+ATTENTIONS = ("auto", "reference", "xla", "cudnn")  # models/layers.py
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 DECAYS = ("linear", "cosine", "constant")
 POOLINGS = ("cls", "mean")
@@ -183,6 +185,7 @@ _BERT = {
     "model.dropout": DROPOUT,
     "model.attention_dropout": DROPOUT,
     "model.scan_layers": Bool(),
+    "model.attention": Choice(ATTENTIONS, "attention implementation"),
     "data.tokenizer": Text(),
     "data.vocab_size": COUNT,
     "data.max_seq_len": Int(8),
