@@ -6,18 +6,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax.core import spmd
 
-from conftest import random_batch, tiny_config
+from conftest import random_batch
 from models.bert import BertConfig, BertForPreTraining
 from models.layers import REMAT_POLICIES, is_stacked, remat_name, stack_layers, unstack_layers
-from pretrain.bert import objective
-from test_train_step import mesh_of
+from test_train_step import run_steps
 from training import mesh as mesh_lib
-from training.optim import make_optimizer
 from training.init_source import take_params
-from training.state import create_train_state, graphdef_and_specs, init_params
-from training.step import make_train_step
+from training.state import graphdef_and_specs, init_params
 
 VOCAB, SEQ, PREDS = 256, 16, 4
 TINY = BertConfig.of_size("tiny", VOCAB, max_position=SEQ, dropout=0.1, attention_dropout=0.1)
@@ -38,33 +34,16 @@ def unrolled_init():
     return init_params(model_fn(TINY), seed=0)
 
 
-def run_steps(cfg, params, shape, batches):
-    """Losses and final params of len(batches) AdamW steps from `params` on a mesh of `shape`."""
-    mesh = mesh_of(shape)
-    tx = make_optimizer(tiny_config().optim, 10)
-    state, shardings, graphdef = create_train_state(model_fn(cfg), tx, mesh, seed=0, params=params)
-    step = jax.jit(make_train_step(graphdef, tx, objective(), seed=0),
-                   in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                   out_shardings=(shardings, None), donate_argnums=0)
-    losses = []
-    with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
-        for b in batches:
-            state, out = step(state, mesh_lib.global_batch(b, mesh))
-            s = out["sums"]
-            losses.append(float(s["mlm_loss"] / s["mlm_count"] + s["nsp_loss"] / s["nsp_count"]))
-    return np.array(losses), jax.device_get(state["params"])
-
-
 @pytest.fixture(scope="module")
 def unrolled_run(batches, unrolled_init):
-    return run_steps(TINY, unrolled_init, (1, 1, 1), batches)
+    return run_steps((1, 1, 1), batches, cfg=TINY, params=unrolled_init)
 
 
 @pytest.mark.parametrize("shape,remat", [((1, 1, 1), "none"), ((2, 2, 2), "none"),
                                          pytest.param((2, 2, 2), "dots_no_batch", marks=pytest.mark.slow)])
 def test_scanned_losses_equal_unrolled(shape, remat, batches, unrolled_init, unrolled_run):
     scanned = dataclasses.replace(TINY, scan_layers=True, remat=remat)
-    losses, params = run_steps(scanned, stack_layers(unrolled_init), shape, batches)
+    losses, params = run_steps(shape, batches, cfg=scanned, params=stack_layers(unrolled_init))
     reference, reference_params = unrolled_run
     assert losses[0] > 1.0 and not np.allclose(losses[0], losses[2])  # it trains, dropout on
     np.testing.assert_allclose(losses, reference, atol=1e-5, rtol=0)
@@ -76,7 +55,7 @@ def test_scanned_losses_equal_unrolled(shape, remat, batches, unrolled_init, unr
 def test_remat_policies_change_nothing_but_memory(batches, unrolled_init, unrolled_run):
     for remat in ("full", "dots"):
         cfg = dataclasses.replace(TINY, remat=remat)
-        losses, _ = run_steps(cfg, unrolled_init, (1, 1, 1), batches[:1])
+        losses, _ = run_steps((1, 1, 1), batches[:1], cfg=cfg, params=unrolled_init)
         np.testing.assert_allclose(losses, unrolled_run[0][:1], atol=1e-5, rtol=0)
 
 

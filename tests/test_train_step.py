@@ -29,12 +29,14 @@ def mesh_of(shape):
     return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)), devices)
 
 
-def run_steps(shape, batches, grad_accum=1, dropout=0.1):
-    """Losses (and final params) of len(batches) steps from the same seed on a mesh of `shape`."""
+def run_steps(shape, batches, grad_accum=1, dropout=0.1, *, cfg=None, params=None):
+    """Losses (and final params) of len(batches) steps from the same seed on a mesh of `shape`:
+    BERT-tiny with `dropout`, or the model of `cfg`, from its seed-0 init or from `params`."""
     config = tiny_config()
     mesh = mesh_of(shape)
     tx = make_optimizer(config.optim, 10)
-    state, shardings, graphdef = create_train_state(model_fn(dropout), tx, mesh, seed=0)
+    make = model_fn(dropout) if cfg is None else (lambda rngs: BertForPreTraining(cfg, rngs))
+    state, shardings, graphdef = create_train_state(make, tx, mesh, seed=0, params=params)
     step = jax.jit(make_train_step(graphdef, tx, objective(), seed=0, grad_accum=grad_accum),
                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, None), donate_argnums=0)
