@@ -42,8 +42,11 @@ def finished(tmp_path_factory, data_dir):
     return workdir
 
 
-@pytest.mark.parametrize("damage", ["truncated array files", "deleted array metadata",
-                                    "corrupt data-iterator JSON"])
+# One kind of damage in the default run; the others (each also caught in test_checkpoint_faults)
+# end to end with -m slow.
+@pytest.mark.parametrize("damage", ["truncated array files",
+                                    pytest.param("deleted array metadata", marks=pytest.mark.slow),
+                                    pytest.param("corrupt data-iterator JSON", marks=pytest.mark.slow)])
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_replays_bitwise(
         finished, data_dir, tmp_path, damage, capsys):
     workdir = tmp_path / "run"
