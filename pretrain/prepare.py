@@ -47,12 +47,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from etils import epath
 
-from data import records
+from data import records, shards
 from data.corpora import (iter_documents, open_documents, parse_sources, source_fingerprint,
                           split_sentences)
 from data.wheels import DataError
@@ -63,7 +62,6 @@ from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
 FORMAT_VERSION = 3  # bump when the files change meaning (3: tokenizer ids independent of hash order)
-POLL_SECONDS = (0.05, 2.0)  # how often a process looks for the others' shards: first, at most
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
 _SPLIT_TAG = 0x53504C54  # "SPLT": train/eval document split
 _PAIRS_TAG = 0x50414952  # "PAIR": instance creation
@@ -83,89 +81,6 @@ def _is_eval(index: int, seed: int, eval_fraction: float) -> bool:
         return True
     h = hashlib.blake2b(f"{seed}:{_SPLIT_TAG}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") / 2.0**64 < eval_fraction
-
-
-# ---------------------------------------------------------------------------------------------
-# Shares and commits: who prepares what, and when a folder may be trusted
-# ---------------------------------------------------------------------------------------------
-
-class Share(NamedTuple):
-    """This process's place in a run: it prepares shards index, index + count, ..."""
-    index: int = 0
-    count: int = 1
-
-    def of(self, items: list) -> list:
-        return items[self.index::self.count]
-
-
-def _write_json(path: epath.Path, obj) -> None:
-    """Whole or not at all: through a temporary name (a bucket writes each object whole)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def _done_path(folder: epath.Path, name: str) -> epath.Path:
-    return folder / "done" / f"{name}.json"
-
-
-def _mark_done(folder: epath.Path, name: str, content: dict) -> None:
-    """Says that the files of one unit of work (a shard, the tokenizer) are complete: written
-    after them, so a rerun after a crash trusts what has a marker and redoes the rest."""
-    _done_path(folder, name).parent.mkdir(parents=True, exist_ok=True)
-    _write_json(_done_path(folder, name), content)
-
-
-def _missing(paths: list[epath.Path]) -> list[epath.Path]:
-    """The paths that do not exist yet, with one listing per folder (one request on a bucket,
-    however many shards)."""
-    present = {}
-    for folder in {p.parent for p in paths}:
-        present[folder] = {c.name for c in folder.iterdir()} if folder.exists() else set()
-    return [p for p in paths if p.name not in present[p.parent]]
-
-
-def _wait_for(paths: list[epath.Path], what: str) -> None:
-    """Until every path exists (written by other processes of the run). No time limit: the
-    launcher (or jax.distributed) stops the run when a process fails."""
-    delay, since, told = POLL_SECONDS[0], time.monotonic(), False
-    missing = _missing(paths)
-    while missing:
-        if not told and time.monotonic() - since > 60:
-            print(f"prepare: waiting for {what} ({len(missing)} of {len(paths)} still missing, "
-                  f"e.g. {missing[0]})", flush=True)
-            told = True
-        time.sleep(delay)
-        delay = min(delay * 2, POLL_SECONDS[1])
-        missing = _missing(missing)
-
-
-def _commit(folder: epath.Path, share: Share, files: dict[str, dict]) -> None:
-    """Writes the manifest files (the last one is what makes the folder trusted) on process 0;
-    the other processes wait until the last exists."""
-    if share.index == 0:
-        for name, content in files.items():
-            _write_json(folder / name, content)
-    else:
-        _wait_for([folder / list(files)[-1]], f"process 0 to commit {folder}")
-
-
-def _shards_of_all(folder: epath.Path, names: list[str]) -> list[dict]:
-    """The counts of every shard once every process has marked its own done."""
-    paths = [_done_path(folder, n) for n in names]
-    _wait_for(paths, f"the other processes' shards of {folder}")
-    return [json.loads(p.read_text()) for p in paths]
-
-
-def _todo(folder: epath.Path, names: list[str], share: Share) -> list[str]:
-    """This process's shards that no earlier (interrupted) run has finished."""
-    mine = share.of(names)
-    missing = set(_missing([_done_path(folder, n) for n in mine]))
-    todo = [n for n in mine if _done_path(folder, n) in missing]
-    if len(todo) < len(mine):
-        print(f"prepare: {len(mine) - len(todo)} of {len(mine)} shards of {folder} were done "
-              f"by an earlier run; preparing the other {len(todo)}", flush=True)
-    return todo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +152,7 @@ def _run(pool, fn, jobs):
     return pool.imap(fn, jobs) if pool is not None else map(fn, jobs)
 
 
-def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: Share) -> epath.Path:
+def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -> epath.Path:
     if dc.tokenizer:
         tok_dir = Path(dc.tokenizer).expanduser()
         files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
@@ -256,14 +171,14 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: Share) -> epath
 
     start = time.perf_counter()
     final.mkdir(parents=True, exist_ok=True)
-    if share.index == 0 and not _done_path(final, "tokenizer").exists():
+    if share.index == 0 and not shards.done_path(final, "tokenizer").exists():
         if dc.tokenizer:
             tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
         else:
             tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
         tokenizer.save(final / "tokenizer")
-        _mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
-    _wait_for([_done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
+        shards.mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
+    shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
 
     documents = open_documents(dc.source, data_dir)
     size = dc.shard_documents
@@ -276,19 +191,19 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: Share) -> epath
                 for i, text in enumerate(texts, shard * size)]
         return shard, docs, str(final), dc.max_doc_tokens
 
-    todo = _todo(final, names, share)
+    todo = shards.todo(final, names, share)
     pool = _pool(min(workers, len(todo)), str(final / "tokenizer"))
     try:
         for name, shard_stats in zip(todo, _run(pool, _tokenize_shard, map(job, todo))):
-            _mark_done(final, name, {"process": share.index, "counts": shard_stats})
+            shards.mark_done(final, name, {"process": share.index, "counts": shard_stats})
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     stats = Counter()
-    for done in _shards_of_all(final, names):
+    for done in shards.shards_of_all(final, names):
         stats.update(done["counts"])
-    vocab_size = json.loads(_done_path(final, "tokenizer").read_text())["vocab_size"]
+    vocab_size = json.loads(shards.done_path(final, "tokenizer").read_text())["vocab_size"]
     report = {"source": dc.source, **{k: stats.get(k, 0) for k in (
         "documents_read", "train_documents", "eval_documents", "sentences", "tokens",
         "repaired_non_utf8_documents", "dropped_empty_documents", "dropped_empty_sentences",
@@ -301,7 +216,7 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: Share) -> epath
                         f"({report['dropped_empty_documents']} empty, "
                         f"{report['eval_documents']} held out for eval); give a corpus "
                         f"with text")
-    _commit(final, share, {"report.json": report})
+    shards.commit(final, share, {"report.json": report})
     return final
 
 
@@ -358,7 +273,7 @@ def _examples_shard(job) -> dict:
     return dict(stats)
 
 
-def _examples_stage(dc, tokens_dir: epath.Path, workers: int, share: Share) -> epath.Path:
+def _examples_stage(dc, tokens_dir: epath.Path, workers: int, share: shards.Share) -> epath.Path:
     if dc.objective not in OBJECTIVES:
         raise DataError(f"data.objective={dc.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     passes = 1 if dc.objective == "mlm_packed" else dc.dupe_factor
@@ -379,17 +294,17 @@ def _examples_stage(dc, tokens_dir: epath.Path, workers: int, share: Share) -> e
             jobs[name] = (split, shard, str(src), str(final / f"{name}.array_record"),
                           dc.objective, dc.max_seq_len, dc.short_seq_prob,
                           passes if split == "train" else 1, dc.seed, dtype.str)
-    todo = _todo(final, list(jobs), share)
+    todo = shards.todo(final, list(jobs), share)
     pool = _pool(min(workers, len(todo)), str(tokens_dir / "tokenizer"))
     try:
         for name, shard_stats in zip(todo, _run(pool, _examples_shard, [jobs[n] for n in todo])):
-            _mark_done(final, name, {"process": share.index, "counts": shard_stats})
+            shards.mark_done(final, name, {"process": share.index, "counts": shard_stats})
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     stats, names = {"train": Counter(), "eval": Counter()}, {"train": [], "eval": []}
-    for name, done in zip(jobs, _shards_of_all(final, list(jobs))):
+    for name, done in zip(jobs, shards.shards_of_all(final, list(jobs))):
         split = jobs[name][0]
         stats[split].update(done["counts"])
         if done["counts"]["examples"]:
@@ -406,7 +321,7 @@ def _examples_stage(dc, tokens_dir: epath.Path, workers: int, share: Share) -> e
               "train_label_1": stats["train"]["label_1"],
               "document_separators": stats["train"]["document_separators"],
               "processes": share.count, "seconds": round(time.perf_counter() - start, 2)}
-    _commit(final, share, {"report.json": report, "meta.json": meta})
+    shards.commit(final, share, {"report.json": report, "meta.json": meta})
     return final
 
 
@@ -422,19 +337,19 @@ def _with(dc, **fields):
     return part
 
 
-def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, share: Share) -> epath.Path:
+def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, share: shards.Share) -> epath.Path:
     """A WordPiece vocabulary trained on every source's train documents, cached."""
     key = _digest(FORMAT_VERSION, [source_fingerprint(s) for s in sources], dc.vocab_size,
                   dc.eval_fraction, dc.seed)
     final = data_dir / "prepared" / f"tokenizer-{key}"
-    if share.index == 0 and not _done_path(final, "tokenizer").exists():
+    if share.index == 0 and not shards.done_path(final, "tokenizer").exists():
         Tokenizer.train(_train_texts(dc, sources, data_dir), dc.vocab_size).save(final)
-        _mark_done(final, "tokenizer", {})
-    _wait_for([_done_path(final, "tokenizer")], f"process 0 to write {final}")
+        shards.mark_done(final, "tokenizer", {})
+    shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final}")
     return final
 
 
-def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: Share) -> epath.Path:
+def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: shards.Share) -> epath.Path:
     """`prepared/mix-<key>/`: meta.json naming each source's examples folder (relative to
     prepared/) with its weight, and report.json with each source's share."""
     prepared = data_dir / "prepared"
@@ -461,7 +376,7 @@ def _mixture_stage(dc, parts: list[tuple], data_dir: epath.Path, share: Share) -
             "train_examples": sum(m["train_examples"] for m in metas),
             "eval_examples": sum(m["eval_examples"] for m in metas),
             "parts": [{k: r[k] for k in ("source", "weight", "folder")} for r in rows]}
-    _commit(final, share, {"report.json": {"source": dc.source, "sources": rows},
+    shards.commit(final, share, {"report.json": {"source": dc.source, "sources": rows},
                            "meta.json": meta})
     return final
 
@@ -482,7 +397,7 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
     committed the folder."""
     data_dir = epath.Path(dc.data_dir).expanduser()
     workers = _workers(dc.prepare_workers)
-    share = Share(process_index, process_count)
+    share = shards.Share(process_index, process_count)
     try:
         sources = parse_sources(dc.source)
         tokenizer = dc.tokenizer

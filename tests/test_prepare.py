@@ -145,14 +145,15 @@ def test_prepare_cli_on_two_processes_makes_the_single_process_folder(storage, r
 # not marked, earlier shards are marked, no manifest exists. Then the test SIGKILLs it.
 HOLD_MARKER = """
 import os, sys, time
+from data import shards
 from pretrain import prepare
-hold, mark = os.environ["PRETRAX_TEST_HOLD_MARKER"], prepare._mark_done
+hold, mark = os.environ["PRETRAX_TEST_HOLD_MARKER"], shards.mark_done
 def held(folder, name, content):
     if name == hold:
         print(f"holding the marker of {folder}/{name}", flush=True)
         time.sleep(3600)
     mark(folder, name, content)
-prepare._mark_done = held
+shards.mark_done = held
 sys.argv[0] = "pretrain.prepare"
 prepare.main()
 """
