@@ -41,12 +41,14 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from data import records
 from data.corpora import iter_documents, parse_sources, source_fingerprint, split_sentences
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
+from training import storage
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
@@ -140,7 +142,7 @@ def _run(pool, fn, jobs):
 
 def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
     if dc.tokenizer:
-        tok_dir = Path(dc.tokenizer).expanduser()
+        tok_dir = epath.Path(dc.tokenizer).expanduser()  # a local folder or gs://
         files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
         tokenizer_key = [(f.name, hashlib.sha256(f.read_bytes()).hexdigest())
                          for f in files if f.exists()]
@@ -159,7 +161,7 @@ def _tokens_stage(dc, data_dir: Path, workers: int) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".partial-{key}-"))
     try:
         if dc.tokenizer:
-            tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
+            tokenizer = Tokenizer.load(epath.Path(dc.tokenizer).expanduser())
         else:
             tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
         tokenizer.save(tmp / "tokenizer")
@@ -386,6 +388,8 @@ def _workers(n: int) -> int:
 def prepare(dc, *, verbose: bool = True) -> Path:
     """Prepares (or finds in the cache) the examples of config group `data`; returns their folder
     (for `data.pretraining.PretrainingData`)."""
+    if storage.is_remote(dc.data_dir):
+        return _prepare_in_mirror(dc, verbose)
     data_dir = Path(dc.data_dir).expanduser()
     workers = _workers(dc.prepare_workers)
     try:
@@ -413,6 +417,23 @@ def prepare(dc, *, verbose: bool = True) -> Path:
             print(f"pretraining data {source}{share}: {_summary(dc, tokens_dir, examples_dir)}")
         if len(parts) > 1:
             print(f"pretraining data mixture of {len(parts)} sources ({folder})")
+    return folder
+
+
+def _prepare_in_mirror(dc, verbose: bool) -> Path:
+    """A gs:// data_dir: ArrayRecord writes and reads local files only (its open-source build has
+    no gs:// file system), so the bucket's prepared/ folder (and the TFDS datasets named) are
+    copied into the local mirror, prepared there, and what preparing added is uploaded."""
+    import jax
+    remote = str(dc.data_dir).rstrip("/")
+    local = storage.mirror_path(remote)
+    names = ["prepared"] + [s.split(":")[1] for s, _ in parse_sources(dc.source)
+                            if s.startswith("tfds:")]
+    for name in names:
+        storage.download(f"{remote}/{name}", local / name)
+    folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)
+    if jax.process_index() == 0:  # the others prepared the same files
+        storage.upload(local / "prepared", f"{remote}/prepared")
     return folder
 
 

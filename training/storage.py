@@ -1,0 +1,191 @@
+"""Where a run's files live: a local path or a `gs://bucket/...` URL alike, through etils.epath.
+
+    path = storage.as_path(text)                   # epath.Path: local (~ expanded) or gs://
+    storage.check_writable(workdir, "--workdir")   # before any work: one line, within seconds
+
+epath sends `gs://` through fsspec and gcsfs (TensorFlow is not installed); Orbax writes the
+arrays of a checkpoint through TensorStore. Both take their endpoint and credentials from the
+environment (the tests point them at a fake-gcs-server on loopback: tests/gcs.py).
+
+Two readers open local files only: ArrayRecord (its open-source build has no gs:// file system)
+and safetensors. Bucket folders they read are copied into a local mirror first
+(`mirror_path`, `download`; `upload` sends a locally written folder back).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable
+
+from etils import epath
+
+from training.errors import UserError
+
+SCHEMES = ("gs://",)
+# How long the check before any work waits for the storage to answer: an unreachable endpoint
+# must cost seconds, not the client libraries' minutes of retries.
+CHECK_SECONDS = float(os.environ.get("PRETRAX_STORAGE_CHECK_SECONDS", 20))
+
+
+def is_remote(path) -> bool:
+    return str(path).startswith(SCHEMES)
+
+
+def as_path(path) -> epath.Path:
+    """`path` (str, pathlib or epath) as an epath.Path; `~` expanded in local paths."""
+    path = epath.Path(path)
+    return path if is_remote(path) else path.expanduser()
+
+
+def absolute(path) -> epath.Path:
+    """The absolute form of a local path; a bucket URL as it is (epath would prefix the cwd)."""
+    path = as_path(path)
+    return path if is_remote(path) else path.absolute()
+
+
+def move(source, dest) -> None:
+    """Move a file or folder; on a bucket, where folders exist only through their objects, the
+    destination's parent need not exist first."""
+    source, dest = as_path(source), as_path(dest)
+    if not is_remote(source):
+        source.rename(dest)
+        return
+    fs, src = _fs(source)
+    fs.mv(src, _fs(dest)[1], recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check before any work
+# ---------------------------------------------------------------------------------------------
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _within(seconds: float, work: Callable[[], None]) -> BaseException | None:
+    """Run `work` on a daemon thread; its exception, TimeoutError when it takes too long."""
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001  handed to the caller
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True, name="storage-check")
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else TimeoutError(f"no answer within {seconds:.0f} s")
+
+
+def _bucket_problem(bucket: str) -> str | None:
+    fs, _ = _fs(f"gs://{bucket}")
+    try:
+        if fs.exists(bucket):
+            return None
+    except Exception as e:  # noqa: BLE001  no access at all: say what the client said
+        return f"bucket gs://{bucket} cannot be read ({_first_line(e)}); check the credentials"
+    return (f"bucket gs://{bucket} does not exist (or these credentials cannot see it); create "
+            f"it (gcloud storage buckets create gs://{bucket}) or fix the name")
+
+
+def _problem(folder: epath.Path, what: str) -> str | None:
+    if is_remote(folder):
+        bucket = str(folder)[len("gs://"):].split("/", 1)[0]
+        problem = _bucket_problem(bucket)
+        if problem:
+            return f"{what} {folder}: {problem}"
+    probe = folder / f".pretrax-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001  any refusal of the storage is the user's to fix
+        return (f"{what} {folder} cannot be written ({_first_line(e)}); pass a folder or bucket "
+                f"this run may write to")
+    return None
+
+
+def check_writable(folder, what: str) -> epath.Path:
+    """Make `folder` and write and delete a small file in it, before any work; a bucket that does
+    not exist, a folder or bucket that refuses writes, or storage that does not answer within
+    CHECK_SECONDS is one UserError line. Every process checks (each writes checkpoints) and all
+    raise together. Returns the folder as an epath.Path."""
+    from training import collectives  # here: this module stays importable without JAX
+
+    folder = as_path(folder)
+    outcome: list[str | None] = []
+    error = _within(CHECK_SECONDS, lambda: outcome.append(_problem(folder, what)))
+    if isinstance(error, TimeoutError):
+        problem = (f"{what} {folder}: the storage did not answer within {CHECK_SECONDS:.0f} s; "
+                   f"check the bucket name, the network and the credentials")
+    elif error is not None:
+        raise error
+    else:
+        problem = outcome[0]
+    if collectives.any_process(problem is not None):
+        raise UserError(problem or f"{what} {folder} cannot be written on another process (see "
+                                   f"its error line)")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Local mirrors of bucket folders (for readers of local files only)
+# ---------------------------------------------------------------------------------------------
+
+def _fs(path):
+    import fsspec
+    return fsspec.core.url_to_fs(str(path))
+
+
+def mirror_path(remote) -> epath.Path:
+    """The local folder that mirrors a bucket folder: `$PRETRAX_MIRROR_DIR/<bucket>/<path>`
+    (default ~/.cache/pretrax/gs)."""
+    root = os.environ.get("PRETRAX_MIRROR_DIR", "~/.cache/pretrax/gs")
+    return as_path(root) / str(remote)[len("gs://"):]
+
+
+def _files(fs, root: str) -> dict[str, int]:
+    """Relative name -> size of every file under `root` (none when it does not exist); hidden
+    names (unfinished work) are left out."""
+    found = fs.find(root, detail=True) if fs.exists(root) else {}
+    files = {}
+    for name, info in found.items():
+        rel = os.path.relpath(name, root)
+        if info.get("type") != "directory" and not any(p.startswith(".") for p in rel.split("/")):
+            files[rel] = int(info["size"])
+    return files
+
+
+def download(remote, local) -> int:
+    """Copy the files of bucket folder `remote` that `local` lacks (or holds at another size)
+    into `local`; returns how many were copied."""
+    fs, root = _fs(remote)
+    local = as_path(local)
+    have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
+        if local.exists() else {}
+    wanted = [rel for rel, size in _files(fs, root).items() if have.get(rel) != size]
+    for rel in wanted:
+        dest = local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        fs.get_file(f"{root}/{rel}", str(tmp))
+        tmp.replace(dest)
+    return len(wanted)
+
+
+def upload(local, remote) -> int:
+    """Copy the files of local folder `local` that bucket folder `remote` lacks (or holds at
+    another size) into it; returns how many were copied."""
+    fs, root = _fs(remote)
+    local = as_path(local)
+    have = _files(fs, root)
+    wanted = [rel for rel, size in _files(_fs(local)[0], str(local)).items()
+              if have.get(rel) != size]
+    for rel in wanted:
+        fs.put_file(str(local / rel), f"{root}/{rel}")
+    return len(wanted)
