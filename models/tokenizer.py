@@ -113,12 +113,14 @@ class Tokenizer:
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Write then rename: several processes may save the same tokenizer to a shared folder.
-        suffix = f".{os.getpid()}.partial"
+        # A bucket object appears whole when written, and a bucket cannot rename (see
+        # training/storage.py): written in place there.
+        suffix = "" if str(directory).startswith("gs://") else f".{os.getpid()}.partial"
         texts = {"tokenizer.json": self._tok.to_str(pretty=True),
                  "vocab.txt": "".join(t + "\n" for t in self._tokens)}
         for name, text in texts.items():
             (directory / f"{name}{suffix}").write_text(text, encoding="utf-8")
-        for name in texts:
+        for name in texts if suffix else ():
             (directory / f"{name}{suffix}").replace(directory / name)
 
     # --- encoding ---------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Redrawn from `metrics.jsonl` at each evaluation, because people would rather loo
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
 from training import storage
@@ -19,11 +21,9 @@ def save_png(path, image_HWC) -> None:
     from matplotlib import image as mpimg
     scale = max(1, 320 // max(image_HWC.shape[0], 1))  # small pictures: pixels made visible
     image_HWC = np.repeat(np.repeat(image_HWC, scale, axis=0), scale, axis=1)
-    path = storage.as_path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    with tmp.open("wb") as f:
-        mpimg.imsave(f, image_HWC, format="png")
-    tmp.replace(path)
+    png = io.BytesIO()
+    mpimg.imsave(png, image_HWC, format="png")
+    storage.write_whole(path, png.getvalue())
 
 
 def curve_names(rows: list[dict]) -> list[str]:
@@ -62,9 +62,8 @@ def draw_curves(workdir, filename: str = "curves.png"):
         ax.axis("off")
     fig.tight_layout()
     path = storage.as_path(workdir) / filename
-    tmp = path.with_name(f".{filename}.tmp.png")
-    with tmp.open("wb") as f:
-        fig.savefig(f, dpi=90, format="png")  # then rename: a viewer never sees a half-written file
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    storage.write_whole(path, png.getvalue())  # a viewer never sees a half-written file
     return path

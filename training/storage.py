@@ -45,6 +45,19 @@ def absolute(path) -> epath.Path:
     return path if is_remote(path) else path.absolute()
 
 
+def write_whole(path, data: bytes) -> None:
+    """Write `path` so that a reader sees the old file or the new one, never half: locally
+    through a temporary file renamed into place; on a bucket by one upload (an object appears
+    whole when it is closed, and a bucket has no rename: gcsfs would copy and delete)."""
+    path = as_path(path)
+    if is_remote(path):
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def move(source, dest) -> None:
     """Move a file or folder; on a bucket, where folders exist only through their objects, the
     destination's parent need not exist first."""
