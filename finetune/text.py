@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +92,7 @@ def load_encoder(source: Source) -> dict:
     return params["encoder"]
 
 
-def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tokenizer:
+def _tokenizer(config, source: Source, train, workdir, rerun: bool) -> Tokenizer:
     """The source's tokenizer, else data.tokenizer, else WordPiece trained on the train texts;
     a rerun loads the copy this run saved in workdir/tokenizer."""
     saved = workdir / "tokenizer"
@@ -110,7 +109,7 @@ def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tok
     return tokenizer
 
 
-def _source(workdir: Path, init: str) -> tuple[Source, bool]:
+def _source(workdir, init: str) -> tuple[Source, bool]:
     """(the source, whether this is a rerun): a rerun keeps the source as first resolved (its
     step stays pinned) and must name the same --init."""
     recorded = workdir / "source.json"
@@ -123,7 +122,7 @@ def _source(workdir: Path, init: str) -> tuple[Source, bool]:
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> Setup:
     dc = config.data
     task = tasks.get_task(dc.task)
     if config.model.pooling not in POOLINGS:

@@ -137,7 +137,7 @@ def load_params(source: Source, architecture: str | None = None) -> dict:
     folder = source.path
     if storage.is_remote(folder):  # safetensors opens local files only
         folder = storage.mirror_path(folder)
-        storage.download(source.path, folder)
+        storage.download(source.path, folder, every_file=True)
     try:
         return import_params(folder, architecture=architecture)[0]
     except ConversionError as e:

@@ -174,13 +174,14 @@ def _files(fs, root: str) -> dict[str, int]:
     return files
 
 
-def download(remote, local) -> int:
-    """Copy the files of bucket folder `remote` that `local` lacks (or holds at another size)
-    into `local`; returns how many were copied."""
+def download(remote, local, every_file: bool = False) -> int:
+    """Copy the files of bucket folder `remote` that `local` lacks (or holds at another size;
+    `every_file`: all, for a folder whose files change in place) into `local`; returns how many
+    were copied. Prepared data needs no more: its folder names are digests of what is in them."""
     fs, root = _fs(remote)
     local = as_path(local)
     have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
-        if local.exists() else {}
+        if local.exists() and not every_file else {}
     wanted = [rel for rel, size in _files(fs, root).items() if have.get(rel) != size]
     for rel in wanted:
         dest = local / rel
@@ -191,14 +192,17 @@ def download(remote, local) -> int:
     return len(wanted)
 
 
-def upload(local, remote) -> int:
+def upload(local, remote, replace: bool = False) -> int:
     """Copy the files of local folder `local` that bucket folder `remote` lacks (or holds at
-    another size) into it; returns how many were copied."""
+    another size) into it; with `replace`, every file, and the bucket's files that `local` lacks
+    are deleted (the bucket folder becomes a copy). Returns how many were copied."""
     fs, root = _fs(remote)
     local = as_path(local)
     have = _files(fs, root)
-    wanted = [rel for rel, size in _files(_fs(local)[0], str(local)).items()
-              if have.get(rel) != size]
+    mine = _files(_fs(local)[0], str(local))
+    wanted = [rel for rel, size in mine.items() if replace or have.get(rel) != size]
     for rel in wanted:
         fs.put_file(str(local / rel), f"{root}/{rel}")
+    for rel in set(have) - set(mine) if replace else ():
+        fs.rm_file(f"{root}/{rel}")
     return len(wanted)
