@@ -165,7 +165,7 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
     if mc.pooling not in POOLINGS:
         raise UserError(f"model.pooling={mc.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     try:
-        data = load_images(task.name, dc.data_dir)
+        data = load_images(task.name, storage.local_data_dir(dc.data_dir, storage.tfds_names([task.name])))
     except DataError as e:
         raise UserError(str(e)) from None
     model_fields = {k: mc[k] for k in ("size", "dtype", "remat", "drop_path") if k in mc}  # the rest: the source's

@@ -25,6 +25,7 @@ from models.bert import BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
 from models.tokenizer import Tokenizer
+from training import storage
 from training.errors import UserError
 from training.init_source import (Source, check_overrides, describe_encoder, load_params,  # noqa: F401
                                   load_tokenizer, recorded_source, resolve_source, size_name,
@@ -129,7 +130,8 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = _source(workdir, init)
     try:
-        data = load_task(dc.task, dc.data_dir)
+        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
+        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
     except DataError as e:
         raise UserError(str(e)) from None
     assert task.regression == (data.label_names is None), task

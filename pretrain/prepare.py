@@ -426,11 +426,8 @@ def _prepare_in_mirror(dc, verbose: bool) -> Path:
     copied into the local mirror, prepared there, and what preparing added is uploaded."""
     import jax
     remote = str(dc.data_dir).rstrip("/")
-    local = storage.mirror_path(remote)
-    names = ["prepared"] + [s.split(":")[1] for s, _ in parse_sources(dc.source)
-                            if s.startswith("tfds:")]
-    for name in names:
-        storage.download(f"{remote}/{name}", local / name)
+    sources = [s for s, _ in parse_sources(dc.source)]
+    local = storage.local_data_dir(remote, ["prepared", *storage.tfds_names(sources)])
     folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)
     if jax.process_index() == 0:  # the others prepared the same files
         storage.upload(local / "prepared", f"{remote}/prepared")

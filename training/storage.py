@@ -162,6 +162,24 @@ def mirror_path(remote) -> epath.Path:
     return as_path(root) / str(remote)[len("gs://"):]
 
 
+def local_data_dir(data_dir, names=()) -> epath.Path:
+    """`data.data_dir` for readers of local files: a local one as it is; a bucket's local mirror,
+    with the sub-folders `names` (prepared/, TFDS datasets such as `glue/cola`) copied down
+    first. What a reader caches there (fetched wheels) stays local."""
+    if not is_remote(data_dir):
+        return as_path(data_dir)
+    remote = str(data_dir).rstrip("/")
+    local = mirror_path(remote)
+    for name in names:
+        download(f"{remote}/{name}", local / name)
+    return local
+
+
+def tfds_names(sources) -> list[str]:
+    """The TFDS datasets (`NAME` of `tfds:NAME[:SPLIT]`) among source names."""
+    return [s.split(":")[1] for s in sources if s.startswith("tfds:")]
+
+
 def _files(fs, root: str) -> dict[str, int]:
     """Relative name -> size of every file under `root` (none when it does not exist); hidden
     names (unfinished work) are left out."""
