@@ -15,6 +15,7 @@ and safetensors. Bucket folders they read are copied into a local mirror first
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
@@ -65,8 +66,17 @@ def move(source, dest) -> None:
     if not is_remote(source):
         source.rename(dest)
         return
+    # Stream each object, then delete: gcsfs's mv stalls on a folder. An empty object is
+    # written, not read: gcsfs's read-ahead waits forever for its first byte.
     fs, src = _fs(source)
-    fs.mv(src, _fs(dest)[1], recursive=True)
+    dst = _fs(dest)[1]
+    for rel, size in _files(fs, src, hidden=True).items():
+        if not size:
+            fs.pipe_file(f"{dst}/{rel}", b"")
+            continue
+        with fs.open(f"{src}/{rel}", "rb") as r, fs.open(f"{dst}/{rel}", "wb") as w:
+            shutil.copyfileobj(r, w, 16 << 20)
+    fs.rm(src, recursive=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,14 +190,14 @@ def tfds_names(sources) -> list[str]:
     return [s.split(":")[1] for s in sources if s.startswith("tfds:")]
 
 
-def _files(fs, root: str) -> dict[str, int]:
+def _files(fs, root: str, hidden: bool = False) -> dict[str, int]:
     """Relative name -> size of every file under `root` (none when it does not exist); hidden
-    names (unfinished work) are left out."""
+    names (unfinished work) are left out unless `hidden`."""
     found = fs.find(root, detail=True) if fs.exists(root) else {}
     files = {}
     for name, info in found.items():
         rel = os.path.relpath(name, root)
-        if info.get("type") != "directory" and not any(p.startswith(".") for p in rel.split("/")):
+        if info.get("type") != "directory" and (hidden or not any(p.startswith(".") for p in rel.split("/"))):
             files[rel] = int(info["size"])
     return files
 
@@ -200,12 +210,16 @@ def download(remote, local, every_file: bool = False) -> int:
     local = as_path(local)
     have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
         if local.exists() and not every_file else {}
-    wanted = [rel for rel, size in _files(fs, root).items() if have.get(rel) != size]
+    remote_files = _files(fs, root)
+    wanted = [rel for rel, size in remote_files.items() if have.get(rel) != size]
     for rel in wanted:
         dest = local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
-        fs.get_file(f"{root}/{rel}", str(tmp))
+        if remote_files[rel]:
+            fs.get_file(f"{root}/{rel}", str(tmp))
+        else:  # not read: see move()
+            tmp.write_bytes(b"")
         tmp.replace(dest)
     return len(wanted)
 
