@@ -34,9 +34,9 @@ def main(argv=None) -> None:
     # Imported after parsing: --help stays instant.
     if args.sweep or args.seeds:
         from finetune.sweep import run_sweep
+        from training import storage
         from training.lease import WorkdirLease
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        with WorkdirLease(args.workdir):  # the grid's folder; each run leases its own too
+        with WorkdirLease(storage.check_writable(args.workdir, "--workdir")):  # the grid's folder; each run leases its own too
             run_sweep(config, args.workdir, args.init, args.sweep, max(args.seeds, 1), set(args.overrides))
     else:
         from finetune.train import train_and_evaluate

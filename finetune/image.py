@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from finetune import tasks
 from finetune.families import Setup
 from models.layers import normal, zeros
 from models.mae import MAEConfig, MAEEncoder
+from training import storage
 from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
 from training.init_source import take_params
@@ -115,7 +115,7 @@ def mixer(mixup_alpha: float, cutmix_alpha: float):
 
 def _source_encoder(init: str) -> tuple[dict, dict, str | None, int | None]:
     """(encoder params, its MAEConfig fields, the folder read, its step) of an --init source."""
-    path = Path(init).expanduser()
+    path = storage.as_path(init)
     if not path.is_dir():
         raise UserError(f"--init {init}: no such folder; pass an MAE pretraining workdir, one of "
                         f"its checkpoints/<step> folders, a HuggingFace ViTMAE folder, or none")
@@ -159,13 +159,13 @@ class _Split:
         return len(self.source)
 
 
-def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> Setup:
     dc, mc, method = config.data, config.model, config.method
     task = tasks.get_task(dc.task)
     if mc.pooling not in POOLINGS:
         raise UserError(f"model.pooling={mc.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     try:
-        data = load_images(task.name, dc.data_dir)
+        data = load_images(task.name, storage.local_data_dir(dc.data_dir, storage.tfds_names([task.name])))
     except DataError as e:
         raise UserError(str(e)) from None
     model_fields = {k: mc[k] for k in ("size", "dtype", "remat", "drop_path") if k in mc}  # the rest: the source's

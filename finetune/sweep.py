@@ -14,10 +14,10 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 
+from training import storage
 from training.config import override
 from training.errors import UserError
 from training.validate import validate
@@ -61,14 +61,14 @@ def summarize(values: list[float]) -> dict:
             "iqr": float(q75 - q25), "values": [float(x) for x in v]}
 
 
-def run_sweep(config, workdir: str | Path, init: str, specs: list[str], seeds: int,
+def run_sweep(config, workdir, init: str, specs: list[str], seeds: int,
               explicit=(), train_fn=None) -> dict | None:
     """Runs the grid sequentially; returns the sweep summary (as sweep.json), None if stopped."""
     if train_fn is None:
         from finetune.train import train_and_evaluate as train_fn
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: need at least 1")
-    workdir = Path(workdir)
+    workdir = storage.as_path(workdir)
     grid = parse_grid(specs, config)
     rows = []
     for name, assignments in grid:

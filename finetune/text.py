@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from models.bert import BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
 from models.tokenizer import Tokenizer
+from training import storage
 from training.errors import UserError
 from training.init_source import (Source, check_overrides, describe_encoder, load_params,  # noqa: F401
                                   load_tokenizer, recorded_source, resolve_source, size_name,
@@ -94,7 +94,7 @@ def load_encoder(source: Source) -> dict:
     return params["encoder"]
 
 
-def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tokenizer:
+def _tokenizer(config, source: Source, train, workdir, rerun: bool) -> Tokenizer:
     """The source's tokenizer, else data.tokenizer, else WordPiece trained on the train texts;
     a rerun loads the copy this run saved in workdir/tokenizer."""
     saved = workdir / "tokenizer"
@@ -111,7 +111,7 @@ def _tokenizer(config, source: Source, train, workdir: Path, rerun: bool) -> Tok
     return tokenizer
 
 
-def _source(workdir: Path, init: str) -> tuple[Source, bool]:
+def _source(workdir, init: str) -> tuple[Source, bool]:
     """(the source, whether this is a rerun): a rerun keeps the source as first resolved (its
     step stays pinned) and must name the same --init."""
     recorded = workdir / "source.json"
@@ -124,14 +124,15 @@ def _source(workdir: Path, init: str) -> tuple[Source, bool]:
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-def setup(config, workdir: Path, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> Setup:
     dc = config.data
     task = tasks.get_task(dc.task)
     if config.model.pooling not in POOLINGS:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = _source(workdir, init)
     try:
-        data = load_task(dc.task, dc.data_dir)
+        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
+        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
     except DataError as e:
         raise UserError(str(e)) from None
     assert task.regression == (data.label_names is None), task

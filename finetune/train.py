@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from pathlib import Path
-
 import jax
 import numpy as np
 
@@ -28,6 +26,7 @@ from finetune.families import FAMILIES
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
 from training import mesh as mesh_lib
+from training import storage
 from training.checkpoint import Checkpointer
 from training.config import save_config
 from training.lease import WorkdirLease
@@ -39,19 +38,18 @@ from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
 
-def train_and_evaluate(config, workdir: str | Path, init: str = "none", explicit=()) -> dict | None:
+def train_and_evaluate(config, workdir, init: str = "none", explicit=()) -> dict | None:
     """Fine-tune per `config`; returns the results (as in results.json), or None if stopped.
 
     `explicit`: the config keys the user set on the command line; with a source, those that
     contradict its encoder or tokenizer are refused."""
     validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.check_writable(workdir, "--workdir")  # local or gs://: one line, in seconds
     with WorkdirLease(workdir) as lease:  # one run per workdir (best/ too), before anything is written
         return _train(config, workdir, init, explicit, lease)
 
 
-def _train(config, workdir: Path, init: str, explicit, lease) -> dict | None:
+def _train(config, workdir, init: str, explicit, lease) -> dict | None:
     tc, method = config.train, config.method
     try:
         task = tasks.get_task(config.data.task)
@@ -188,7 +186,7 @@ def _better(value: float, best: float | None) -> bool:
     return math.isfinite(value) and (best is None or value > best)
 
 
-def _write_predictions(path: Path, split, task: tasks.Task, label_names, predictions) -> None:
+def _write_predictions(path, split, task: tasks.Task, label_names, predictions) -> None:
     """index, prediction (label name or score) and label (empty where hidden), one row each."""
     lines = ["index\tprediction\tlabel"]
     name = (lambda v: f"{float(v):.9g}") if task.regression else (lambda v: label_names[int(v)])

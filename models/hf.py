@@ -45,6 +45,7 @@ from safetensors import safe_open
 from models.hf_bert import BERT
 # ConversionError, export_tokenizer and TOKENIZER_FILES are public here too.
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
+                              check_out_dir,
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
 from models.hf_mae import MAE
@@ -438,20 +439,31 @@ def main(argv=None) -> None:
     export.add_argument("--labels", help="comma-separated class names, in class-id order")
     args = parser.parse_args(argv)
 
-    from training.errors import UserError  # lazily: models/ does not depend on training/
+    # lazily: models/ does not depend on training/
+    from training import storage
+    from training.errors import UserError
     try:
         from training.checkpoint import load_checkpoint_params
+        storage.check_writable(storage.as_path(args.out).parent, "--out")  # before any work
+        out = args.out
+        if storage.is_remote(out):  # safetensors and the staged rename want a local folder
+            check_out_dir(storage.as_path(out))
+            out = storage.mirror_path(out)
         params, model_config, tokenizer_dir, kind = load_checkpoint_params(args.checkpoint)
         run_config = {**_run_config(args.checkpoint), "model": model_config}
         out, architecture = export_run(
-            params, run_config, args.out, kind=kind, architecture=args.architecture,
+            params, run_config, out, kind=kind, architecture=args.architecture,
             dtype=args.dtype, max_shard_bytes=args.max_shard_size,
             id2label=args.labels.split(",") if args.labels else None, tokenizer=tokenizer_dir)
+        processor = (out / "preprocessor_config.json").is_file()
+        if storage.is_remote(args.out):
+            storage.upload(out, args.out, replace=True)
+            out = args.out
     except (ConversionError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     what = f"{architecture} ({kind} checkpoint)" if kind else architecture
-    note = (" with its image processor" if (out / "preprocessor_config.json").is_file() else
+    note = (" with its image processor" if processor else
             "" if tokenizer_dir else " (no tokenizer found)")
     print(f"wrote {what} to {out}{note}")
 
@@ -459,7 +471,8 @@ def main(argv=None) -> None:
 def _run_config(checkpoint) -> dict:
     """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
     one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
-    src = Path(checkpoint)
+    from training import storage
+    src = storage.as_path(checkpoint)
     if not src.is_dir():
         return {}
     workdir = (src if (src / "checkpoints").is_dir() else

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from models.hf_table import ConversionError
 from models.tokenizer import Tokenizer, read_vocab
@@ -196,7 +197,7 @@ def write_tokenizer(src, dest: Path, do_lower_case: bool | None = None, model_ma
     vocab.txt and tokenizer.json come from `models.tokenizer.Tokenizer` (loaded from the
     source's tokenizer.json, or built over its vocab.txt), so an export tokenizes as training did.
     """
-    src = Path(src)
+    src = epath.Path(src)  # a local folder or a gs:// one
     folder = src if src.is_dir() else src.parent
     vocab_file = src if src.is_file() else folder / "vocab.txt"
     json_file = folder / "tokenizer.json"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -38,10 +38,10 @@ def _add_post_processor(tok: _HFTokenizer) -> None:
         special_tokens=[(CLS, cls_id), (SEP, sep_id)])
 
 
-def read_vocab(path: str | Path) -> list[str]:
+def read_vocab(path) -> list[str]:
     """The tokens of a vocab.txt in id order, one a line. Split on line breaks only, like BERT's
     load_vocab (not on str.splitlines' other separators, which can be parts of tokens)."""
-    lines = Path(path).read_text(encoding="utf-8").removesuffix("\n")
+    lines = epath.Path(path).read_text(encoding="utf-8").removesuffix("\n")
     return [token.rstrip("\r") for token in lines.split("\n")]
 
 
@@ -82,11 +82,12 @@ class Tokenizer:
         return cls.from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
-        """Loads `tokenizer.json`, or a HuggingFace BERT folder with only `vocab.txt`."""
-        directory = Path(directory)
+    def load(cls, directory) -> "Tokenizer":
+        """Loads `tokenizer.json`, or a HuggingFace BERT folder with only `vocab.txt` (a local
+        folder or a gs:// one)."""
+        directory = epath.Path(directory)
         if (directory / "tokenizer.json").exists():
-            return cls(_HFTokenizer.from_file(str(directory / "tokenizer.json")))
+            return cls(_HFTokenizer.from_str((directory / "tokenizer.json").read_text(encoding="utf-8")))
         if not (directory / "vocab.txt").exists():
             raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.txt")
         lowercase = True  # BERT's default; tokenizer_config.json says otherwise for cased models.
@@ -107,17 +108,20 @@ class Tokenizer:
         _add_post_processor(tok)
         return cls(tok)
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory) -> None:
         """Writes `tokenizer.json` and `vocab.txt` (one token per line, in id order)."""
-        directory = Path(directory)
+        directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Write then rename: several processes may save the same tokenizer to a shared folder.
-        suffix = f".{os.getpid()}.partial"
-        self._tok.save(str(directory / f"tokenizer.json{suffix}"))
-        (directory / f"vocab.txt{suffix}").write_text(
-            "".join(t + "\n" for t in self._tokens), encoding="utf-8")
-        for name in ("tokenizer.json", "vocab.txt"):
-            os.replace(directory / f"{name}{suffix}", directory / name)
+        # A bucket object appears whole when written, and a bucket cannot rename (see
+        # training/storage.py): written in place there.
+        suffix = "" if str(directory).startswith("gs://") else f".{os.getpid()}.partial"
+        texts = {"tokenizer.json": self._tok.to_str(pretty=True),
+                 "vocab.txt": "".join(t + "\n" for t in self._tokens)}
+        for name, text in texts.items():
+            (directory / f"{name}{suffix}").write_text(text, encoding="utf-8")
+        for name in texts if suffix else ():
+            (directory / f"{name}{suffix}").replace(directory / name)
 
     # --- encoding ---------------------------------------------------------------------------
 

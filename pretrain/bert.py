@@ -13,8 +13,6 @@ has no pooler or NSP head, a BertModel no heads: those start random, said in one
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,7 +22,7 @@ from models.bert import BertConfig, BertForPreTraining
 from pretrain.families import Setup
 from pretrain.prepare import prepare
 from training.errors import UserError
-from training.init_source import (Source, check_overrides, describe_encoder, load_params,
+from training.init_source import (Source, check_overrides, describe_encoder, init_key, load_params,
                                   load_tokenizer, resolve_source, run_source, take_params)
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
@@ -110,7 +108,7 @@ USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or 
 HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler")
 
 
-def continued_source(config, workdir: Path, init: str | None, explicit) -> Source | None:
+def continued_source(config, workdir, init: str | None, explicit) -> Source | None:
     """The --init source (None: random weights), checked against the config; sets what it fixes
     (the model's shape, data.tokenizer) and records it in config.init."""
     source = run_source(workdir, init, lambda i: resolve_source(i, USAGE))
@@ -130,7 +128,7 @@ def continued_source(config, workdir: Path, init: str | None, explicit) -> Sourc
                         f"{bert.max_position} positions of --init {source.init}")
     describe_encoder(config, bert)
     with config.unlocked():
-        config.data.tokenizer = str(Path(source.tokenizer_dir).resolve())
+        config.data.tokenizer = init_key(source.tokenizer_dir)
         config.init = dataclasses.asdict(source)
     return source
 

@@ -16,6 +16,7 @@ from data.images import Augment, ImagePipeline, load_images
 from data.wheels import DataError
 from models.mae import MAEConfig, MAEForPreTraining, patchify, reconstruction_sums, unpatchify
 from pretrain.families import Setup
+from training import storage
 from training.errors import UserError
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
@@ -97,7 +98,7 @@ def setup(config, workdir, init: str | None = None, explicit=()) -> Setup:
     except ValueError as e:
         raise UserError(f"config.model: {e}") from None
     try:
-        data = load_images(dc.source, dc.data_dir)
+        data = load_images(dc.source, storage.local_data_dir(dc.data_dir, storage.tfds_names([dc.source])))
     except DataError as e:
         raise UserError(str(e)) from None
     if data.num_channels != cfg.num_channels:

@@ -57,7 +57,7 @@ from data.corpora import (iter_documents, open_documents, parse_sources, source_
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
-from training import distributed
+from training import collectives, distributed, storage
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
@@ -154,7 +154,7 @@ def _run(pool, fn, jobs):
 
 def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -> epath.Path:
     if dc.tokenizer:
-        tok_dir = Path(dc.tokenizer).expanduser()
+        tok_dir = epath.Path(dc.tokenizer).expanduser()  # a local folder or gs://
         files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
         tokenizer_key = [(f.name, hashlib.sha256(f.read_bytes()).hexdigest())
                          for f in files if f.exists()]
@@ -173,7 +173,7 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -
     final.mkdir(parents=True, exist_ok=True)
     if share.index == 0 and not shards.done_path(final, "tokenizer").exists():
         if dc.tokenizer:
-            tokenizer = Tokenizer.load(Path(dc.tokenizer).expanduser())
+            tokenizer = Tokenizer.load(epath.Path(dc.tokenizer).expanduser())
         else:
             tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
         tokenizer.save(final / "tokenizer")
@@ -395,6 +395,8 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
     (for `data.pretraining.PretrainingData`). Every process of a multi-process run calls it with
     its index: each prepares its share of the shards, and all return once process 0 has
     committed the folder."""
+    if storage.is_remote(dc.data_dir):
+        return _prepare_in_mirror(dc, verbose, process_index)
     data_dir = epath.Path(dc.data_dir).expanduser()
     workers = _workers(dc.prepare_workers)
     share = shards.Share(process_index, process_count)
@@ -424,6 +426,25 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
             print(f"pretraining data {source}{mixed}: {_summary(dc, tokens_dir, examples_dir)}")
         if len(parts) > 1:
             print(f"pretraining data mixture of {len(parts)} sources ({folder})")
+    return folder
+
+
+def _prepare_in_mirror(dc, verbose: bool, process_index: int) -> epath.Path:
+    """A gs:// data_dir: ArrayRecord writes and reads local files only (its open-source build has
+    no gs:// file system), so preparing and reading happen in a local mirror of the bucket.
+    Process 0 copies the bucket's prepared/ folder (and the TFDS datasets named) down, prepares
+    what is missing there and uploads what it added; the other processes wait for it, then copy
+    the committed folder down. (Hosts prepare in parallel only with a local, shared data_dir.)"""
+    remote = str(dc.data_dir).rstrip("/")
+    names = ["prepared", *storage.tfds_names([s for s, _ in parse_sources(dc.source)])]
+    if process_index == 0:
+        local = storage.local_data_dir(remote, names)
+        folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)
+        storage.upload(local / "prepared", f"{remote}/prepared")
+    collectives.barrier("pretrax-prepared-on-bucket")
+    if process_index != 0:
+        local = storage.local_data_dir(remote, names)
+        folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)  # finds it committed
     return folder
 
 

@@ -10,12 +10,11 @@ with explicit shardings and donated state, evaluating, logging and checkpointing
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-
 import jax
 
 from pretrain.families import FAMILIES
 from training import mesh as mesh_lib
+from training import storage
 from training.checkpoint import Checkpointer
 from training.config import save_config
 from training.errors import UserError
@@ -27,18 +26,19 @@ from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
 
-def train_and_evaluate(config, workdir: str | Path, init: str | None = None,
+def train_and_evaluate(config, workdir, init: str | None = None,
                        explicit=()) -> dict[str, float]:
     """Returns the last evaluation's metrics. `init`: continue from SRC's weights (None: random);
     `explicit`: the config keys set on the command line."""
     validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.check_writable(workdir, "--workdir")  # local or gs://: one line, in seconds
+    if storage.is_remote(config.data.data_dir):
+        storage.check_writable(config.data.data_dir, "data.data_dir")
     with WorkdirLease(workdir) as lease:  # one run per workdir, before anything is written
         return _train(config, workdir, init, explicit, lease)
 
 
-def _train(config, workdir: Path, init: str | None, explicit, lease) -> dict[str, float]:
+def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
     family_name = config.get("family", "bert")

@@ -93,3 +93,16 @@ def cli_error(capsys, main, argv) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A real GCS-compatible server (fake-gcs-server) on a free loopback port with the bucket
+    `gcs.BUCKET`, every client of this process and its children pointed at it; its URL."""
+    import os
+
+    from gcs import fake_gcs
+    os.environ["PRETRAX_MIRROR_DIR"] = str(tmp_path_factory.mktemp("mirror"))
+    with fake_gcs() as url:
+        yield url
+    os.environ.pop("PRETRAX_MIRROR_DIR")

@@ -22,16 +22,14 @@ import logging
 import re
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
 from models.layers import is_stacked
-from training import collectives
+from training import collectives, storage
 from training.errors import UserError
 
 
@@ -46,7 +44,7 @@ def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
 
 
-def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a rerun removes the unfinished folders of a killed save.
     options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep,
                                            create=not read_only, read_only=read_only,
@@ -56,7 +54,7 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
     # partial restore.
     state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
     handlers = {"state": state_handler, "data": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_handlers=handlers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +129,7 @@ def _quiet_closed_loop() -> None:
 
 
 @contextlib.contextmanager
-def _reading(where: Path):
+def _reading(where):
     """Errors while reading one step: _Damaged for broken files, one UserError line when the
     storage refuses (no healing then), anything else as it is."""
     _quiet_closed_loop()
@@ -150,7 +148,7 @@ def _reading(where: Path):
         raise
 
 
-def _params_metadata(manager: ocp.CheckpointManager, step: int, where: Path):
+def _params_metadata(manager: ocp.CheckpointManager, step: int, where):
     with _reading(where):
         meta = manager.item_metadata(step)
         try:
@@ -168,7 +166,7 @@ def _flat_shapes(tree) -> dict[str, tuple]:
             for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _check_params_shapes(saved_params, target_params, where: Path) -> None:
+def _check_params_shapes(saved_params, target_params, where) -> None:
     if is_stacked(saved_params) != is_stacked(target_params):
         layout = lambda tree: "scanned" if is_stacked(tree) else "unrolled"
         raise UserError(f"checkpoint {where} holds the {layout(saved_params)} layer stack but this "
@@ -198,9 +196,9 @@ class Checkpointer:
     every step, `check` at log steps (surfaces a failed background save), `wait` and `close` at
     the end."""
 
-    def __init__(self, workdir: str | Path, every_steps: int, keep: int, every_seconds: float = 0.0,
+    def __init__(self, workdir, every_steps: int, keep: int, every_seconds: float = 0.0,
                  poll_every: int = 1):
-        self.directory = Path(workdir) / "checkpoints"
+        self.directory = storage.as_path(workdir) / "checkpoints"
         self.quarantine = self.directory.with_name(self.directory.name + "_quarantine")
         self.every_steps = every_steps
         self.every_seconds = every_seconds
@@ -229,7 +227,7 @@ class Checkpointer:
         where = self.directory / str(step)
         _check_params_shapes(_params_metadata(self._manager, step, where),
                              abstract_state["params"], where)
-        folder = epath.Path(where.absolute())
+        folder = storage.absolute(where)
         with _reading(where):
             data_state = ocp.JsonCheckpointHandler().restore(folder / "data")
             handler = ocp.StandardCheckpointHandler()
@@ -275,7 +273,7 @@ class Checkpointer:
                             f"or move a step back once it is repaired")
         return None
 
-    def _move_aside(self, step: int, reason: str | None) -> Path:
+    def _move_aside(self, step: int, reason: str | None):
         """Process 0 moves the step folder into the quarantine; the others wait for it."""
         source = self.directory / str(step)
         dest, n = self.quarantine / str(step), 0
@@ -285,7 +283,7 @@ class Checkpointer:
         collectives.barrier(f"pretrax_quarantine_{step}_named")  # all named it before the move
         if jax.process_index() == 0:
             self.quarantine.mkdir(parents=True, exist_ok=True)
-            source.rename(dest)
+            storage.move(source, dest)
         collectives.barrier(f"pretrax_quarantine_{step}")
         self._manager.reload()  # the manager lists steps from its cache: forget the moved one
         if jax.process_index() == 0:
@@ -383,22 +381,23 @@ class Checkpointer:
 # Reading a checkpoint's weights (finetune --init, python -m models.hf export)
 # ---------------------------------------------------------------------------------------------
 
-def resolve_step_dir(src: str | Path) -> tuple[Path, int]:
-    """A workdir (its latest complete step) or one step folder -> (checkpoints dir, step)."""
-    src = Path(src)
+def resolve_step_dir(src):
+    """A workdir (its latest complete step) or one step folder, local or gs:// ->
+    (checkpoints dir as an epath.Path, step)."""
+    src = storage.as_path(src)
     if (src / "checkpoints").is_dir():
         src = src / "checkpoints"
     if src.name.isdigit() and (src / "state").is_dir():
         return src.parent, int(src.name)
     if src.is_dir():
-        steps = ocp.utils.checkpoint_steps(src.absolute())
+        steps = ocp.utils.checkpoint_steps(storage.absolute(src))
         if steps:
             return src, max(steps)
     raise UserError(f"{src} holds no complete checkpoint; pass a workdir, a checkpoints/<step> "
                     f"folder, or a HuggingFace model folder")
 
 
-def read_params(src: str | Path, shardings=None) -> tuple[dict, int]:
+def read_params(src, shardings=None) -> tuple[dict, int]:
     """The `params` subtree of a checkpoint as host numpy arrays (or on `shardings`), and its step.
 
     Read only: a damaged step is reported (one UserError line), never moved."""
@@ -428,7 +427,7 @@ def read_params(src: str | Path, shardings=None) -> tuple[dict, int]:
     return nnx.restore_int_paths(restored["state"]["params"]), step
 
 
-def load_checkpoint_params(src: str | Path) -> tuple[dict, dict, Path | None, str]:
+def load_checkpoint_params(src) -> tuple[dict, dict, object, str]:
     """A run's params, its `model` config group, its tokenizer folder and its kind.
 
     SRC is a pretraining or fine-tuning workdir or one of its `checkpoints/<step>` folders.

@@ -116,5 +116,6 @@ def parse_cli(argv, default_config: str, description: str, extra_args=()):
     return cfg, args
 
 
-def save_config(cfg: ml_collections.ConfigDict, path: Path) -> None:
+def save_config(cfg: ml_collections.ConfigDict, path) -> None:
+    """`path`: an epath.Path (local or gs://)."""
     path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str) + "\n")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-
 import jax
 import numpy as np
 
 from models.bert import SIZES, BertConfig
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
+from training import storage
 from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
 
@@ -46,15 +45,15 @@ class Source:
 
 
 def init_key(init: str) -> str:
-    """What two --init values are compared by: the absolute path (or `none`)."""
-    return init if init == "none" else str(Path(init).expanduser().resolve())
+    """What two --init values are compared by: the absolute path, a bucket URL, or `none`."""
+    return init if init == "none" or storage.is_remote(init) else str(storage.as_path(init).resolve())
 
 
 def resolve_source(init: str, usage: str = USAGE) -> Source:
     """What `--init` names, without reading any weights."""
     if init == "none":
         return Source(init, "none")
-    path = Path(init).expanduser().absolute()  # what a rerun from another folder reads too
+    path = storage.absolute(init)  # what a rerun from another folder reads too
     if not path.is_dir():
         raise UserError(f"--init {init}: no such folder; {usage}")
     if (path / "checkpoints").is_dir() or path.name == "checkpoints" or path.name.isdigit():
@@ -89,7 +88,7 @@ def resolve_source(init: str, usage: str = USAGE) -> Source:
     raise UserError(f"--init {init} is neither a checkpoint folder nor a HuggingFace model folder; {usage}")
 
 
-def run_source(workdir: Path, init: str | None, resolve=resolve_source) -> Source | None:
+def run_source(workdir, init: str | None, resolve=resolve_source) -> Source | None:
     """The source of a pretraining run in `workdir` (None: random weights). A workdir that has
     checkpoints resumes from them, never from SRC again: it keeps the source its config.json
     recorded (`init`) and must be given the same --init (none for a run from random weights)."""
@@ -98,7 +97,7 @@ def run_source(workdir: Path, init: str | None, resolve=resolve_source) -> Sourc
         resolve_step_dir(workdir)
     except UserError:  # no checkpoints yet: a fresh start
         return resolve(init) if init is not None else None
-    config = Path(workdir) / "config.json"
+    config = storage.as_path(workdir) / "config.json"
     record = json.loads(config.read_text()).get("init") if config.is_file() else None
     if record is None:
         if init is not None:
@@ -108,7 +107,7 @@ def run_source(workdir: Path, init: str | None, resolve=resolve_source) -> Sourc
     return recorded_source(record, init, workdir)
 
 
-def recorded_source(record: dict, init: str | None, workdir: Path) -> Source:
+def recorded_source(record: dict, init: str | None, workdir) -> Source:
     """The source a run in `workdir` recorded when it started; `init` must name the same."""
     fields = {f.name for f in dataclasses.fields(Source)}
     source = Source(**{k: v for k, v in record.items() if k in fields})
@@ -118,9 +117,9 @@ def recorded_source(record: dict, init: str | None, workdir: Path) -> Source:
     return source
 
 
-def load_tokenizer(where: str | Path) -> Tokenizer:
+def load_tokenizer(where) -> Tokenizer:
     try:
-        return Tokenizer.load(Path(where).expanduser())
+        return Tokenizer.load(storage.as_path(where))
     except Exception as e:  # noqa: BLE001  FileNotFoundError, ValueError, or tokenizers' own
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load a tokenizer from {where}: {reason}") from None
@@ -136,8 +135,12 @@ def load_params(source: Source, architecture: str | None = None) -> dict:
     if source.kind == "checkpoint":
         return read_params(source.path)[0]
     from models.hf import ConversionError, import_params
+    folder = source.path
+    if storage.is_remote(folder):  # safetensors opens local files only
+        folder = storage.mirror_path(folder)
+        storage.download(source.path, folder, every_file=True)
     try:
-        return import_params(source.path, architecture=architecture)[0]
+        return import_params(folder, architecture=architecture)[0]
     except ConversionError as e:
         raise UserError(f"--init {source.init}: {e}") from None
 
@@ -202,7 +205,7 @@ def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer,
                             f"encoder shape and tokenizer come from the source; drop the flag or "
                             f"{instead}")
     if "data.tokenizer" in explicit and config.data.tokenizer:
-        if Path(config.data.tokenizer).expanduser().resolve() != Path(source.tokenizer_dir).resolve():
+        if init_key(config.data.tokenizer) != init_key(source.tokenizer_dir):
             raise UserError(f"--config.data.tokenizer={config.data.tokenizer} contradicts --init "
                             f"{source.init}, which brings its own tokenizer ({source.tokenizer_dir}); "
                             f"drop the flag or {instead}")

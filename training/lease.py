@@ -26,6 +26,7 @@ import uuid
 
 from etils import epath
 
+from training import storage
 from training.errors import UserError
 
 LEASE_FILE = "lease.json"
@@ -96,9 +97,8 @@ class WorkdirLease:
         lease = {"host": HOST, "pid": os.getpid(), "pid_start": stat and stat[1],
                  "started": self._started, "refreshed": time.time(), "token": self.token,
                  "command": " ".join(sys.argv)[:500]}
-        tmp = self.workdir / f".{LEASE_FILE}.{self.token}.tmp"
-        tmp.write_text(json.dumps(lease) + "\n")
-        tmp.replace(self.path)  # readers see the old lease or the new one, never half of one
+        # Readers see the old lease or the new one, never half of one.
+        storage.write_whole(self.path, (json.dumps(lease) + "\n").encode())
 
     def _holder_alive(self, held: dict) -> bool:
         if not held:

@@ -167,6 +167,7 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         if jax.process_index() == 0:  # tqdm.write prints even when the bar is disabled
             where = f"step {step}" + (f" (epoch {step / steps_per_epoch:.2f})" if steps_per_epoch else "")
             bar.write(f"{where}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+            metrics.flush()  # the curves read metrics.jsonl
             draw_curves(workdir)
         return results
 
@@ -209,9 +210,10 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                     last_eval = report_eval(step, state["params"])
                     window.restart_timer()
 
-                ckpt.maybe_save(step, state, {"iterator": batches.get_state(),
-                                              "log_window": window.state(), **data_state()},
-                                force=(save_at_eval and evaluated) or step == total_steps or stopping)
+                if ckpt.maybe_save(step, state, {"iterator": batches.get_state(),
+                                                 "log_window": window.state(), **data_state()},
+                                   force=(save_at_eval and evaluated) or step == total_steps or stopping):
+                    metrics.flush()  # a bucket's metrics.jsonl holds every step a rerun skips
     finally:
         stop.restore()
         bar.close()

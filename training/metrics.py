@@ -1,28 +1,38 @@
-"""The one metrics sink: JSONL always, TensorBoard, W&B when configured; process 0 writes."""
+"""The one metrics sink: JSONL always, TensorBoard, W&B when configured; process 0 writes.
+
+A bucket object cannot be appended to (and takes about one write a second): in a gs:// workdir
+`metrics.jsonl` is rewritten whole at most every `FLUSH_SECONDS` and when the writer closes.
+"""
 
 import json
 import math
-from pathlib import Path
+import time
 
 import jax
 import numpy as np
 
+from training import storage
 from training.plots import save_png
+
+FLUSH_SECONDS = 10.0
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, wandb_project: str = "", run_name: str = "", config=None,
+    def __init__(self, workdir, wandb_project: str = "", run_name: str = "", config=None,
                  after_step: int = 0):
         """`after_step`: the step a resumed run starts from; later lines of a killed run go."""
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tb = self._wandb = None
         if not self.enabled:
             return
-        workdir = self._workdir = Path(workdir)
-        path = workdir / "metrics.jsonl"
+        workdir = self._workdir = storage.as_path(workdir)
+        self._path = workdir / "metrics.jsonl"
         kept = [line for line in read_metrics(workdir) if line["step"] <= after_step]
-        path.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        self._jsonl = open(path, "a", buffering=1)
+        self._lines = [json.dumps(line) + "\n" for line in kept]
+        self._path.write_text("".join(self._lines))
+        self._flushed = time.monotonic()
+        if not storage.is_remote(workdir):
+            self._jsonl = open(self._path, "a", buffering=1)
         from tensorboardX import SummaryWriter  # imported late: it is slow to import
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if wandb_project:
@@ -34,7 +44,13 @@ class MetricsWriter:
         if not self.enabled or not metrics:
             return
         metrics = {k: float(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **metrics}) + "\n")
+        line = json.dumps({"step": int(step), **metrics}) + "\n"
+        if self._jsonl:
+            self._jsonl.write(line)
+        else:
+            self._lines.append(line)
+            if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+                self.flush()
         for k, v in metrics.items():
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
@@ -49,15 +65,23 @@ class MetricsWriter:
         self._tb.add_image(name, image_HWC, step, dataformats="HWC")
         save_png(self._workdir / f"{name}.png", image_HWC)
 
+    def flush(self) -> None:
+        """Rewrite a bucket's metrics.jsonl with every line so far (a local one is line-buffered)."""
+        if self.enabled and not self._jsonl:
+            self._path.write_text("".join(self._lines))
+            self._flushed = time.monotonic()
+
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
+        elif self.enabled:
+            self.flush()
         if self._tb:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
 
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir) -> list[dict]:
+    path = storage.as_path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -5,23 +5,25 @@ Redrawn from `metrics.jsonl` at each evaluation, because people would rather loo
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
+
+from training import storage
 
 
 # Rows that are not learning curves: throughput, the schedule, the epoch counter.
 _SKIP = ("perf/", "train/lr", "epoch")
 
 
-def save_png(path: Path, image_HWC) -> None:
+def save_png(path, image_HWC) -> None:
     """An HWC float image in [0, 1] as a PNG, renamed into place whole."""
     from matplotlib import image as mpimg
     scale = max(1, 320 // max(image_HWC.shape[0], 1))  # small pictures: pixels made visible
     image_HWC = np.repeat(np.repeat(image_HWC, scale, axis=0), scale, axis=1)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    mpimg.imsave(tmp, image_HWC)
-    tmp.replace(path)
+    png = io.BytesIO()
+    mpimg.imsave(png, image_HWC, format="png")
+    storage.write_whole(path, png.getvalue())
 
 
 def curve_names(rows: list[dict]) -> list[str]:
@@ -34,7 +36,7 @@ def curve_names(rows: list[dict]) -> list[str]:
     return sorted(names, key=lambda k: k != "train/loss")
 
 
-def draw_curves(workdir, filename: str = "curves.png") -> Path | None:
+def draw_curves(workdir, filename: str = "curves.png"):
     """One small panel per metric; returns the file, or None before anything was logged."""
     from training.metrics import read_metrics  # here: metrics.py imports this module
     rows = read_metrics(workdir)
@@ -59,9 +61,9 @@ def draw_curves(workdir, filename: str = "curves.png") -> Path | None:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    path = Path(workdir) / filename
-    tmp = path.with_name(f".{filename}.tmp.png")
-    fig.savefig(tmp, dpi=90)  # then rename: a viewer never sees a half-written file
+    path = storage.as_path(workdir) / filename
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    storage.write_whole(path, png.getvalue())  # a viewer never sees a half-written file
     return path
