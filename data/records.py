@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import numpy as np
 from etils import epath
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from training import storage
 
 # group_size:1 lets every record be read on its own (random access for a global shuffle).
 WRITER_OPTIONS = "group_size:1"
@@ -76,24 +77,28 @@ def pad_examples(records: Sequence[bytes], dtype: np.dtype,
 # --- files ------------------------------------------------------------------------------------
 
 def write_records(path: str | os.PathLike, records: Iterable[bytes]) -> int:
-    """Writes records to one ArrayRecord file (via a temporary name of this process's, so that
-    a reader never sees half a file and two writers of the same file do not mix); returns how
-    many."""
-    path = epath.Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
-    n = 0
-    for record in records:
-        writer.write(record)
-        n += 1
-    writer.close()
-    tmp.replace(path)
+    """Writes records to one ArrayRecord file, local or on a bucket; returns how many. A reader
+    never sees half a file and two writers of the same file do not mix: the file is written
+    under a temporary name of this process's and renamed, or, for a bucket (ArrayRecord writes
+    local files only), written locally and uploaded as one object."""
+    path = storage.as_path(path)
+    with storage.local_file(path, "w") as local:
+        tmp = local.with_name(f"{local.name}.{os.getpid()}.partial")
+        writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+        n = 0
+        for record in records:
+            writer.write(record)
+            n += 1
+        writer.close()
+        tmp.replace(local)
     return n
 
 
-def read_records(path: str | Path) -> list[bytes]:
-    reader = ArrayRecordReader(str(path))
-    try:
-        return reader.read_all() if reader.num_records() else []
-    finally:
-        reader.close()
+def read_records(path: str | os.PathLike) -> list[bytes]:
+    """Every record of one ArrayRecord file, local or on a bucket (copied down first)."""
+    with storage.local_file(storage.as_path(path), "r") as local:
+        reader = ArrayRecordReader(str(local))
+        try:
+            return reader.read_all() if reader.num_records() else []
+        finally:
+            reader.close()

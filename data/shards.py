@@ -10,11 +10,12 @@ once its manifest exists.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import NamedTuple
 
 from etils import epath
+
+from training import storage
 
 POLL_SECONDS = (0.05, 2.0)  # how often a process looks for the others' shards: first, at most
 
@@ -29,10 +30,8 @@ class Share(NamedTuple):
 
 
 def write_json(path: epath.Path, obj) -> None:
-    """Whole or not at all: through a temporary name (a bucket writes each object whole)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    """Whole or not at all, locally and on a bucket."""
+    storage.write_whole(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def done_path(folder: epath.Path, name: str) -> epath.Path:

@@ -8,13 +8,14 @@ The setup is BERT's own (BertNormalizer, BertPreTokenizer, WordPiece with `##` c
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable, Sequence
 
 import numpy as np
 from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from training import storage
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # At the front of the vocabulary, so [PAD] is id 0 like in BERT's vocab.txt.
@@ -112,16 +113,9 @@ class Tokenizer:
         """Writes `tokenizer.json` and `vocab.txt` (one token per line, in id order)."""
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        # Write then rename: several processes may save the same tokenizer to a shared folder.
-        # A bucket object appears whole when written, and a bucket cannot rename (see
-        # training/storage.py): written in place there.
-        suffix = "" if str(directory).startswith("gs://") else f".{os.getpid()}.partial"
-        texts = {"tokenizer.json": self._tok.to_str(pretty=True),
-                 "vocab.txt": "".join(t + "\n" for t in self._tokens)}
-        for name, text in texts.items():
-            (directory / f"{name}{suffix}").write_text(text, encoding="utf-8")
-        for name in texts if suffix else ():
-            (directory / f"{name}{suffix}").replace(directory / name)
+        # Whole files: several processes may save the same tokenizer to a shared folder.
+        storage.write_whole(directory / "tokenizer.json", self._tok.to_str(pretty=True).encode())
+        storage.write_whole(directory / "vocab.txt", "".join(t + "\n" for t in self._tokens).encode())
 
     # --- encoding ---------------------------------------------------------------------------
 

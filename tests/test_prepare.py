@@ -6,8 +6,8 @@ shard list; process 0 writes the manifest (report.json, meta.json) after every s
 marker exists. The prepared folder (its examples, in order) must not depend on how many
 processes or workers made it, and nothing without a manifest or marker may be trusted.
 
-`storage` names where the shared folders live; "local" is a tmp folder (a `gs://` bucket on a
-fake GCS server is the other variant to add with the bucket fixture).
+`storage` names where the shared folders live: a tmp folder, or a `gs://` bucket on the fake GCS
+server of tests/gcs.py (every process prepares its share into the bucket).
 """
 
 import json
@@ -25,18 +25,22 @@ from etils import epath
 from conftest import tiny_config, tiny_flags
 from data import records
 from data.corpora import load_documents
+from gcs import BUCKET
 from pretrain.prepare import prepare
-from test_distributed import ENV, assert_close, compilation_cache, losses, run  # noqa: F401
+from test_distributed import assert_close, compilation_cache, env, losses, run  # noqa: F401
 from test_pipeline import _tiny_tfds
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = {"data.shard_documents": 10}  # pydocs' 79 documents in 8 shards: work for everyone
-STORAGES = ["local"]
+STORAGES = ["local", "gcs"]
 
 
 @pytest.fixture(params=STORAGES)
 def storage(request, tmp_path):
     """The root of the shared folders (workdirs and data dirs) of one test."""
+    if request.param == "gcs":
+        request.getfixturevalue("gcs")
+        return epath.Path(f"gs://{BUCKET}/{tmp_path.name}")
     return epath.Path(tmp_path / "shared")
 
 
@@ -168,7 +172,7 @@ def test_sigkill_during_preparation_then_rerun_gets_the_same_examples(tmp_path, 
     with open(log, "w") as out:
         held = subprocess.Popen([sys.executable, "-c", HOLD_MARKER, *flags], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT,
-                                env={**ENV, "PRETRAX_TEST_HOLD_MARKER": shard})
+                                env=env(PRETRAX_TEST_HOLD_MARKER=shard))
     try:
         deadline = time.time() + 120
         while "holding the marker" not in log.read_text():
@@ -187,7 +191,7 @@ def test_sigkill_during_preparation_then_rerun_gets_the_same_examples(tmp_path, 
     assert list(folder.glob(f"*{shard.split('-')[1]}.array_record")), "the unmarked shard's files"
 
     result = subprocess.run([sys.executable, "-m", "pretrain.prepare", *flags], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=ENV)
+                            capture_output=True, text=True, timeout=300, env=env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     resumed = re.search(rf"2 of (\d+) shards of {re.escape(str(folder))} were done by an earlier "
                         rf"run; preparing the other (\d+)", result.stdout)

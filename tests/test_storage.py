@@ -16,7 +16,7 @@ import pytest
 from etils import epath
 
 from conftest import TINY_FT, tiny_flags
-from gcs import BUCKET, ReadOnlyEndpoint, has_objects
+from gcs import BUCKET, ReadOnlyEndpoint, object_names
 from training import storage
 from training.checkpoint import Checkpointer
 from training.errors import UserError
@@ -59,7 +59,7 @@ def test_a_bucket_run_prepares_trains_checkpoints_and_resumes_bitwise(gcs, tmp_p
     command = pretrain(workdir, bucket_data, **steps)
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while (not has_objects(gcs, "resume/run/checkpoints/3/") and time.time() < deadline
+    while (not object_names(gcs, "resume/run/checkpoints/3/", limit=1) and time.time() < deadline
            and proc.poll() is None):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -71,8 +71,8 @@ def test_a_bucket_run_prepares_trains_checkpoints_and_resumes_bitwise(gcs, tmp_p
     for name in ("config.json", "tokenizer/tokenizer.json", "tokenizer/vocab.txt", f"checkpoints/{stopped_at}"):
         assert (epath.Path(workdir) / name).exists(), name
     assert list((epath.Path(workdir) / "tensorboard").iterdir()), "no TensorBoard events"
-    prepared = epath.Path(bucket_data) / "prepared"
-    assert any(p.name.endswith(".array_record") for p in prepared.rglob("*")), "nothing prepared in the bucket"
+    prepared = object_names(gcs, "resume/data/prepared/")
+    assert any(name.endswith(".array_record") for name in prepared), "nothing prepared in the bucket"
 
     again = run(command)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -8,23 +8,32 @@ arrays of a checkpoint through TensorStore. Both take their endpoint and credent
 environment (the tests point them at a fake-gcs-server on loopback: tests/gcs.py).
 
 Two readers open local files only: ArrayRecord (its open-source build has no gs:// file system)
-and safetensors. Bucket folders they read are copied into a local mirror first
-(`mirror_path`, `download`; `upload` sends a locally written folder back).
+and safetensors. One bucket file goes through a temporary local copy (`local_file`: read after
+it is copied down, uploaded whole after it is written); folders that training reads are copied
+into a local mirror (`mirror_path`, `download`; `upload` sends a locally written folder back).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
 
+import fsspec
 from etils import epath
 
 from training.errors import UserError
 
 SCHEMES = ("gs://",)
+
+# No cached bucket listings: the processes of a run learn of each other's files (done markers,
+# the manifest, the lease) by listing, and a cached listing would hide them forever. Every
+# gs:// client of the process, epath's and Orbax's alike, is made after this (fsspec's defaults).
+fsspec.config.conf.setdefault("gcs", {})["use_listings_cache"] = False
 # How long the check before any work waits for the storage to answer: an unreachable endpoint
 # must cost seconds, not the client libraries' minutes of retries.
 CHECK_SECONDS = float(os.environ.get("PRETRAX_STORAGE_CHECK_SECONDS", 20))
@@ -174,8 +183,8 @@ def mirror_path(remote) -> epath.Path:
 
 def local_data_dir(data_dir, names=()) -> epath.Path:
     """`data.data_dir` for readers of local files: a local one as it is; a bucket's local mirror,
-    with the sub-folders `names` (prepared/, TFDS datasets such as `glue/cola`) copied down
-    first. What a reader caches there (fetched wheels) stays local."""
+    with the sub-folders `names` (TFDS datasets such as `glue/cola`) copied down first. What a
+    reader caches there (fetched wheels) stays local."""
     if not is_remote(data_dir):
         return as_path(data_dir)
     remote = str(data_dir).rstrip("/")
@@ -202,25 +211,46 @@ def _files(fs, root: str, hidden: bool = False) -> dict[str, int]:
     return files
 
 
+@contextlib.contextmanager
+def local_file(path: epath.Path, mode: str):
+    """A local path for a reader or writer of local files only (ArrayRecord): `path` itself when
+    it is local; for a bucket object, a temporary local file, copied down first (mode "r") or
+    uploaded whole afterwards (mode "w")."""
+    if not is_remote(path):
+        yield path
+        return
+    fs, remote = _fs(path)
+    with tempfile.TemporaryDirectory(prefix="pretrax-") as tmp:
+        local = epath.Path(tmp) / path.name
+        if mode == "r":
+            _get(fs, remote, local, fs.size(remote))
+        yield local
+        if mode == "w":
+            fs.put_file(str(local), remote)
+
+
+def _get(fs, remote: str, local: epath.Path, size: int) -> None:
+    """One object into `local`, through a hidden temporary name."""
+    tmp = local.with_name(f".{local.name}.partial")
+    if size:
+        fs.get_file(remote, str(tmp))
+    else:  # not read: see move()
+        tmp.write_bytes(b"")
+    tmp.replace(local)
+
+
 def download(remote, local, every_file: bool = False) -> int:
     """Copy the files of bucket folder `remote` that `local` lacks (or holds at another size;
     `every_file`: all, for a folder whose files change in place) into `local`; returns how many
     were copied. Prepared data needs no more: its folder names are digests of what is in them."""
     fs, root = _fs(remote)
     local = as_path(local)
-    have = {str(p.relative_to(local)): p.stat().st_size for p in local.rglob("*") if p.is_file()} \
-        if local.exists() and not every_file else {}
+    have = {} if every_file else _files(_fs(local)[0], str(local))
     remote_files = _files(fs, root)
     wanted = [rel for rel, size in remote_files.items() if have.get(rel) != size]
     for rel in wanted:
-        dest = local / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        if remote_files[rel]:
-            fs.get_file(f"{root}/{rel}", str(tmp))
-        else:  # not read: see move()
-            tmp.write_bytes(b"")
-        tmp.replace(dest)
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        _get(fs, f"{root}/{rel}", local / rel, remote_files[rel])
     return len(wanted)
 
 
