@@ -164,9 +164,9 @@ prepare.main()
 
 
 @pytest.mark.parametrize("stage, shard", [("tokens", "docs-00002"), ("examples", "train-00002")])
-def test_sigkill_during_preparation_then_rerun_gets_the_same_examples(tmp_path, reference, stage,
-                                                                        shard):
-    data_dir = tmp_path / "data"
+def test_sigkill_during_preparation_then_rerun_gets_the_same_examples(storage, tmp_path, reference,
+                                                                        stage, shard):
+    data_dir = storage / "data"
     flags = tiny_flags(data_dir, data__shard_documents=10)
     log = tmp_path / "prepare.log"
     with open(log, "w") as out:

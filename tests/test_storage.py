@@ -48,6 +48,7 @@ def one_line(result: subprocess.CompletedProcess) -> str:
 
 # ---- the CLIs on a bucket --------------------------------------------------------------------
 
+@pytest.mark.slow  # three CLI runs (about 60 s)
 def test_a_bucket_run_prepares_trains_checkpoints_and_resumes_bitwise(gcs, tmp_path, data_dir):
     """Workdir and data dir on the bucket; SIGTERM, then the same command continues with losses
     bitwise equal to an uninterrupted local run."""
