@@ -1,5 +1,7 @@
 """Shared fixtures. Eight fake CPU devices, set before JAX first touches its backend."""
 
+import contextlib
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -106,3 +108,42 @@ def gcs(tmp_path_factory):
     with fake_gcs() as url:
         yield url
     os.environ.pop("PRETRAX_MIRROR_DIR")
+
+
+def sigterm_when(command, ready, timeout=300) -> tuple[int, str]:
+    """Run a CLI, send it SIGTERM once `ready()` holds (or it has ended by itself); its exit
+    status and stdout. (The repository root is the working directory.)"""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    proc = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return proc.returncode, out
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, options: str):
+    """A tmpfs mounted on `folder` for the block (`options`: e.g. "size=512k" or "ro"), where the
+    machine lets the test mount one (root, mount permitted); the test is skipped elsewhere."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and the mount command")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -3,8 +3,6 @@ errors while saving are one UserError line naming the step and the folder; nothi
 
 import errno
 import os
-import shutil
-import subprocess
 import time
 
 import jax
@@ -14,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from conftest import mounted_tmpfs
 from models import hf
 from training.checkpoint import Checkpointer, read_params
 from training.errors import UserError
@@ -211,14 +210,8 @@ def small_disk(tmp_path):
     """A 512 KiB tmpfs, where the machine lets the test mount one (root, mount permitted)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with mounted_tmpfs(mount, "size=512k"):
+        yield mount
 
 
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_restores(small_disk):

@@ -1,15 +1,13 @@
 """`python -m pretrain` end to end: resume after SIGTERM is bitwise exact; bad input is one line."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_error, tiny_flags
+from conftest import cli_error, sigterm_when, tiny_flags
 from pretrain.__main__ import main
 from training.metrics import read_metrics
 
@@ -31,14 +29,8 @@ def test_sigterm_then_rerun_resumes_bitwise(tmp_path, data_dir):
     assert full.returncode == 0, full.stderr[-2000:]
 
     workdir = tmp_path / "stopped"
-    proc = subprocess.Popen(cli(workdir, data_dir, **steps), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while max(losses(workdir), default=0) < 6 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    _, out = sigterm_when(cli(workdir, data_dir, **steps),
+                          lambda: max(losses(workdir), default=0) >= 6)
     stopped_at = max(losses(workdir))
     assert 6 <= stopped_at < 14, "the run finished before it was stopped; nothing was tested"
     assert f"SIGTERM: stopped at step {stopped_at}" in out

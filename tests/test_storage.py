@@ -4,8 +4,6 @@ the CLIs end to end on a bucket, and bad storage as one line, fast, with nothing
 import errno
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from conftest import TINY_FT, tiny_flags
+from conftest import TINY_FT, mounted_tmpfs, sigterm_when, tiny_flags
 from gcs import BUCKET, ReadOnlyEndpoint, object_names
 from training import storage
 from training.checkpoint import Checkpointer
@@ -58,14 +56,7 @@ def test_a_bucket_run_prepares_trains_checkpoints_and_resumes_bitwise(gcs, tmp_p
 
     workdir, bucket_data = f"gs://{BUCKET}/resume/run", f"gs://{BUCKET}/resume/data"
     command = pretrain(workdir, bucket_data, **steps)
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while (not object_names(gcs, "resume/run/checkpoints/3/", limit=1) and time.time() < deadline
-           and proc.poll() is None):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    _, out = sigterm_when(command, lambda: object_names(gcs, "resume/run/checkpoints/3/", limit=1))
     stopped_at = max(losses(workdir))
     assert 3 <= stopped_at < 10, "the run finished before it was stopped; nothing was tested"
     assert f"SIGTERM: stopped at step {stopped_at}" in out
@@ -164,14 +155,8 @@ def read_only_dir(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command to make a read-only folder as root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if made.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {made.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    with mounted_tmpfs(folder, "ro,size=64k"):
+        yield folder
 
 
 def test_a_local_workdir_in_a_read_only_folder_is_one_line(read_only_dir, data_dir):
