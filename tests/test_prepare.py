@@ -259,3 +259,18 @@ def test_two_shares_of_a_mixture_make_the_single_process_folders(tmp_path):
         got, want = (Path(root, "prepared", part["folder"]) for root in (tmp_path / "two",
                                                                          tmp_path / "one"))
         assert examples(got) == examples(want)
+
+
+def test_a_tfds_dataset_on_a_bucket_prepares_like_the_local_one(gcs, tmp_path):
+    """TFDS data on the bucket (as a pod reads it): the dataset is copied down for reading, the
+    examples are prepared into the bucket, and they equal a local data dir's."""
+    from training import storage as files
+    _tiny_tfds(tmp_path / "local")
+    bucket = f"gs://{BUCKET}/{tmp_path.name}/data"
+    files.upload(tmp_path / "local" / "tiny_pretrax_text", f"{bucket}/tiny_pretrax_text")
+    tfds = dict(source="tfds:tiny_pretrax_text", vocab_size=120, max_seq_len=16)
+    local = prepare(data_config(tmp_path / "local", **tfds), verbose=False)
+    mirrored = prepare(data_config(bucket, **tfds), verbose=False)
+    assert examples(mirrored) == examples(local)
+    assert str(mirrored).startswith(str(files.mirror_path(bucket)))  # training reads the mirror
+    assert epath.Path(bucket, "prepared", local.parent.name, "report.json").exists()
