@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.layers import (ATTENTIONS, constrain, dot_product_attention, dropout, fold, layer_norm,
-                           make_stack, normal, remat_name, run_stack, zeros)
+                           make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
 SIZES = {
@@ -216,6 +216,6 @@ class BertForPreTraining(nnx.Module):
             x_BTD = jnp.take_along_axis(x_BTD, masked_positions[..., None], axis=1)
         h_BTD = jax.nn.gelu(self.mlm_transform(x_BTD), approximate=False)
         h_BTD = self.mlm_norm(h_BTD).astype(self.cfg.dtype)
-        logits_BTV = self.encoder.embed.word.attend(h_BTD).astype(jnp.float32) + self.mlm_bias[...]
+        logits_BTV = tied_logits(h_BTD, self.encoder.embed.word.embedding[...], self.mlm_bias[...])
         logits_BTV = constrain(logits_BTV, "batch", None, "vocab")
         return logits_BTV, self.nsp(pooled_BD).astype(jnp.float32)
