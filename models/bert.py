@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (ATTENTIONS, constrain, dot_product_attention, dropout, fold, layer_norm,
+from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold, layer_norm,
                            make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
@@ -116,11 +116,8 @@ def segment_positions(segments_BT: jax.Array) -> jax.Array:
 
 
 def _dense(cfg: BertConfig, d_in, d_out, in_axes, out_axes, rngs, axis=-1) -> nnx.LinearGeneral:
-    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
-    return nnx.LinearGeneral(
-        d_in, d_out, axis=axis, dtype=jnp.dtype(cfg.dtype),
-        kernel_init=normal(cfg.initializer_range, *in_axes, *out_axes),
-        bias_init=zeros(*out_axes), rngs=rngs)
+    return dense(d_in, d_out, in_axes, out_axes, dtype=cfg.dtype, rngs=rngs, axis=axis,
+                 kernel_init=nnx.initializers.normal(cfg.initializer_range))
 
 
 class Embeddings(nnx.Module):

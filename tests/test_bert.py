@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import random_batch
 from models.bert import SIZES, BertConfig, BertForPreTraining
-from models.layers import tied_logits
+from models.layers import projection, tied_logits
 from pretrain import bert as bert_family
 
 
@@ -52,6 +52,23 @@ def test_tied_logits_and_its_gradients_equal_float64_autodiff(dtype):
     np.testing.assert_allclose(np.asarray(got[0], np.float64), g @ t64, rtol=tol, atol=tol)
     np.testing.assert_allclose(got[1], np.einsum("bpv,bpd->vd", g, x64), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[2], g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,n", [((2, 3, 8), (8, 2, 4), 1), ((2, 3, 2, 4), (2, 4, 8), 2)])
+def test_projection_and_its_gradients_equal_dot_general_autodiff(x_shape, k_shape, n):
+    # LinearGeneral's contraction of x's trailing axes with the kernel's leading ones (q/k/v: D
+    # -> N H; attention output: N H -> D), against lax.dot_general and its autodiff.
+    rng = np.random.default_rng(6)
+    x, kernel = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=k_shape).astype(np.float32)
+    dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+    want, want_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, kernel)
+    got, got_vjp = jax.vjp(lambda a, b: projection(a, b, dims), x, kernel)
+    g = rng.normal(size=want.shape).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    other = (((0,), (0,)), ((), ()))  # anything else is lax.dot_general itself
+    np.testing.assert_array_equal(projection(x, x, other), jax.lax.dot_general(x, x, other))
 
 
 def test_accuracy_counts_the_largest_logit_and_ties():
