@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 
@@ -73,6 +74,9 @@ def dense(d_in, d_out, in_axes, out_axes, *, kernel_init, dtype, rngs: nnx.Rngs,
         bias_init=zeros(*out_axes), dot_general=projection, rngs=rngs)
 
 
+PROJECTION = "projection"  # the checkpoint name of `projection`'s outputs
+
+
 def projection(x, kernel, dimension_numbers, precision=None, preferred_element_type=None,
                out_sharding=None):
     """`lax.dot_general` for a LinearGeneral, which contracts x's trailing axes with the kernel's
@@ -89,7 +93,8 @@ def projection(x, kernel, dimension_numbers, precision=None, preferred_element_t
         return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)
-    return _trailing_product(x, kernel, n)
+    # Named, so that the remat policies that keep matmul outputs keep this one too.
+    return checkpoint_name(_trailing_product(x, kernel, n), PROJECTION)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -205,11 +210,15 @@ def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BTS=None, dropo
 # `model.remat` names one of these. "full" keeps only each layer's input; "dots" also keeps the
 # matmul outputs; "dots_no_batch" keeps only matmuls without a batch dimension (the weights'
 # projections, not attention's scores), MaxText's "minimal".
+# `projection`'s products are no dot to a policy (a custom_vjp): they are kept by name.
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(
+        _policies.dots_saveable, _policies.save_only_these_names(PROJECTION)),
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(PROJECTION)),
 }
 
 
