@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold, layer_norm,
-                           make_stack, normal, remat_name, run_stack, tied_logits, zeros)
+from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
+                           layer_norm, make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
 SIZES = {

@@ -128,7 +128,8 @@ def tied_logits(x_BPD: jax.Array, table_VD: jax.Array, bias_V: jax.Array) -> jax
     The product runs in the promoted dtype of x and the table (as `nnx.Embed.attend`). The
     backward is autodiff's, written out so that XLA:CPU runs it fast: the bias gradient as a
     product with ones (its row reduction of the BPV gradient took 60-80 ms at BERT's 640 x 30522,
-    the product 3 ms: benchmarks/RESULTS.md).
+    the product 3 ms), the table's as one product over the rows, which needs no transposed copy
+    of that gradient (benchmarks/RESULTS.md).
     """
     return _tied_logits(x_BPD, table_VD, bias_V)
 
