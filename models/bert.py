@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import (ATTENTIONS, constrain, dot_product_attention, dropout, fold, layer_norm,
-                           make_stack, normal, remat_name, run_stack, zeros)
+from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
+                           layer_norm, make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
 # name: (layers, hidden, heads); feed-forward is 4x hidden, head size hidden/heads.
 SIZES = {
@@ -116,11 +116,8 @@ def segment_positions(segments_BT: jax.Array) -> jax.Array:
 
 
 def _dense(cfg: BertConfig, d_in, d_out, in_axes, out_axes, rngs, axis=-1) -> nnx.LinearGeneral:
-    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
-    return nnx.LinearGeneral(
-        d_in, d_out, axis=axis, dtype=jnp.dtype(cfg.dtype),
-        kernel_init=normal(cfg.initializer_range, *in_axes, *out_axes),
-        bias_init=zeros(*out_axes), rngs=rngs)
+    return dense(d_in, d_out, in_axes, out_axes, dtype=cfg.dtype, rngs=rngs, axis=axis,
+                 kernel_init=nnx.initializers.normal(cfg.initializer_range))
 
 
 class Embeddings(nnx.Module):
@@ -216,6 +213,6 @@ class BertForPreTraining(nnx.Module):
             x_BTD = jnp.take_along_axis(x_BTD, masked_positions[..., None], axis=1)
         h_BTD = jax.nn.gelu(self.mlm_transform(x_BTD), approximate=False)
         h_BTD = self.mlm_norm(h_BTD).astype(self.cfg.dtype)
-        logits_BTV = self.encoder.embed.word.attend(h_BTD).astype(jnp.float32) + self.mlm_bias[...]
+        logits_BTV = tied_logits(h_BTD, self.encoder.embed.word.embedding[...], self.mlm_bias[...])
         logits_BTV = constrain(logits_BTV, "batch", None, "vocab")
         return logits_BTV, self.nsp(pooled_BD).astype(jnp.float32)

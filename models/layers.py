@@ -6,13 +6,16 @@ table that maps them onto the `(data, fsdp, tensor)` mesh lives in `training/mes
 force through `flax.core.spmd.logical_axis_rules` while a step is traced.
 """
 
+import math
 from collections.abc import Mapping
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 
@@ -62,12 +65,98 @@ def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def dense(d_in, d_out, in_axes, out_axes, *, kernel_init, dtype, rngs: nnx.Rngs, axis=-1,
           use_bias: bool = True) -> nnx.LinearGeneral:
-    """A LinearGeneral whose kernel (in dims..., out dims...) and bias carry logical axis names."""
+    """A LinearGeneral whose kernel (in dims..., out dims...) and bias carry logical axis names,
+    contracted by `projection` (its backward laid out for XLA:CPU)."""
     in_axes, out_axes = tuple(in_axes), tuple(out_axes)
     return nnx.LinearGeneral(
         d_in, d_out, axis=axis, use_bias=use_bias, dtype=jnp.dtype(dtype),
         kernel_init=sharded(kernel_init, *in_axes, *out_axes),
-        bias_init=zeros(*out_axes), rngs=rngs)
+        bias_init=zeros(*out_axes), dot_general=projection, rngs=rngs)
+
+
+PROJECTION = "projection"  # the checkpoint name of `projection`'s outputs
+
+
+def projection(x, kernel, dimension_numbers, precision=None, preferred_element_type=None,
+               out_sharding=None):
+    """`lax.dot_general` for a LinearGeneral, which contracts x's trailing axes with the kernel's
+    leading ones (x ... I, kernel I ... O -> ... O). Same values and gradients as autodiff's;
+    the kernel's gradient is written as one product over the rows of x and of the output's
+    gradient, which XLA:CPU runs without first transposing a (rows, features) activation (12%
+    off BERT's feed-forward block forward + backward: benchmarks/RESULTS.md)."""
+    (x_axes, k_axes), batch = dimension_numbers
+    n = len(k_axes)
+    plain = (tuple(batch[0]) or tuple(batch[1]) or precision is not None
+             or preferred_element_type is not None or out_sharding is not None
+             or tuple(k_axes) != tuple(range(n)) or tuple(x_axes) != tuple(range(x.ndim - n, x.ndim)))
+    if plain:
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type,
+                                   out_sharding=out_sharding)
+    # Named, so that the remat policies that keep matmul outputs keep this one too.
+    return checkpoint_name(_trailing_product(x, kernel, n), PROJECTION)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _trailing_product(x, kernel, n: int):
+    rows, inner = x.shape[:x.ndim - n], math.prod(kernel.shape[:n])
+    out_RO = x.reshape(-1, inner) @ kernel.reshape(inner, -1)
+    return out_RO.reshape(*rows, *kernel.shape[n:])
+
+
+def _trailing_product_fwd(x, kernel, n):
+    return _trailing_product(x, kernel, n), (x, kernel)
+
+
+def _trailing_product_bwd(n, residuals, g):
+    x, kernel = residuals
+    inner = math.prod(kernel.shape[:n])
+    x_RI, k_IO = x.reshape(-1, inner), kernel.reshape(inner, -1)
+    g_RO = g.reshape(x_RI.shape[0], -1)
+    dx = (g_RO @ k_IO.T).reshape(x.shape)
+    dkernel = jnp.einsum("RI,RO->IO", x_RI, g_RO).reshape(kernel.shape)
+    return dx, dkernel
+
+
+_trailing_product.defvjp(_trailing_product_fwd, _trailing_product_bwd)
+
+
+@jax.custom_vjp
+def tied_logits(x_BPD: jax.Array, table_VD: jax.Array, bias_V: jax.Array) -> jax.Array:
+    """float32 logits x @ table.T + bias over a vocabulary tied to the word embeddings (BPV).
+
+    The product runs in the promoted dtype of x and the table (as `nnx.Embed.attend`). The
+    backward is autodiff's, written out so that XLA:CPU runs it fast: the bias gradient as a
+    product with ones (its row reduction of the BPV gradient took 60-80 ms at BERT's 640 x 30522,
+    the product 3 ms), the table's as one product over the rows, which needs no transposed copy
+    of that gradient (benchmarks/RESULTS.md).
+    """
+    return _tied_logits(x_BPD, table_VD, bias_V)
+
+
+def _tied_logits(x_BPD, table_VD, bias_V):
+    dtype = jnp.result_type(x_BPD, table_VD)
+    logits_BPV = jnp.einsum("...D,VD->...V", x_BPD.astype(dtype), table_VD.astype(dtype))
+    return logits_BPV.astype(jnp.float32) + bias_V
+
+
+def _tied_logits_fwd(x_BPD, table_VD, bias_V):
+    return _tied_logits(x_BPD, table_VD, bias_V), (x_BPD, table_VD, bias_V)
+
+
+def _tied_logits_bwd(residuals, g_BPV):
+    x_BPD, table_VD, bias_V = residuals
+    dtype = jnp.result_type(x_BPD, table_VD)
+    g_RV = g_BPV.reshape(-1, g_BPV.shape[-1])
+    x_RD = x_BPD.reshape(-1, x_BPD.shape[-1]).astype(dtype)
+    d_RV = g_RV.astype(dtype)
+    dx_BPD = (d_RV @ table_VD.astype(dtype)).reshape(x_BPD.shape).astype(x_BPD.dtype)
+    dtable_VD = jnp.einsum("RV,RD->VD", d_RV, x_RD).astype(table_VD.dtype)
+    dbias_V = (jnp.ones(g_RV.shape[0], g_RV.dtype) @ g_RV).astype(bias_V.dtype)
+    return dx_BPD, dtable_VD, dbias_V
+
+
+tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 # model.attention: which dot-product attention runs (see `dot_product_attention`).
@@ -122,11 +211,15 @@ def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BTS=None, dropo
 # `model.remat` names one of these. "full" keeps only each layer's input; "dots" also keeps the
 # matmul outputs; "dots_no_batch" keeps only matmuls without a batch dimension (the weights'
 # projections, not attention's scores), MaxText's "minimal".
+# `projection`'s products are no dot to a policy (a custom_vjp): they are kept by name.
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(
+        _policies.dots_saveable, _policies.save_only_these_names(PROJECTION)),
+    "dots_no_batch": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(PROJECTION)),
 }
 
 

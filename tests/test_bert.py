@@ -10,6 +10,7 @@ from flax import nnx
 
 from conftest import random_batch
 from models.bert import SIZES, BertConfig, BertForPreTraining
+from models.layers import projection, tied_logits
 from pretrain import bert as bert_family
 
 
@@ -33,6 +34,52 @@ def test_masked_position_mlm_loss_equals_dense_reference():
     reference = -logp[rows, cols, labels[rows, cols]].mean()
     np.testing.assert_allclose(float(sums["mlm_loss"] / sums["mlm_count"]), reference, atol=1e-5)
     assert sums["mlm_count"] == len(rows)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tied_logits_and_its_gradients_equal_float64_autodiff(dtype):
+    # The hand-written backward against jax.grad of the plain formula, in float64 (numpy).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 5, 16)).astype(dtype)
+    table, bias = rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=40).astype(np.float32)
+    g = rng.normal(size=(3, 5, 40)).astype(np.float32)
+    logits, vjp = jax.vjp(tied_logits, x, table, bias)
+    got = vjp(g)
+    x64, t64 = np.asarray(x, np.float64), table.astype(np.float64)
+    np.testing.assert_allclose(logits, x64 @ t64.T + bias, rtol=1e-5, atol=1e-5)
+    assert logits.dtype == np.float32 and [a.dtype for a in got] == [x.dtype, table.dtype, bias.dtype]
+    tol = 1e-5 if dtype == "float32" else 2e-2  # bf16: dx is rounded to bf16
+    np.testing.assert_allclose(np.asarray(got[0], np.float64), g @ t64, rtol=tol, atol=tol)
+    np.testing.assert_allclose(got[1], np.einsum("bpv,bpd->vd", g, x64), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], g.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,n", [((2, 3, 8), (8, 2, 4), 1), ((2, 3, 2, 4), (2, 4, 8), 2)])
+def test_projection_and_its_gradients_equal_dot_general_autodiff(x_shape, k_shape, n):
+    # LinearGeneral's contraction of x's trailing axes with the kernel's leading ones (q/k/v: D
+    # -> N H; attention output: N H -> D), against lax.dot_general and its autodiff.
+    rng = np.random.default_rng(6)
+    x, kernel = rng.normal(size=x_shape).astype(np.float32), rng.normal(size=k_shape).astype(np.float32)
+    dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+    want, want_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, kernel)
+    got, got_vjp = jax.vjp(lambda a, b: projection(a, b, dims), x, kernel)
+    g = rng.normal(size=want.shape).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    other = (((0,), (0,)), ((), ()))  # anything else is lax.dot_general itself
+    np.testing.assert_array_equal(projection(x, x, other), jax.lax.dot_general(x, x, other))
+
+
+def test_accuracy_counts_the_largest_logit_and_ties():
+    logits = np.array([[0.1, 2.0, -1.0], [3.0, 3.0, 0.0], [0.0, 1.0, 5.0]], np.float32)
+    labels = np.array([1, 1, 0])  # a hit; a tie for the largest (argmax would say 0); a miss
+    _, correct = bert_family._nll_and_correct(logits, labels)
+    np.testing.assert_array_equal(correct, [1.0, 1.0, 0.0])
+    random = np.random.default_rng(4).normal(size=(64, 50)).astype(np.float32)  # no ties
+    labels = np.where(np.arange(64) % 2, random.argmax(-1), np.random.default_rng(5).integers(0, 50, 64))
+    np.testing.assert_array_equal(bert_family._nll_and_correct(random, labels)[1],
+                                  random.argmax(-1) == labels)
 
 
 def test_size_table_and_parameter_count():
