@@ -32,8 +32,9 @@ def train_and_evaluate(config, workdir, init: str | None = None,
     `explicit`: the config keys set on the command line."""
     validate(config)
     workdir = storage.check_writable(workdir, "--workdir")  # local or gs://: one line, in seconds
-    if storage.is_remote(config.data.data_dir):
-        storage.check_writable(config.data.data_dir, "data.data_dir")
+    data_dir = config.get("data", {}).get("data_dir", "")  # a family may read no data folder
+    if storage.is_remote(data_dir):
+        storage.check_writable(data_dir, "data.data_dir")
     with WorkdirLease(workdir) as lease:  # one run per workdir, before anything is written
         return _train(config, workdir, init, explicit, lease)
 
