@@ -230,8 +230,9 @@ def local_file(path: epath.Path, mode: str):
 
 
 def _get(fs, remote: str, local: epath.Path, size: int) -> None:
-    """One object into `local`, through a hidden temporary name."""
-    tmp = local.with_name(f".{local.name}.partial")
+    """One object into `local`, through a hidden temporary name of this call's own: the
+    processes of a host share its mirror and may copy the same file at once."""
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
     if size:
         fs.get_file(remote, str(tmp))
     else:  # not read: see move()
