@@ -447,9 +447,7 @@ def _readable(folder: epath.Path) -> epath.Path:
     base = folder.parent  # the parts are named relative to it
     names = {folder.name, *parts, *(f"{p.rsplit('/', 1)[0]}/tokenizer" if "/" in p else "tokenizer"
                                     for p in parts)}
-    for name in sorted(names):
-        storage.download(base / name, storage.mirror_path(base / name))
-    return storage.mirror_path(folder)
+    return storage.local_data_dir(base, sorted(names)) / folder.name
 
 
 def _summary(dc, tokens_dir: epath.Path, examples_dir: epath.Path) -> str:

@@ -170,7 +170,6 @@ def check_writable(folder, what: str) -> epath.Path:
 # ---------------------------------------------------------------------------------------------
 
 def _fs(path):
-    import fsspec
     return fsspec.core.url_to_fs(str(path))
 
 
