@@ -117,7 +117,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")  # models/layers.py REMAT_POLICIES
 ATTENTIONS = ("auto", "reference", "xla", "cudnn")  # models/layers.py
 OBJECTIVES = ("nsp", "sop", "mlm_packed")
-DECAYS = ("linear", "cosine", "constant")
+DECAYS = ("linear", "cosine", "constant", "1-sqrt")
 POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
          "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
