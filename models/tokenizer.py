@@ -1,8 +1,12 @@
-"""BERT WordPiece tokenizer: a thin wrapper around a HuggingFace `tokenizers.Tokenizer`.
+"""BERT WordPiece or ModernBERT byte-level BPE: a thin wrapper around a HuggingFace `tokenizers.Tokenizer`.
 
-The setup is BERT's own (BertNormalizer, BertPreTokenizer, WordPiece with `##` continuations,
-[CLS] A [SEP] B [SEP] post-processing), so the saved `vocab.txt` gives the same ids in
-`transformers.BertTokenizer` and the saved `tokenizer.json` loads in `AutoTokenizer`.
+WordPiece (`kind="wordpiece"`) is BERT's own setup (BertNormalizer, BertPreTokenizer, WordPiece with
+`##` continuations, [CLS] A [SEP] B [SEP] post-processing), so the saved `vocab.txt` gives the same
+ids in `transformers.BertTokenizer` and the saved `tokenizer.json` loads in `AutoTokenizer`.
+
+BPE (`kind="bpe"`) is ModernBERT's (OLMo's GPT-NeoX-style) setup: NFC, byte-level pre-tokenizer
+and decoder, cased, the same five bracketed special tokens and [CLS] A [SEP] template; its saved
+folder (tokenizer.json and tokenizer_config.json) loads in `AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from training import storage
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # At the front of the vocabulary, so [PAD] is id 0 like in BERT's vocab.txt.
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+KINDS = ("wordpiece", "bpe")  # data.tokenizer_kind
+BYTE_SPACE = "\u0120"  # "Ġ": how byte-level BPE writes the space that starts a word
 
 
 def _bert_pipeline(model: models.WordPiece, lowercase: bool) -> _HFTokenizer:
@@ -39,6 +45,14 @@ def _add_post_processor(tok: _HFTokenizer) -> None:
         special_tokens=[(CLS, cls_id), (SEP, sep_id)])
 
 
+def _bpe_pipeline() -> _HFTokenizer:
+    tok = _HFTokenizer(models.BPE(unk_token=UNK))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def read_vocab(path) -> list[str]:
     """The tokens of a vocab.txt in id order, one a line. Split on line breaks only, like BERT's
     load_vocab (not on str.splitlines' other separators, which can be parts of tokens)."""
@@ -47,7 +61,7 @@ def read_vocab(path) -> list[str]:
 
 
 class Tokenizer:
-    """WordPiece tokenizer with BERT's special tokens."""
+    """WordPiece or byte-level BPE tokenizer with BERT's special tokens."""
 
     def __init__(self, tokenizer: _HFTokenizer):
         self._tok = tokenizer
@@ -62,14 +76,26 @@ class Tokenizer:
         self._tokens = [""] * (max(vocab.values()) + 1)
         for token, i in vocab.items():
             self._tokens[i] = token
-        # Lookup table for word_starts: one bool per id.
-        self._is_continuation = np.array([t.startswith("##") for t in self._tokens], dtype=bool)
+        self.kind = "bpe" if isinstance(tokenizer.model, models.BPE) else "wordpiece"
+        # Lookup table for word_starts: one bool per id. Byte-level BPE marks the start of a word
+        # with a leading space instead (a word after punctuation without a space counts as one).
+        if self.kind == "bpe":
+            continuation = [not t.startswith(BYTE_SPACE) and t not in SPECIAL_TOKENS for t in self._tokens]
+        else:
+            continuation = [t.startswith("##") for t in self._tokens]
+        self._is_continuation = np.array(continuation, dtype=bool)
 
     # --- construction -----------------------------------------------------------------------
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> "Tokenizer":
-        """Learns a WordPiece vocabulary of `vocab_size` tokens (special tokens included)."""
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True,
+              kind: str = "wordpiece") -> "Tokenizer":
+        """Learns a vocabulary of `vocab_size` tokens (special tokens included): WordPiece, or
+        with kind="bpe" a cased byte-level BPE (`lowercase` is then not used)."""
+        if kind == "bpe":
+            return cls._train_bpe(texts, vocab_size)
+        if kind != "wordpiece":
+            raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
         tok = _bert_pipeline(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"),
                              lowercase)
         trainer = trainers.WordPieceTrainer(
@@ -81,6 +107,17 @@ class Tokenizer:
         # process to the next: number the learned vocabulary the same way everywhere.
         learned = tok.get_vocab().keys() - set(SPECIAL_TOKENS)
         return cls.from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
+
+    @classmethod
+    def _train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        tok = _bpe_pipeline()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # every byte: no [UNK] ever
+        tok.train_from_iterator(texts, trainer=trainer)
+        tok.add_special_tokens(list(SPECIAL_TOKENS))
+        _add_post_processor(tok)
+        return cls(tok)
 
     @classmethod
     def load(cls, directory) -> "Tokenizer":
@@ -110,12 +147,19 @@ class Tokenizer:
         return cls(tok)
 
     def save(self, directory) -> None:
-        """Writes `tokenizer.json` and `vocab.txt` (one token per line, in id order)."""
+        """Writes `tokenizer.json` and, for WordPiece, `vocab.txt` (one token per line, in id
+        order); for BPE `tokenizer_config.json`, which AutoTokenizer needs to name its tokens."""
         directory = epath.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # Whole files: several processes may save the same tokenizer to a shared folder.
         storage.write_whole(directory / "tokenizer.json", self._tok.to_str(pretty=True).encode())
-        storage.write_whole(directory / "vocab.txt", "".join(t + "\n" for t in self._tokens).encode())
+        if self.kind == "wordpiece":
+            storage.write_whole(directory / "vocab.txt", "".join(t + "\n" for t in self._tokens).encode())
+            return
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "pad_token": PAD, "unk_token": UNK, "cls_token": CLS, "sep_token": SEP,
+                  "mask_token": MASK, "model_input_names": ["input_ids", "attention_mask"]}
+        storage.write_whole(directory / "tokenizer_config.json", json.dumps(config, indent=2).encode())
 
     # --- encoding ---------------------------------------------------------------------------
 

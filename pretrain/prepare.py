@@ -162,7 +162,7 @@ def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: in
         if not tokenizer_key:
             raise DataError(f"data.tokenizer={dc.tokenizer}: no tokenizer.json or vocab.txt there")
     else:
-        tokenizer_key = ["wordpiece", dc.vocab_size]
+        tokenizer_key = [_tokenizer_kind(dc), dc.vocab_size]
     # shard_documents is part of the key: NSP draws its random next sentences within a shard.
     key = _digest(FORMAT_VERSION, source_fingerprint(dc.source), tokenizer_key,
                   dc.eval_fraction, dc.seed, dc.max_doc_tokens, dc.shard_documents)
@@ -176,7 +176,8 @@ def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: in
         if dc.tokenizer:
             tokenizer = Tokenizer.load(epath.Path(dc.tokenizer).expanduser())
         else:
-            tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], sources_dir), dc.vocab_size)
+            tokenizer = Tokenizer.train(_train_texts(dc, [dc.source], sources_dir), dc.vocab_size,
+                                        kind=_tokenizer_kind(dc))
         tokenizer.save(final / "tokenizer")
         shards.mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
     shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
@@ -219,6 +220,11 @@ def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: in
                         f"with text")
     shards.commit(final, share, {"report.json": report})
     return final
+
+
+def _tokenizer_kind(dc) -> str:
+    """data.tokenizer_kind (wordpiece | bpe) where the family's config has it; BERT's: wordpiece."""
+    return dc.get("tokenizer_kind", "wordpiece")
 
 
 def _train_texts(dc, sources, sources_dir):
@@ -340,12 +346,14 @@ def _with(dc, **fields):
 
 def _mixture_tokenizer(dc, sources: list[str], data_dir: epath.Path, sources_dir: epath.Path,
                        share: shards.Share) -> epath.Path:
-    """A WordPiece vocabulary trained on every source's train documents, cached."""
+    """A vocabulary trained on every source's train documents, cached."""
+    kind = [] if _tokenizer_kind(dc) == "wordpiece" else [_tokenizer_kind(dc)]  # older keys stay
     key = _digest(FORMAT_VERSION, [source_fingerprint(s) for s in sources], dc.vocab_size,
-                  dc.eval_fraction, dc.seed)
+                  dc.eval_fraction, dc.seed, *kind)
     final = data_dir / "prepared" / f"tokenizer-{key}"
     if share.index == 0 and not shards.done_path(final, "tokenizer").exists():
-        Tokenizer.train(_train_texts(dc, sources, sources_dir), dc.vocab_size).save(final)
+        Tokenizer.train(_train_texts(dc, sources, sources_dir), dc.vocab_size,
+                        kind=_tokenizer_kind(dc)).save(final)
         shards.mark_done(final, "tokenizer", {})
     shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final}")
     return final
