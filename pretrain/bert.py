@@ -150,27 +150,42 @@ def initial_params(source: Source, fresh: dict) -> dict:
     return params
 
 
-def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
-    dc, tc = config.data, config.train
-    source = continued_source(config, workdir, init, explicit)  # before anything is written
-    # Prepared once (each process a share of the shards), then reused.
-    corpus = PretrainingData(prepare(dc, process_index=jax.process_index(),
+def prepared_corpus(config, workdir, *, set_vocab: bool) -> PretrainingData:
+    """The corpus prepared once (each process a share of the shards), then reused; its tokenizer
+    saved in the workdir; with `set_vocab` model.vocab_size from it."""
+    corpus = PretrainingData(prepare(config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count()))
     if jax.process_index() == 0:
         corpus.tokenizer.save(workdir / "tokenizer")
-    if source is None:
+    if set_vocab:
         with config.unlocked():
             # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
             config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
-    try:
-        model_cfg = BertConfig.from_model_config(config.model)
-    except ValueError as e:
-        raise UserError(f"config.model: {e}") from None
+    return corpus
+
+
+def masked_batches(config, corpus: PretrainingData):
+    """This process's train iterator and the eval pass, masked at data.mask_prob, evaluation at
+    data.eval_mask_prob where the config has it (ModernBERT: trains at 30%, evaluates at 15%)."""
+    dc, tc = config.data, config.train
     masking = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
                    whole_word=dc.whole_word, process_index=jax.process_index(),
                    process_count=jax.process_count())
     train = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch, **masking)
-    eval_batches = lambda: corpus.eval_batches(tc.batch_size, config.eval.max_batches, **masking)
+    eval_masking = dict(masking, mask_prob=dc.get("eval_mask_prob", dc.mask_prob))
+    eval_batches = lambda: corpus.eval_batches(tc.batch_size, config.eval.max_batches, **eval_masking)
+    return train, eval_batches
+
+
+def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
+    dc, tc = config.data, config.train
+    source = continued_source(config, workdir, init, explicit)  # before anything is written
+    corpus = prepared_corpus(config, workdir, set_vocab=source is None)
+    try:
+        model_cfg = BertConfig.from_model_config(config.model)
+    except ValueError as e:
+        raise UserError(f"config.model: {e}") from None
+    train, eval_batches = masked_batches(config, corpus)
     nsp_weight = 0.0 if dc.objective == "mlm_packed" else 1.0  # packed rows have no sentence pair
     throughput = Throughput(
         items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",

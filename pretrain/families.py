@@ -17,7 +17,8 @@ from training.families import Registry
 from training.loop import Throughput
 from training.step import Objective
 
-FAMILIES = Registry("pretraining", {"bert": "pretrain.bert", "mae": "pretrain.mae"})
+FAMILIES = Registry("pretraining", {"bert": "pretrain.bert", "mae": "pretrain.mae",
+                                    "modernbert": "pretrain.modernbert"})
 
 
 @dataclasses.dataclass

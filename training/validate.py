@@ -113,6 +113,8 @@ MESH_AXIS = Int(1, special={-1: "all remaining devices"})
 # equal by tests/test_validate.py.
 BERT_SIZES = ("tiny", "mini", "small", "medium", "base", "large")
 MAE_SIZES = ("tiny", "small", "base", "large", "huge")
+MODERNBERT_SIZES = ("tiny", "mini", "base", "large")
+TOKENIZER_KINDS = ("wordpiece", "bpe")  # models/tokenizer.py KINDS
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")  # models/layers.py REMAT_POLICIES
 ATTENTIONS = ("auto", "reference", "xla", "cudnn")  # models/layers.py
@@ -242,6 +244,19 @@ TABLES = {
         "data.task": Text(required=True, names=IMAGE_TASKS, prefixes=("tfds:",),
                           meaning="mnist or tfds:NAME")},
 }
+# ModernBERT: BERT's pretraining data fields, its own model, packed MLM at two masking rates, and
+# the recipe's optimizer fields (training/optim.py).
+_MODERNBERT = {
+    "model.size": Choice(MODERNBERT_SIZES, "ModernBERT size"),
+    "model.local_window": COUNT,        # even: models/modernbert.py says so in one line
+    "model.global_rope_base": Real(0, lo_open=True),
+    "model.local_rope_base": Real(0, lo_open=True),
+    "data.tokenizer_kind": Choice(TOKENIZER_KINDS, "tokenizer kind"),
+    "optim.update_clip": Real(0),       # 0: off; StableAdamW-style per-tensor update clipping
+    "optim.decoupled_decay": Bool(),
+}
+TABLES["pretrain", "modernbert"] = {**TABLES["pretrain", "bert"], **_MODERNBERT,
+                                    "data.eval_mask_prob": Real(0, 1, lo_open=True)}
 PRETRAIN, FINETUNE = TABLES["pretrain", "bert"], TABLES["finetune", "bert"]
 
 
@@ -253,7 +268,7 @@ def _cross_checks(c, table) -> str | None:
     if c.train.batch_size % c.train.grad_accum:
         return (f"train.batch_size={c.train.batch_size} does not split into "
                 f"train.grad_accum={c.train.grad_accum} microbatches; use a multiple of it")
-    if table is PRETRAIN:  # BERT's sequence budget
+    if "data.max_predictions" in table:  # a masked-text family's sequence budget
         if c.data.max_predictions > c.data.max_seq_len:
             return (f"data.max_predictions={c.data.max_predictions} exceeds "
                     f"data.max_seq_len={c.data.max_seq_len}; lower it")

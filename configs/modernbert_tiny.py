@@ -1,0 +1,46 @@
+"""ModernBERT-tiny (4 layers, 128 hidden) with ModernBERT's recipe on the embedded English news corpus.
+
+Run:
+    python -m pretrain --config configs/modernbert_tiny.py --workdir runs/modernbert_tiny
+
+The recipe of Warner et al. (2024) at this machine's scale: MLM alone on packed rows (attention
+within each document, rotary positions restarting there), 30% of tokens masked in training and
+15% in evaluation (comparable with BERT's eval/mlm_accuracy), a byte-level BPE vocabulary trained
+on the corpus, AdamW with betas (0.9, 0.98), eps 1e-6 and decoupled weight decay 1e-5 (none on
+norms), StableAdamW-style per-tensor update clipping instead of a global gradient clip, and a
+warmup-stable-decay schedule with a 1-sqrt tail. Global layers (every third, from the first) use
+rotary base 160,000, the local ones 10,000 and a 128-token window, so 128-token rows make the
+window matter.
+
+Expected: see the measured line below (filled in from the run that set train.steps).
+"""
+
+from configs import bert_tiny
+
+
+def get_config():
+    c = bert_tiny.get_config()
+    c.family = "modernbert"          # pretrain/modernbert.py
+    c.model.size = "tiny"            # models/modernbert.py SIZES
+    c.model.local_window = 128       # tokens a local layer sees in all (64 each side)
+    c.model.global_rope_base = 160_000.0
+    c.model.local_rope_base = 10_000.0
+
+    c.data.objective = "mlm_packed"  # the only one: no sentence task
+    c.data.tokenizer_kind = "bpe"    # byte-level BPE trained on the corpus, as ModernBERT's
+    c.data.max_seq_len = 128
+    c.data.mask_prob = 0.3           # training
+    c.data.eval_mask_prob = 0.15     # evaluation, as BERT's
+    c.data.max_predictions = 40      # 30% of 128, rounded up
+
+    c.train.batch_size = 16          # 2,048 tokens a step, as bert_tiny's 32 x 64
+    c.train.steps = 7000
+
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.weight_decay = 1e-5
+    c.optim.decoupled_decay = True
+    c.optim.clip_norm = 0.0          # the per-tensor update clip instead
+    c.optim.update_clip = 1.0
+    c.optim.decay = "1-sqrt"
+    return c

@@ -1,0 +1,150 @@
+"""ModernBERT pretraining: packed MLM at two masking rates, its objective and FLOPs, a SIGTERM
+and rerun that continues bitwise, and one-line errors for bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+pytest.importorskip("models.modernbert")  # the model comes from the modernbert branch
+
+from flax import nnx  # noqa: E402
+
+from conftest import cli_error, sigterm_when  # noqa: E402
+from configs import modernbert_tiny  # noqa: E402
+from models.modernbert import ModernBertConfig, ModernBertForMaskedLM  # noqa: E402
+from pretrain.__main__ import main as pretrain_main  # noqa: E402
+from pretrain.modernbert import mlm_objective, setup, train_flops  # noqa: E402
+from training.checkpoint import read_params  # noqa: E402
+from training.metrics import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# modernbert_tiny shrunk: pydocs, a 512-token BPE, 32-token rows with a 16-token local window.
+TINY_MB = {"data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 32,
+           "data.max_predictions": 10, "data.dupe_factor": 1, "model.local_window": 16,
+           "model.dropout": 0.1, "train.steps": 6, "train.batch_size": 16, "train.log_every": 4,
+           "optim.warmup_steps": 2, "checkpoint.every_steps": 5, "eval.every_steps": 1000,
+           "eval.max_batches": 2, "perf.peak_tflops": 0.0}
+
+
+def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+    c = modernbert_tiny.get_config()
+    for key, value in {**TINY_MB, "data.data_dir": str(data_dir), **overrides}.items():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def flags(data_dir, **overrides) -> list[str]:
+    values = {**TINY_MB, "data.data_dir": str(data_dir), **overrides}
+    return ["--config", str(REPO / "configs" / "modernbert_tiny.py"),
+            *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def test_train_masks_30_percent_and_eval_15_on_packed_rows(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    family = setup(config, tmp_path)
+    try:
+        train = next(family.train_batches)
+    finally:
+        family.train_batches.close()
+    evaluation = next(iter(family.eval_batches()))
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").exists()  # the BPE's
+    for batch, rate in ((train, 0.3), (evaluation, 0.15)):
+        real = (batch["attention_mask"] > 0).sum(1)
+        want = np.clip(np.round(real * rate), 1, config.data.max_predictions)
+        np.testing.assert_array_equal(batch["masked_weights"].sum(1), want)
+        assert "next_sentence_labels" in batch  # the packed rows' constant, unused here
+
+
+def test_objective_is_the_mean_cross_entropy_at_the_masked_positions():
+    cfg = ModernBertConfig.of_size("tiny", 64, local_window=8)
+    with nnx.use_eager_sharding(False):
+        model = ModernBertForMaskedLM(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 64, (2, 12)).astype(np.int32)
+    segments = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3], np.int32)
+    positions = np.array([[1, 6, 8], [2, 3, 0]], np.int32)
+    labels = rng.integers(5, 64, (2, 3)).astype(np.int32)
+    weights = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    batch = dict(input_ids=ids, attention_mask=segments, masked_positions=positions,
+                 masked_ids=labels, masked_weights=weights)
+    obj = mlm_objective()
+    sums = obj.sums(model, batch, None)
+    # Independently: every position's logits, then the ones at the masked positions, by numpy.
+    every = np.asarray(model(jnp.asarray(ids), jnp.asarray(segments)))
+    picked = np.stack([every[b, positions[b]] for b in range(2)])
+    logp = picked - np.log(np.exp(picked - picked.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - picked.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    expected = (nll * weights).sum() / 5
+    loss = obj.loss(sums, obj.normalisers(batch))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(sums["mlm_count"]) == 5.0
+    summary = obj.summarize(jax.device_get(sums), "eval")
+    assert set(summary) == {"eval/mlm_loss", "eval/mlm_accuracy", "eval/loss"}
+    # negative control: the unused slot's logits would change the loss were it counted
+    assert abs(float(optax.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(picked), jnp.asarray(labels)).mean()) - expected) > 1e-4
+
+
+def test_flops_golden_by_hand():
+    cfg = ModernBertConfig(vocab_size=100, num_layers=3, hidden_size=8, num_heads=2,
+                           intermediate_size=12, local_window=4)
+    # per token per layer 2*(4*64 + 3*96) = 1088; keys: T=16 (layer 0), 4, 4 -> 24
+    forward = 2 * 16 * (3 * 1088 + 2 * 2 * 8 * 24)
+    head = 2 * 5 * 2 * (64 + 800)
+    assert train_flops(cfg, 2, 16, 5) == 3.0 * (forward + head)
+
+
+def losses(workdir) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+def test_sigterm_inside_a_log_window_then_rerun_is_bitwise(tmp_path, data_dir):
+    steps = dict(**{"train.steps": 14})
+
+    def cli(workdir):
+        return [sys.executable, "-m", "pretrain", "--workdir", str(workdir), *flags(data_dir, **steps)]
+    full = subprocess.run(cli(tmp_path / "full"), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-2000:]
+    workdir = tmp_path / "stopped"
+    _, out = sigterm_when(cli(workdir), lambda: (workdir / "checkpoints" / "5").is_dir(), timeout=900)
+    stopped_at = int(out.split("SIGTERM: stopped at step ")[1].split()[0].rstrip(".;,"))
+    assert 5 <= stopped_at < 14, "the run finished before it was stopped; nothing was tested"
+    again = subprocess.run(cli(workdir), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert losses(workdir) == losses(tmp_path / "full") and sorted(losses(workdir)) == [4, 8, 12, 14]
+    for a, b in zip(jax.tree.leaves(read_params(tmp_path / "full")[0]),
+                    jax.tree.leaves(read_params(workdir)[0])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("override, says", [
+    ({"data.max_seq_len": 64, "model.max_position": 32}, "data.max_seq_len=64 exceeds model.max_position=32"),
+    ({"model.local_window": 15}, "local_window 15 must be a positive even number"),
+    ({"data.objective": "nsp"}, "use --config.data.objective=mlm_packed"),
+    ({"data.tokenizer_kind": "unigram"}, "unknown tokenizer kind 'unigram'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, data_dir, override, says):
+    workdir = tmp_path / "run"
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), *flags(data_dir, **override)])
+    assert says in err, err
+    assert not (workdir / "tokenizer").exists() and not (workdir / "config.json").exists()
+
+
+def test_init_is_refused_before_anything_is_written(capsys, tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(tmp_path),
+                                            *flags(data_dir)])
+    assert "cannot start from --init yet" in err
+    assert not (workdir / "tokenizer").exists()
