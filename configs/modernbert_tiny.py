@@ -8,9 +8,10 @@ within each document, rotary positions restarting there), 30% of tokens masked i
 15% in evaluation (comparable with BERT's eval/mlm_accuracy), a byte-level BPE vocabulary trained
 on the corpus, AdamW with betas (0.9, 0.98), eps 1e-6 and decoupled weight decay 1e-5 (none on
 norms), StableAdamW-style per-tensor update clipping instead of a global gradient clip, and a
-warmup-stable-decay schedule with a 1-sqrt tail. Global layers (every third, from the first) use
-rotary base 160,000, the local ones 10,000 and a 128-token window, so 128-token rows make the
-window matter.
+warmup-stable-decay schedule with a 1-sqrt tail. Global layers (every third, from the first) and
+local ones (a 128-token window, so 128-token rows make it matter) both use rotary base 10,000, as
+the release's first phase did; its context extension raises the global base to 160,000
+(configs/modernbert_base_long.py).
 
 Expected: see the measured line below (filled in from the run that set train.steps).
 """
@@ -23,7 +24,7 @@ def get_config():
     c.family = "modernbert"          # pretrain/modernbert.py
     c.model.size = "tiny"            # models/modernbert.py SIZES
     c.model.local_window = 128       # tokens a local layer sees in all (64 each side)
-    c.model.global_rope_base = 160_000.0
+    c.model.global_rope_base = 10_000.0   # phase 1; 160,000 in the context extension
     c.model.local_rope_base = 10_000.0
 
     c.data.objective = "mlm_packed"  # the only one: no sentence task

@@ -18,7 +18,8 @@ from finetune.methods import Depth
 from finetune.tasks import Task
 from training.families import Registry
 
-FAMILIES = Registry("fine-tuning", {"bert": "finetune.text", "mae": "finetune.image"})
+FAMILIES = Registry("fine-tuning", {"bert": "finetune.text", "mae": "finetune.image",
+                                    "modernbert": "finetune.modernbert"})
 
 
 @dataclasses.dataclass

@@ -103,20 +103,22 @@ def _tokenizer(config, source: Source, train, workdir, rerun: bool) -> Tokenizer
     if where:
         tokenizer = load_tokenizer(where)
     else:
-        print(f"--init none: training a {config.data.vocab_size}-token WordPiece vocabulary on "
+        kind = config.data.get("tokenizer_kind", "wordpiece")
+        print(f"--init none: training a {config.data.vocab_size}-token {kind} vocabulary on "
               f"{len(train)} train examples (set --config.data.tokenizer=DIR to reuse one)")
-        tokenizer = Tokenizer.train(train.text_a + (train.text_b or []), config.data.vocab_size)
+        tokenizer = Tokenizer.train(train.text_a + (train.text_b or []), config.data.vocab_size,
+                                    kind=kind)
     if jax.process_index() == 0 and where != saved:
         tokenizer.save(saved)
     return tokenizer
 
 
-def _source(workdir, init: str) -> tuple[Source, bool]:
+def _source(workdir, init: str, resolve=resolve_source) -> tuple[Source, bool]:
     """(the source, whether this is a rerun): a rerun keeps the source as first resolved (its
     step stays pinned) and must name the same --init."""
     recorded = workdir / "source.json"
     if not recorded.is_file():
-        return resolve_source(init), False
+        return resolve(init), False
     return recorded_source(json.loads(recorded.read_text()), init, workdir), True
 
 

@@ -148,3 +148,46 @@ def test_init_is_refused_before_anything_is_written(capsys, tmp_path, data_dir):
                                             *flags(data_dir)])
     assert "cannot start from --init yet" in err
     assert not (workdir / "tokenizer").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from a ModernBERT pretraining run (python -m finetune)
+# ---------------------------------------------------------------------------------------------
+
+def ft_flags(data_dir, **overrides) -> list[str]:
+    from conftest import TINY_FT
+    values = {**TINY_FT, "data.data_dir": str(data_dir), "train.log_every": 2, **overrides}
+    return ["--config", str(REPO / "configs" / "finetune_modernbert_reuters_r8.py"),
+            *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir):
+    import json
+
+    from finetune.__main__ import main as finetune_main
+    pretrained = tmp_path / "pretrained"
+    pretrain_main(["--workdir", str(pretrained), *flags(data_dir, **{"train.steps": 2})])
+    out = tmp_path / "ft"
+    finetune_main(["--workdir", str(out), "--init", str(pretrained),
+                   *ft_flags(data_dir, **{"train.steps": 2, "optim.lr": 0.0,
+                                          "model.pooling": "mean"})])
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["source"]["kind"] == "checkpoint"
+    assert results["encoder"]["local_window"] == 16  # the source's shape, not the config's 128
+    # lr 0: the encoder and head are the pretrained ones, bitwise; the classifier is new.
+    source, tuned = read_params(pretrained)[0], read_params(out)[0]
+    for part in ("encoder", "head"):
+        for a, b in zip(jax.tree.leaves(source[part]), jax.tree.leaves(tuned[part])):
+            np.testing.assert_array_equal(a, b)
+    assert tuned["classifier"]["kernel"].shape == (128, 8)
+
+
+def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
+    from conftest import tiny_flags
+    from finetune.__main__ import main as finetune_main
+    bert = tmp_path / "bert"
+    pretrain_main(["--workdir", str(bert), *tiny_flags(data_dir, train__steps=1)])
+    capsys.readouterr()
+    err = cli_error(capsys, finetune_main, ["--workdir", str(tmp_path / "ft"), "--init", str(bert),
+                                            *ft_flags(data_dir)])
+    assert "does not describe a ModernBERT model" in err, err

@@ -49,8 +49,14 @@ def init_key(init: str) -> str:
     return init if init == "none" or storage.is_remote(init) else str(storage.as_path(init).resolve())
 
 
-def resolve_source(init: str, usage: str = USAGE) -> Source:
-    """What `--init` names, without reading any weights."""
+def _bert_encoder(run_config: dict) -> dict:
+    return dataclasses.asdict(BertConfig.from_model_config(run_config["model"]))
+
+
+def resolve_source(init: str, usage: str = USAGE, read_encoder=_bert_encoder,
+                   family: str = "BERT") -> Source:
+    """What `--init` names, without reading any weights. `read_encoder` turns a run's config.json
+    into the encoder fields of `family` (BERT's by default)."""
     if init == "none":
         return Source(init, "none")
     path = storage.absolute(init)  # what a rerun from another folder reads too
@@ -64,10 +70,9 @@ def resolve_source(init: str, usage: str = USAGE) -> Source:
             encoder = json.loads((run_dir / "source.json").read_text())["encoder"]
         elif (run_dir / "config.json").is_file():
             try:
-                model = json.loads((run_dir / "config.json").read_text())["model"]
-                encoder = dataclasses.asdict(BertConfig.from_model_config(model))
+                encoder = read_encoder(json.loads((run_dir / "config.json").read_text()))
             except (KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{run_dir / 'config.json'} does not describe a BERT model ({e})") from None
+                raise UserError(f"{run_dir / 'config.json'} does not describe a {family} model ({e})") from None
         if encoder is None:
             raise UserError(f"{run_dir} has checkpoints but no config.json; {usage}")
         if not (run_dir / "tokenizer").is_dir():

@@ -257,6 +257,7 @@ _MODERNBERT = {
 }
 TABLES["pretrain", "modernbert"] = {**TABLES["pretrain", "bert"], **_MODERNBERT,
                                     "data.eval_mask_prob": Real(0, 1, lo_open=True)}
+TABLES["finetune", "modernbert"] = {**TABLES["finetune", "bert"], **_MODERNBERT}
 PRETRAIN, FINETUNE = TABLES["pretrain", "bert"], TABLES["finetune", "bert"]
 
 
