@@ -88,8 +88,9 @@ class ModernBertConfig:
         if size not in SIZES:
             raise ValueError(f"unknown ModernBERT size {size!r}; choose one of {', '.join(SIZES)}")
         layers, hidden, heads, width = SIZES[size]
-        return cls(vocab_size=vocab_size, num_layers=layers, hidden_size=hidden, num_heads=heads,
-                   intermediate_size=width, **overrides)
+        sized = dict(vocab_size=vocab_size, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                     intermediate_size=width)
+        return cls(**(sized | overrides))
 
     @classmethod
     def from_model_config(cls, model_cfg, *, allow=()) -> "ModernBertConfig":
@@ -187,6 +188,9 @@ class ModernBertEncoder(nnx.Module):
     def __call__(self, input_ids, attention_mask, *, key=None):
         """Hidden states BTD. `key=None` disables dropout."""
         cfg = self.cfg
+        if input_ids.shape[1] > cfg.max_position:
+            raise ValueError(f"rows of {input_ids.shape[1]} tokens are longer than the model's "
+                             f"context of {cfg.max_position}; cut them or raise max_position")
         # Gather the fsdp-sharded table first, as BERT's embeddings do (models/bert.py).
         table_VD = constrain(self.embed.embedding[...], "vocab", None)
         x_BTD = self.embed_norm(jnp.take(table_VD, input_ids, axis=0)).astype(cfg.dtype)
