@@ -251,3 +251,31 @@ def test_another_architecture_is_one_line(tmp_path):
     with pytest.raises(hf.ConversionError) as e:
         hf.import_params(tmp_path / "bert", architecture="ModernBertForMaskedLM")
     assert "holds a bert model, not a ModernBertForMaskedLM" in one_line(e)
+
+
+def test_transformers_folder_into_a_fresh_scanned_model(saved):
+    """What --init does with a transformers folder: its weights taken into a fresh model of the
+    other layout (scanned: layer 0, then a group) give transformers' logits."""
+    from training.init_source import take_params
+    from training.state import init_params
+    model, folder = saved
+    cfg = dataclasses.replace(OURS, scan_layers=True)
+    fresh = init_params(lambda rngs: ModernBertForMaskedLM(cfg, rngs), seed=0)
+    taken, kept = take_params(hf.import_params(folder)[0], fresh, str(folder))
+    assert kept == []
+    ids, mask = inputs(seed=3)
+    got = np.asarray(build(ModernBertForMaskedLM, cfg, taken)(jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(got - run_hf(model, ids, mask))[mask == 1].max() < TOL
+
+
+def test_export_run_reads_the_family_from_the_run_config(exported, tmp_path):
+    """A pretraining run's config.json (`family`, the `model` group) is all export needs."""
+    params, folder = exported
+    run = {"family": "modernbert", "model": {"size": "", **dataclasses.asdict(OURS)}}
+    out, architecture = hf.export_run(params, run, tmp_path / "run_export")
+    assert architecture == "ModernBertForMaskedLM"
+    assert json.loads((out / "config.json").read_text()) == json.loads((folder / "config.json").read_text())
+    with pytest.raises(hf.ConversionError) as e:
+        hf.export_run(params, {"family": "modernbert", "model": {"size": "tiny", "vocab_size": VOCAB,
+                                                                  "local_windw": 64}}, tmp_path / "x")
+    assert "unknown key(s) 'local_windw'" in one_line(e) and not (tmp_path / "x").exists()
