@@ -25,7 +25,7 @@ from finetune.text import _source, _tokenizer
 from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
 from training import storage
 from training.errors import UserError
-from training.init_source import load_params, resolve_source, take_params
+from training.init_source import encoder_reader, load_params, resolve_source, take_params
 
 USAGE = ("pass a ModernBERT pretraining or fine-tuning workdir, one of its checkpoints/<step> "
          "folders, or none")
@@ -33,19 +33,8 @@ FINETUNE_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layer
 MODEL_KEYS = ("classifier_dropout", "pooling")  # config.model fields of the classifier, not the encoder
 
 
-def _encoder_fields(model: dict) -> dict:
-    return dataclasses.asdict(ModernBertConfig.from_model_config(model, allow=MODEL_KEYS))
-
-
-def _run_encoder(run_config: dict) -> dict:
-    """A ModernBERT run's encoder fields (its config.json); another family's run is refused."""
-    if run_config.get("family") != "modernbert":
-        raise ValueError(f"it is a {run_config.get('family', 'bert')} run")
-    return _encoder_fields(run_config["model"])
-
-
-resolve = functools.partial(resolve_source, usage=USAGE, read_encoder=_run_encoder,
-                            family="ModernBERT")
+resolve = functools.partial(resolve_source, usage=USAGE, family="ModernBERT",
+                            read_encoder=encoder_reader("modernbert", ModernBertConfig, MODEL_KEYS))
 
 
 def encoder_config(config, source, tokenizer) -> ModernBertConfig:
@@ -54,7 +43,8 @@ def encoder_config(config, source, tokenizer) -> ModernBertConfig:
     try:
         if source.kind == "none":
             vocab = config.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
-            source.encoder = _encoder_fields({**config.model.to_dict(), "vocab_size": vocab})
+            source.encoder = dataclasses.asdict(ModernBertConfig.from_model_config(
+                {**config.model.to_dict(), "vocab_size": vocab}, allow=MODEL_KEYS))
         cfg = ModernBertConfig(**{**source.encoder,
                                   **{f: config.model[f] for f in FINETUNE_FIELDS}})
     except ValueError as e:

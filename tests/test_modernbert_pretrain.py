@@ -142,11 +142,32 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, data_dir, ov
     assert not (workdir / "tokenizer").exists() and not (workdir / "config.json").exists()
 
 
-def test_init_is_refused_before_anything_is_written(capsys, tmp_path, data_dir):
+def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
+    import json
+    phase1 = tmp_path / "phase1"
+    pretrain_main(["--workdir", str(phase1), *flags(data_dir, **{"train.steps": 2})])
+    phase2 = tmp_path / "phase2"
+    # Longer rows and a higher global rotary base; lr 0 keeps the weights: they must be phase 1's.
+    pretrain_main(["--workdir", str(phase2), "--init", str(phase1),
+                   *flags(data_dir, **{"train.steps": 2, "data.max_seq_len": 64,
+                                       "data.max_predictions": 20, "model.max_position": 64,
+                                       "model.global_rope_base": 160000.0, "optim.lr": 0.0})])
+    for a, b in zip(jax.tree.leaves(read_params(phase1)[0]), jax.tree.leaves(read_params(phase2)[0])):
+        np.testing.assert_array_equal(a, b)
+    config = json.loads((phase2 / "config.json").read_text())
+    assert config["init"]["kind"] == "checkpoint" and config["model"]["global_rope_base"] == 160000.0
+    assert config["data"]["tokenizer"] == str((phase1 / "tokenizer").resolve())
+    assert any("eval/mlm_accuracy" in m for m in read_metrics(phase2))
+
+
+def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir):
+    from conftest import tiny_flags
+    bert = tmp_path / "bert"
+    pretrain_main(["--workdir", str(bert), *tiny_flags(data_dir, train__steps=1)])
+    capsys.readouterr()
     workdir = tmp_path / "run"
-    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(tmp_path),
-                                            *flags(data_dir)])
-    assert "cannot start from --init yet" in err
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(bert), *flags(data_dir)])
+    assert "does not describe a ModernBERT model (it is a bert run)" in err, err
     assert not (workdir / "tokenizer").exists()
 
 

@@ -53,6 +53,16 @@ def _bert_encoder(run_config: dict) -> dict:
     return dataclasses.asdict(BertConfig.from_model_config(run_config["model"]))
 
 
+def encoder_reader(family: str, config_cls, allow=()):
+    """A `read_encoder` for resolve_source: a run of `family` (config.json's "family"), its
+    `model` group as `config_cls` fields (`allow`: other keys that group may hold)."""
+    def read(run_config: dict) -> dict:
+        if run_config.get("family", "bert") != family:
+            raise ValueError(f"it is a {run_config.get('family', 'bert')} run")
+        return dataclasses.asdict(config_cls.from_model_config(run_config["model"], allow=allow))
+    return read
+
+
 def resolve_source(init: str, usage: str = USAGE, read_encoder=_bert_encoder,
                    family: str = "BERT") -> Source:
     """What `--init` names, without reading any weights. `read_encoder` turns a run's config.json
