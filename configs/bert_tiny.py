@@ -108,4 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""             # non-empty: also log to this W&B project
+
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ""             # START:COUNT: a jax.profiler trace of those steps in workdir/profile/
+    c.profile.all_processes = False  # every process traces (else process 0 only)
     return c

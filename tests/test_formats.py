@@ -167,6 +167,7 @@ def run_pretrain(workdir, data_dir, source, **extra) -> subprocess.CompletedProc
     return result
 
 
+@pytest.mark.slow  # about 100 s each on the shared 2-core machine
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_pretraining_runs_on_parquet(request, tmp_path, rows, where):
     shards = write_parquet(tmp_path / "corpus", rows)
