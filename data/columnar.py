@@ -45,12 +45,13 @@ class _Columnar:
     """Documents of one text column over pieces whose row counts are known; `_batches(piece)`
     yields the piece's column as pyarrow arrays, in order."""
 
-    def __init__(self, where: str, pieces: list, rows: list[int], fingerprint: list[str]):
-        self._where, self._pieces = where, pieces
+    def __init__(self, pieces: list, rows: list[int], fingerprint: list[str]):
+        self._pieces = pieces
         self._starts = [0]
         for n in rows:
             self._starts.append(self._starts[-1] + n)
         self.fingerprint = "\n".join(fingerprint)  # stands for the contents in cache keys
+        self._cursor = None  # (piece, row offset, batch, the batches after it) of the last read
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -60,16 +61,25 @@ class _Columnar:
         docs: list[str] = []
         i = bisect.bisect_right(self._starts, start) - 1
         while i < len(self._pieces) and self._starts[i] < stop:
-            offset = self._starts[i]  # of the piece's next batch
-            for column in self._batches(self._pieces[i]):
+            offset, column, batches = self._resume(i, start)
+            while column is not None or (column := next(batches, None)) is not None:
                 lo, hi = max(start - offset, 0), min(stop - offset, len(column))
                 if lo < hi:
                     docs.extend(_texts(column.slice(lo, hi - lo)))
-                offset += len(column)
-                if offset >= stop:
-                    break
+                if offset + len(column) > stop:  # the rest is the next range's: keep the place
+                    self._cursor = (i, offset, column, batches)
+                    return docs
+                offset, column = offset + len(column), None
             i += 1
         return docs
+
+    def _resume(self, i: int, start: int):
+        """(row offset, current batch or None, the batches after it) of piece i: where the last
+        read stopped when `start` is at or after it (ranges read in order decode each batch
+        once), else the piece's beginning."""
+        if self._cursor is not None and self._cursor[0] == i and self._cursor[1] <= start:
+            return self._cursor[1:]
+        return self._starts[i], None, iter(self._batches(self._pieces[i]))
 
     def _batches(self, piece) -> Iterator[pa.Array]:
         raise NotImplementedError
@@ -124,7 +134,7 @@ class ParquetDocuments(_Columnar):
                 rows.append(meta.row_group(group).num_rows)
             fingerprint.append(f"{path}:{info.get('size')}:"
                                f"{info.get('mtime', info.get('updated', ''))}")
-        super().__init__(spec, pieces, rows, fingerprint)
+        super().__init__(pieces, rows, fingerprint)
 
     def _file(self, path: str) -> pq.ParquetFile:
         """The file's reader (the last one opened is kept: shards read row groups in order)."""
@@ -181,7 +191,7 @@ class HfDocuments(_Columnar):
             pieces.append(file)
             st = os.stat(file)
             fingerprint.append(f"{file}:{st.st_size}:{st.st_mtime_ns}")
-        super().__init__(spec, pieces, rows, fingerprint)
+        super().__init__(pieces, rows, fingerprint)
 
     def _batches(self, piece) -> Iterator[pa.Array]:
         with pa.memory_map(piece) as source:

@@ -127,6 +127,30 @@ def test_ranges_read_only_the_row_groups_they_overlap(tmp_path, rows, monkeypatc
                                                       ("part-00001.parquet", 0)]
 
 
+def test_ranges_read_in_order_decode_each_batch_once(tmp_path, rows, monkeypatch):
+    """A large row group read a range at a time (as the vocabulary's pass reads it) is decoded
+    once, not again from its start for every range."""
+    from data import columnar
+    write_parquet(tmp_path / "one", rows, files=1, row_group=60)
+    monkeypatch.setattr(columnar, "BATCH_ROWS", 4)
+    docs = columnar.ParquetDocuments(f"{tmp_path}/one/*.parquet")
+    decoded = []
+    texts = columnar._texts
+    monkeypatch.setattr(columnar, "_texts", lambda column: decoded.append(len(column)) or texts(column))
+    batches = columnar.ParquetDocuments._batches
+
+    def counted(self, piece):
+        decoded.append("start")
+        yield from batches(self, piece)
+    monkeypatch.setattr(columnar.ParquetDocuments, "_batches", counted)
+    got = [doc for lo in range(0, 60, 5) for doc in docs.read(lo, lo + 5)]
+    assert got == [as_text(r) for r in rows]
+    assert decoded.count("start") == 1  # one pass over the row group's 15 batches
+    assert sum(n for n in decoded if n != "start") == 60  # each row decoded once
+    assert docs.read(2, 4) == got[2:4]  # going back starts the row group again
+    assert decoded.count("start") == 2
+
+
 def test_two_processes_share_the_parquet_shards_like_one(tmp_path, rows, from_jsonl):
     shards = write_parquet(tmp_path / "corpus", rows)
     dc, result = data_config(tmp_path / "two", **{"data.source": f"parquet:{shards}/*.parquet",
