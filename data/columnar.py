@@ -38,7 +38,7 @@ def split_spec(spec: str) -> tuple[str, list[str]]:
     """(the path, the `:`-separated fields after it); a `gs://` path keeps its own colon."""
     scheme = "gs://" if spec.startswith("gs://") else ""
     path, *fields = spec[len(scheme):].split(":")
-    return scheme + path, fields
+    return scheme + path if scheme else os.path.expanduser(path), fields
 
 
 class _Columnar:
@@ -172,7 +172,6 @@ class HfDocuments(_Columnar):
 
     def __init__(self, spec: str):
         path, fields = split_spec(spec)
-        path = os.path.expanduser(path)
         split = fields[0] if fields and fields[0] else ""
         column = fields[1] if len(fields) > 1 and fields[1] else DEFAULT_COLUMN
         self._column = column
