@@ -165,6 +165,21 @@ def test_two_processes_share_the_parquet_shards_like_one(tmp_path, rows, from_js
     assert by == [0, 1, 0, 1, 0, 1, 0, 1]  # 60 documents in 8 shards, alternating
 
 
+@pytest.mark.slow  # two processes through launch.local: about a minute
+def test_two_processes_of_the_prepare_cli_make_the_one_process_folder(tmp_path, rows, from_jsonl):
+    shards = write_parquet(tmp_path / "corpus", rows)
+    result = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes", "2", "--",
+                             sys.executable, "-m", "pretrain.prepare",
+                             *tiny_flags(tmp_path / "data", data__source=f"parquet:{shards}/*.parquet",
+                                         data__shard_documents=8)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (meta,) = (tmp_path / "data" / "prepared").glob("*/nsp-*/meta.json")
+    assert examples(meta.parent) == from_jsonl[1]
+    assert {m["process"] for n, m in done_markers(meta.parent.parent).items()
+            if n != "tokenizer"} == {0, 1}
+
+
 def test_parquet_on_a_bucket_prepares_like_the_local_files(gcs, tmp_path, rows, from_jsonl):
     shards = write_parquet(tmp_path / "corpus", rows)
     bucket = f"gs://{BUCKET}/{tmp_path.name}"
