@@ -2,8 +2,8 @@
 
 The trace goes to `workdir/profile/plugins/profile/steps_START_COUNT/` (a local or gs://
 workdir alike: it is written to a local temporary folder, then copied), as `HOST.xplane.pb` for
-TensorBoard's profile plugin / XProf (`tensorboard --logdir WORKDIR/profile`, or
-`xprof --logdir WORKDIR/profile`) and `HOST.trace.json.gz` for Perfetto (ui.perfetto.dev, Open
+XProf (`xprof server --logdir WORKDIR/profile`) or TensorBoard's profile plugin
+(`tensorboard --logdir WORKDIR/profile`) and `HOST.trace.json.gz` for Perfetto (ui.perfetto.dev, Open
 trace file). Process 0 traces unless `profile.all_processes` (then every process, each file named
 `HOST-processI`). Each profiled step is a `StepTraceAnnotation` (the plugin's step view); the last
 one is waited for before the trace stops. Tracing changes no value the steps compute.
