@@ -19,6 +19,7 @@ from etils import epath
 
 from conftest import cli_error, tiny_flags
 from data.corpora import load_documents, parse_sources
+from data.wheels import DataError
 from gcs import BUCKET
 from pretrain.prepare import main as prepare_main, prepare
 from test_prepare import data_config, done_markers, examples
@@ -237,6 +238,8 @@ def test_a_saved_dataset_prepares_like_the_same_texts_in_parquet(tmp_path, rows)
     assert examples(prepared(tmp_path / "hf", f"hf:{tmp_path}/saved")) == want
     assert examples(prepared(tmp_path / "hf_dict", f"hf:{tmp_path}/dict:train:text")) == want
     assert load_documents(f"hf:{tmp_path}/dict:validation", "") == texts[:5]
+    with pytest.raises(DataError, match="no split 'test'; its splits are train, validation"):
+        load_documents(f"hf:{tmp_path}/dict:test", "")
 
 
 def test_a_dataset_in_the_datasets_cache_is_read_without_network(tmp_path, rows, monkeypatch):
@@ -256,7 +259,9 @@ def test_a_dataset_in_the_datasets_cache_is_read_without_network(tmp_path, rows,
 # Must-show 4: bad input is one line, and nothing is written
 # ---------------------------------------------------------------------------------------------
 
-def test_bad_parquet_and_hf_sources_are_one_line_and_write_nothing(capsys, tmp_path, rows):
+def test_bad_parquet_and_hf_sources_are_one_line_and_write_nothing(capsys, tmp_path, rows,
+                                                                   monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
     write_parquet(tmp_path / "corpus", rows, files=1)
     (tmp_path / "corpus" / "notes.txt").write_text("not a parquet file\n")
     cases = {
@@ -264,6 +269,7 @@ def test_bad_parquet_and_hf_sources_are_one_line_and_write_nothing(capsys, tmp_p
         f"parquet:{tmp_path}/corpus/*.parquet:body": "has no column 'body'; its columns are id, text, url",
         f"parquet:{tmp_path}/corpus/*": "notes.txt is not a Parquet file",
         f"hf:{tmp_path}/corpus": "is not a dataset saved with save_to_disk",
+        "hf:someone/missing": "nor a dataset with a 'train' split in the datasets cache",
     }
     for source, says in cases.items():
         data_dir = tmp_path / "data"
