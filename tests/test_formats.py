@@ -192,6 +192,17 @@ def test_parquet_on_a_bucket_prepares_like_the_local_files(gcs, tmp_path, rows, 
     assert epath.Path(bucket, "data", "prepared", Path(folder).parent.name, "report.json").exists()
 
 
+def test_a_mixture_of_parquet_and_jsonl_prepares(tmp_path, rows):
+    shards = write_parquet(tmp_path / "corpus", rows)
+    notes = write_jsonl(tmp_path / "notes.jsonl", [f"Note {i} is short. It has {i} items."
+                                                   for i in range(30)])
+    folder = prepared(tmp_path / "data", f"parquet:{shards}/*.parquet:0.6,files:{notes}:0.4")
+    sources = json.loads((epath.Path(folder) / "report.json").read_text())["sources"]
+    assert [(r["source"], r["weight"]) for r in sources] == [
+        (f"parquet:{shards}/*.parquet", 0.6), (f"files:{notes}", 0.4)]
+    assert sources[0]["train_documents"] > 0 and sources[0]["train_examples"] > 0
+
+
 def test_a_mixture_takes_parquet_and_hf_sources():
     assert parse_sources("parquet:gs://b/c/*.parquet:body:0.3,hf:/data/wiki:train:text:0.7") == [
         ("parquet:gs://b/c/*.parquet:body", 0.3), ("hf:/data/wiki:train:text", 0.7)]
