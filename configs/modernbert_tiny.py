@@ -13,7 +13,11 @@ local ones (a 128-token window, so 128-token rows make it matter) both use rotar
 the release's first phase did; its context extension raises the global base to 160,000
 (configs/modernbert_base_long.py).
 
-Expected: see the measured line below (filled in from the run that set train.steps).
+Expected: not yet measured to the end. train.steps gives the 14.3M tokens of bert_tiny's run
+(7,000 x 2,048). On the shared, loaded development machine (load average 15-18) 60 steps of each
+ran back to back at ~1,440 tokens/s for this config and ~1,400 for bert_tiny (benchmarks/
+RESULTS.md), so it should take about bert_tiny's 17 minutes on 2 idle cores; not checked. Lower
+train.steps (and optim.decay_steps with it) if your budget is smaller.
 """
 
 from configs import bert_tiny
