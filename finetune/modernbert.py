@@ -55,6 +55,8 @@ def encoder_config(config, source, tokenizer) -> ModernBertConfig:
     if config.data.max_seq_len > cfg.max_position:
         raise UserError(f"data.max_seq_len={config.data.max_seq_len} exceeds the encoder's "
                         f"max_position={cfg.max_position}")
+    with config.unlocked():  # config.json tells the encoder used (an export reads it back)
+        config.model.update(dataclasses.asdict(cfg))
     return cfg
 
 

@@ -201,6 +201,9 @@ def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir
         for a, b in zip(jax.tree.leaves(source[part]), jax.tree.leaves(tuned[part])):
             np.testing.assert_array_equal(a, b)
     assert tuned["classifier"]["kernel"].shape == (128, 8)
+    # config.json names the source's encoder, so an export of this run builds that one
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert model["local_window"] == 16 and model["num_layers"] == 4 and model["pooling"] == "mean"
 
 
 def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
