@@ -204,6 +204,9 @@ def write_tokenizer(src, dest: Path, do_lower_case: bool | None = None, model_ma
     tok_json = json.loads(json_file.read_text(encoding="utf-8")) if json_file.is_file() else None
     if not vocab_file.is_file() and tok_json is None:
         raise ConversionError(f"{src} has neither vocab.txt nor tokenizer.json")
+    if tok_json is not None and (tok_json.get("model") or {}).get("type") == "BPE":
+        _write_bpe_tokenizer(folder, dest, model_max_length, model_vocab_size)
+        return
 
     normalizer = {}
     if tok_json is not None:
@@ -250,6 +253,19 @@ def write_tokenizer(src, dest: Path, do_lower_case: bool | None = None, model_ma
               "model_max_length": model_max_length, "clean_up_tokenization_spaces": True,
               **SPECIAL_TOKENS}
     write_json(dest / "tokenizer_config.json", config)
+    write_json(dest / "special_tokens_map.json", SPECIAL_TOKENS)
+
+
+def _write_bpe_tokenizer(folder, dest: Path, model_max_length: int, model_vocab_size: int | None) -> None:
+    """A byte-level BPE (models/tokenizer.py's ModernBERT option): its tokenizer.json as it is,
+    which transformers' PreTrainedTokenizerFast runs unchanged, and the special tokens named."""
+    tok = Tokenizer.load(folder)
+    if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
+        raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
+                              f"{model_vocab_size} embeddings")
+    tok.save(dest)  # tokenizer.json and a tokenizer_config.json for PreTrainedTokenizerFast
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    write_json(dest / "tokenizer_config.json", {**config, "model_max_length": model_max_length})
     write_json(dest / "special_tokens_map.json", SPECIAL_TOKENS)
 
 

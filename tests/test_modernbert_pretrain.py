@@ -215,3 +215,38 @@ def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
     err = cli_error(capsys, finetune_main, ["--workdir", str(tmp_path / "ft"), "--init", str(bert),
                                             *ft_flags(data_dir)])
     assert "does not describe a ModernBERT model" in err, err
+
+
+def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, data_dir):
+    import json
+
+    import torch
+    import transformers
+
+    from data.tasks import Split, encode
+    from finetune.__main__ import main as finetune_main
+    from models import hf
+    from models.modernbert import ModernBertForSequenceClassification
+    from models.tokenizer import Tokenizer
+    from training.state import abstract_model
+    pretrained, out = tmp_path / "pretrained", tmp_path / "ft"
+    pretrain_main(["--workdir", str(pretrained), *flags(data_dir, **{"train.steps": 2})])
+    finetune_main(["--workdir", str(out), "--init", str(pretrained),
+                   *ft_flags(data_dir, **{"train.steps": 2, "optim.lr": 1e-3})])
+    hf.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
+    results = json.loads((out / "results.json").read_text())
+    cfg = ModernBertConfig(**results["encoder"])
+    model = nnx.merge(nnx.graphdef(abstract_model(
+        lambda r: ModernBertForSequenceClassification(cfg, 8, r))), read_params(out)[0])
+    texts = ["Oil prices rose sharply today " * 8, "Net profit was up.", "Shr 10 cts"]  # longer than the window
+    batch = encode(Split(texts, None, np.zeros(3), np.arange(3)), Tokenizer.load(out / "tokenizer"), 32)
+    ours = np.asarray(model(batch["input_ids"], batch["attention_mask"]))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = theirs(input_ids=torch.tensor(batch["input_ids"]).long(),
+                        attention_mask=torch.tensor(batch["attention_mask"]).long()).logits.numpy()
+    np.testing.assert_allclose(logits, ours, atol=1e-5)
+    # the exported BPE tokenizer gives the ids we trained with
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = batch["input_ids"][1][batch["attention_mask"][1] > 0].tolist()
+    assert tokenizer(texts[1])["input_ids"] == ids
