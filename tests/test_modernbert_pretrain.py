@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("models.modernbert")  # the model comes from the modernbert branch
 
 from flax import nnx  # noqa: E402
 
