@@ -11,17 +11,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-
-from flax import nnx  # noqa: E402
-
-from conftest import cli_error, sigterm_when  # noqa: E402
-from configs import modernbert_tiny  # noqa: E402
-from models.modernbert import ModernBertConfig, ModernBertForMaskedLM  # noqa: E402
-from pretrain.__main__ import main as pretrain_main  # noqa: E402
-from pretrain.modernbert import mlm_objective, setup, train_flops  # noqa: E402
-from training.checkpoint import read_params  # noqa: E402
-from training.metrics import read_metrics  # noqa: E402
+from conftest import cli_error, sigterm_when
+from configs import modernbert_tiny
+from models.modernbert import ModernBertConfig, ModernBertForMaskedLM
+from pretrain.__main__ import main as pretrain_main
+from pretrain.modernbert import mlm_objective, setup, train_flops
+from training.checkpoint import read_params
+from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # modernbert_tiny shrunk: pydocs, a 512-token BPE, 32-token rows with a 16-token local window.
