@@ -2,8 +2,9 @@
 
 SRC: a pretraining workdir (its latest checkpoint), one checkpoints/<step> folder, a HuggingFace
 BERT folder, or `none`. `--sweep KEY=V1,V2,... [--sweep ...] --seeds N` runs a grid of settings
-over N seeds in DIR/<setting>/seed<k> and writes DIR/sweep.json. The same command on the same
-workdir resumes.
+over N seeds in DIR/<setting>/seed<k> and writes DIR/sweep.json. `--search N [--search-storage
+URL]` runs an optuna study over `search.space` in DIR/trials/<n> (training/search.py). The same
+command on the same workdir resumes.
 """
 
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import configs
 from training import distributed
 from training.config import parse_cli
-from training.errors import exits_cleanly
+from training.errors import UserError, exits_cleanly
 
 EXTRA_ARGS = [
     ("--init", dict(required=True, metavar="SRC",
@@ -21,6 +22,11 @@ EXTRA_ARGS = [
                      help="sweep a config field (lr, l2sp_alpha, ... or a full key); repeat for a grid")),
     ("--seeds", dict(type=int, default=0, metavar="N",
                      help="run each setting with seeds train.seed + 0..N-1 and report medians")),
+    ("--search", dict(type=int, default=0, metavar="N",
+                      help="an optuna study of N trials over search.space (training/search.py)")),
+    ("--search-storage", dict(default=None, metavar="URL",
+                              help="the study's storage shared by every worker: an optuna RDB URL "
+                                   "or journal:PATH (default: sqlite in the workdir)")),
 ]
 
 
@@ -32,7 +38,14 @@ def main(argv=None) -> None:
                              EXTRA_ARGS + list(distributed.DISTRIBUTED_ARGS))
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     # Imported after parsing: --help stays instant.
-    if args.sweep or args.seeds:
+    if args.search:
+        if args.sweep or args.seeds:
+            raise UserError("--search and --sweep/--seeds are two ways to choose settings; pass one")
+        from finetune.sweep import search_trainer
+        from training.search import run_search
+        run_search(config, args.workdir, args.search, args.search_storage,
+                   search_trainer(config, args.init, set(args.overrides)))
+    elif args.sweep or args.seeds:
         from finetune.sweep import run_sweep
         from training import storage
         from training.lease import WorkdirLease

@@ -244,6 +244,9 @@ TABLES = {
 }
 PRETRAIN, FINETUNE = TABLES["pretrain", "bert"], TABLES["finetune", "bert"]
 
+# Fields any config may have or leave out. search.space: training/search.py parses it (--search).
+OPTIONAL = {"search.space": Text()}
+
 
 def _cross_checks(c, table) -> str | None:
     """Rules between fields; the first broken one as a message."""
@@ -292,6 +295,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     values = dict(_leaves(config))
     if table is None:  # an outside family: its own fields are its own business
         table = {k: rule for k, rule in _COMMON.items() if k in values}
+    table = {**table, **{k: rule for k, rule in OPTIONAL.items() if k in values}}
     for key, value in values.items():
         if key not in table and table_for(config) is not None:
             raise UserError(f"config field {key} is not used by this trainer; remove it from "
