@@ -277,11 +277,11 @@ def _retry_dead_trials(study, workdir) -> None:
         if holder_alive(worker, STALE_S):
             continue
         try:  # two workers may see it at once: the storage lets one of them finish it
+            study._storage.set_trial_user_attr(t._trial_id, "worker_died", True)
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue
         retries = t.user_attrs.get("retries", 0)
-        study._storage.set_trial_user_attr(t._trial_id, "worker_died", True)
         if retries < 1:
             print(f"trial {t.number}: its worker is gone; retrying it once (it resumes from its "
                   f"last checkpoint)", flush=True)
