@@ -14,6 +14,7 @@ import configs
 from training import distributed
 from training.config import parse_cli
 from training.errors import UserError, exits_cleanly
+from training.search import SEARCH_ARGS
 
 EXTRA_ARGS = [
     ("--init", dict(required=True, metavar="SRC",
@@ -22,11 +23,6 @@ EXTRA_ARGS = [
                      help="sweep a config field (lr, l2sp_alpha, ... or a full key); repeat for a grid")),
     ("--seeds", dict(type=int, default=0, metavar="N",
                      help="run each setting with seeds train.seed + 0..N-1 and report medians")),
-    ("--search", dict(type=int, default=0, metavar="N",
-                      help="an optuna study of N trials over search.space (training/search.py)")),
-    ("--search-storage", dict(default=None, metavar="URL",
-                              help="the study's storage shared by every worker: an optuna RDB URL "
-                                   "or journal:PATH (default: sqlite in the workdir)")),
 ]
 
 
@@ -35,7 +31,7 @@ def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv,
                              str(Path(configs.__file__).with_name("finetune_rt_polarity.py")),
                              "Fine-tune a BERT encoder on a labelled task.",
-                             EXTRA_ARGS + list(distributed.DISTRIBUTED_ARGS))
+                             EXTRA_ARGS + SEARCH_ARGS + list(distributed.DISTRIBUTED_ARGS))
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     # Imported after parsing: --help stays instant.
     if args.search:

@@ -15,7 +15,7 @@ import optuna
 import pytest
 
 from configs import finetune_rt_polarity
-from conftest import cli_error
+from conftest import TINY_FT, cli_error
 from finetune.__main__ import main
 from finetune.sweep import ALIASES
 from training import search
@@ -230,3 +230,45 @@ def test_a_killed_workers_trial_is_finished_by_the_other(tmp_path):
     retry = next(t for t in summary["trials"] if t["resumes"] == died[0]["number"])
     assert retry["run"] == died[0]["run"] and retry["state"] in ("COMPLETE", "PRUNED")
     assert len(finished_trials(tmp_path / "study")) == 4
+
+
+# ---- a real fine-tuning search, SIGKILLed in the middle of a trial ----------------------------
+
+def search_cli(workdir, data_dir) -> list[str]:
+    tiny = {**TINY_FT, "train.steps": 4, "eval.every_steps": 2, "data.data_dir": str(data_dir)}
+    return [sys.executable, "-m", "finetune", "--init", "none", "--workdir", str(workdir), "--search", "2",
+            "--config.search.space=lr=float:1e-4:1e-2:log", *(f"--config.{k}={v}" for k, v in tiny.items())]
+
+
+@pytest.mark.slow
+def test_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path, data_dir):
+    workdir = tmp_path / "search"
+    proc = subprocess.Popen(search_cli(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    saved = workdir / "trials" / "1" / "checkpoints" / "2"  # trial 1's checkpoint at its first evaluation
+    deadline = time.monotonic() + 900
+    while not saved.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    first = proc.communicate()[0]
+    assert saved.is_dir() and not (workdir / "trials" / "1" / "results.json").exists(), first[-3000:]
+    finished = (workdir / "trials" / "0" / "results.json").read_text()
+    mtime = (workdir / "trials" / "0" / "results.json").stat().st_mtime_ns
+
+    again = subprocess.run(search_cli(workdir, data_dir), cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "trial 1: its worker is gone; retrying it once" in out
+    assert "=== trial 0 " not in out and "=== trial 1 " not in out  # the finished trial is not rerun
+    assert f"=== trial 2 ({workdir / 'trials' / '1'})" in out      # the cut-off one, in its folder
+    # Resumed from step 2: the rerun neither trains step 1 nor evaluates step 2 again.
+    assert "step 2 (epoch" not in out and "step 4 (epoch" in out and "| 1/4 [" not in out
+    assert (workdir / "trials" / "0" / "results.json").read_text() == finished
+    assert (workdir / "trials" / "0" / "results.json").stat().st_mtime_ns == mtime
+    summary = json.loads((workdir / "search.json").read_text())
+    states = {t["number"]: (t["state"], t["run"], t["resumes"]) for t in summary["trials"]}
+    assert states == {0: ("COMPLETE", 0, None), 1: ("FAIL", 1, None), 2: ("COMPLETE", 1, 1)}
+    assert summary["trials"][2]["params"] == summary["trials"][1]["params"]
+    assert not (workdir / "trials" / "2").exists() and (workdir / "search.png").is_file()
+    results = json.loads((workdir / "trials" / "1" / "results.json").read_text())
+    assert summary["trials"][2]["value"] == results["dev"]["accuracy"]

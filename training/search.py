@@ -28,11 +28,18 @@ import time
 import warnings
 from typing import Callable
 
-from training import storage
 from training.config import with_overrides
 from training.errors import UserError
-from training.lease import holder_alive, read_lease, worker_record
 from training.validate import validate
+
+# The flags of both trainers' CLIs (argparse kwargs), like training/distributed.py's.
+SEARCH_ARGS = [
+    ("--search", dict(type=int, default=0, metavar="N",
+                      help="an optuna study of N trials over search.space (training/search.py)")),
+    ("--search-storage", dict(default=None, metavar="URL",
+                              help="the study's storage shared by every worker: an optuna RDB URL "
+                                   "or journal:PATH (default: sqlite in the workdir)")),
+]
 
 POLL_S = 5.0      # how often a worker with nothing to run looks at the others' trials
 STALE_S = 300.0   # a worker on another host is gone when its run's lease is this old
@@ -122,6 +129,7 @@ def open_storage(url: str | None, workdir):
     """The optuna storage of `--search-storage URL` (default: SQLite in the workdir); a URL
     that does not open or answer is one line."""
     import optuna
+    from training import storage  # here and below: the CLIs import SEARCH_ARGS, --help stays instant
     if url is None:
         url = f"sqlite:///{storage.as_path(workdir) / 'search.db'}"
     try:
@@ -158,8 +166,9 @@ def run_search(config, workdir, n_trials: int, storage_url: str | None, trainer:
                explicit=()) -> dict | None:
     """Work on the study until it holds `n_trials` finished trials; returns search.json's
     content, or None when this worker was stopped (SIGTERM): a rerun resumes its trial."""
-    import optuna
     import jax
+    import optuna
+    from training import storage
     if n_trials < 1:
         raise UserError(f"--search {n_trials}: need at least 1 trial")
     if jax.process_count() > 1:
@@ -208,6 +217,7 @@ def _count(trials, *states: str) -> int:
 
 def _run_trial(study, config, workdir, n_trials, space, trainer: Trainer, explicit) -> str:
     import optuna
+    from training.lease import worker_record
     trial = study.ask()  # a waiting retry first, else a new TPE sample
     ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
              and t.state.name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING")]
@@ -267,6 +277,7 @@ def _retry_dead_trials(study, workdir) -> None:
     """RUNNING trials whose worker is gone: failed, and retried once in their own folder."""
     import optuna
     from optuna.exceptions import UpdateFinishedTrialError
+    from training.lease import holder_alive, read_lease
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         worker = dict(t.user_attrs.get("worker") or {})
         if not worker:  # asked a moment ago; its worker writes itself in next
