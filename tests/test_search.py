@@ -272,3 +272,22 @@ def test_search_killed_mid_trial_resumes_that_trial_from_its_checkpoint(tmp_path
     assert not (workdir / "trials" / "2").exists() and (workdir / "search.png").is_file()
     results = json.loads((workdir / "trials" / "1" / "results.json").read_text())
     assert summary["trials"][2]["value"] == results["dev"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_pretraining_search_minimises_eval_loss(tmp_path, data_dir):
+    from conftest import tiny_flags
+    workdir = tmp_path / "search"
+    proc = subprocess.run([sys.executable, "-m", "pretrain", "--workdir", str(workdir), "--search", "2",
+                           "--config.search.space=optim.lr=float:1e-4:1e-2:log",
+                           *tiny_flags(data_dir, train__steps=2, eval__every_steps=1)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "search.json").read_text())
+    assert summary["direction"] == "minimize" and summary["metric"] == "eval/loss"
+    assert [t["state"] for t in summary["trials"]] == ["COMPLETE", "COMPLETE"]
+    for t in summary["trials"]:  # each trial's value: its run's last eval/loss, as logged
+        rows = [json.loads(l) for l in (workdir / "trials" / str(t["run"]) / "metrics.jsonl").read_text().splitlines()]
+        assert t["value"] == [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+    assert summary["best"]["value"] == min(t["value"] for t in summary["trials"])
+    assert set(summary["best"]["overrides"]) == {"optim.lr"}
