@@ -162,8 +162,7 @@ class Trainer:
     aliases: dict = dataclasses.field(default_factory=dict)
 
 
-def run_search(config, workdir, n_trials: int, storage_url: str | None, trainer: Trainer,
-               explicit=()) -> dict | None:
+def run_search(config, workdir, n_trials: int, storage_url: str | None, trainer: Trainer) -> dict | None:
     """Work on the study until it holds `n_trials` finished trials; returns search.json's
     content, or None when this worker was stopped (SIGTERM): a rerun resumes its trial."""
     import jax
@@ -196,7 +195,6 @@ def run_search(config, workdir, n_trials: int, storage_url: str | None, trainer:
         raise UserError(f"the study {workdir.name!r} in that storage searches {declared!r}, not "
                         f"{config.search.space!r}; pass another --workdir or storage")
 
-    explicit = set(explicit) | {p.key for p in space}
     while True:
         _retry_dead_trials(study, workdir)
         trials = study.get_trials(deepcopy=False)
@@ -204,7 +202,7 @@ def run_search(config, workdir, n_trials: int, storage_url: str | None, trainer:
         if finished >= n_trials:
             break
         if _count(trials, "WAITING") or finished + _count(trials, "RUNNING") < n_trials:
-            if _run_trial(study, config, workdir, n_trials, space, trainer, explicit) == "stopped":
+            if _run_trial(study, config, workdir, n_trials, space, trainer) == "stopped":
                 return None
         else:
             time.sleep(POLL_S)  # others run the last trials; watch that their workers live
@@ -215,7 +213,7 @@ def _count(trials, *states: str) -> int:
     return sum(t.state.name in states for t in trials)
 
 
-def _run_trial(study, config, workdir, n_trials, space, trainer: Trainer, explicit) -> str:
+def _run_trial(study, config, workdir, n_trials, space, trainer: Trainer) -> str:
     import optuna
     from training.lease import worker_record
     trial = study.ask()  # a waiting retry first, else a new TPE sample
