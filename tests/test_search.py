@@ -170,14 +170,14 @@ def test_dead_workers_trial_is_retried_once_in_its_folder(tmp_path):
 # ---- two workers on one study --------------------------------------------------------------
 
 WORKER = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     sys.path.insert(0, {tests!r})
     from test_search import FakeTrainer, config_with
     from training import search
 
     class Slow(FakeTrainer):
         def train(self, cfg, run_dir, on_eval):
-            (run_dir.parent.parent / "runs.log").open("a").write(run_dir.name + "\\n")
+            (run_dir.parent.parent / "runs.log").open("a").write(f"{{run_dir.name}} {{os.getpid()}}\\n")
             time.sleep(float(sys.argv[3]))
             return super().train(cfg, run_dir, on_eval)
 
@@ -207,7 +207,7 @@ def test_two_workers_split_the_trials(tmp_path):
     assert all(w.returncode == 0 for w in workers), outs
     started = [out.count("=== trial") for out in outs]
     assert all(started) and sum(started) == 6, outs  # both worked; none ran a trial twice
-    runs = (tmp_path / "study" / "runs.log").read_text().split()
+    runs = [line.split()[0] for line in (tmp_path / "study" / "runs.log").read_text().splitlines()]
     assert sorted(runs) == sorted(set(runs)) and len(runs) == 6
     assert len(finished_trials(tmp_path / "study")) == 6
 
@@ -217,8 +217,9 @@ def test_a_killed_workers_trial_is_finished_by_the_other(tmp_path):
     survivor, victim = start_worker(tmp_path, 4, 4.0), start_worker(tmp_path, 4, 4.0)
     runs = tmp_path / "study" / "runs.log"
     deadline = time.monotonic() + 120
-    while not (runs.exists() and len(runs.read_text().split()) >= 2) and time.monotonic() < deadline:
+    while not (runs.exists() and f" {victim.pid}\n" in runs.read_text()) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert f" {victim.pid}\n" in runs.read_text(), "the second worker never started a trial"
     victim.send_signal(signal.SIGKILL)  # in the middle of its first trial
     out = survivor.communicate(timeout=300)[0]
     victim.wait()
