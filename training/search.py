@@ -140,12 +140,26 @@ def open_storage(url: str | None, workdir):
                 raise FileNotFoundError(f"no folder {path.parent}")
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         engine = {"connect_args": {"connect_timeout": 10}} if not url.startswith("sqlite") else {}
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return _rdb_storage(url, engine)
     except Exception as e:  # sqlalchemy, drivers and the file system each raise their own
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--search-storage {url}: cannot open the study storage ({reason}); check "
                         f"the URL, that the database answers, and for journal:PATH that its folder "
                         f"exists") from None
+
+
+def _rdb_storage(url: str, engine: dict, tries: int = 5):
+    """Workers that start together on a new database race to create its tables; the losers
+    see a unique-constraint error once the winner has made them, and open it again."""
+    import optuna
+    import sqlalchemy
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5)
 
 
 # ---- The workers ---------------------------------------------------------------------------
