@@ -149,15 +149,16 @@ def open_storage(url: str | None, workdir):
 
 
 def _rdb_storage(url: str, engine: dict, tries: int = 5):
-    """Workers that start together on a new database race to create its tables; the losers
-    see a unique-constraint error once the winner has made them, and open it again."""
+    """Workers that start together on a new database race to create its tables; a loser sees
+    a unique-constraint or "table already exists" error and opens it again."""
     import optuna
     import sqlalchemy
     for attempt in range(tries):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-        except sqlalchemy.exc.IntegrityError:
-            if attempt == tries - 1:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+            lost_race = isinstance(e, sqlalchemy.exc.IntegrityError) or "already exists" in str(e)
+            if not lost_race or attempt == tries - 1:
                 raise
             time.sleep(0.5)
 
