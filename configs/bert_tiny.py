@@ -112,4 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""             # non-empty: also log to this W&B project
+
+    # --search N: the fields a study tunes and their ranges, "KEY=float:LOW:HIGH[:log],
+    # KEY=int:LOW:HIGH,KEY=choice:A|B|C" (training/search.py)
+    c.search = ml_collections.ConfigDict()
+    c.search.space = ""
     return c

@@ -2,8 +2,9 @@
 
 SRC: a pretraining workdir (its latest checkpoint), one checkpoints/<step> folder, a HuggingFace
 BERT folder, or `none`. `--sweep KEY=V1,V2,... [--sweep ...] --seeds N` runs a grid of settings
-over N seeds in DIR/<setting>/seed<k> and writes DIR/sweep.json. The same command on the same
-workdir resumes.
+over N seeds in DIR/<setting>/seed<k> and writes DIR/sweep.json. `--search N [--search-storage
+URL]` runs an optuna study over `search.space` in DIR/trials/<n> (training/search.py). The same
+command on the same workdir resumes.
 """
 
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 import configs
 from training import distributed
 from training.config import parse_cli
-from training.errors import exits_cleanly
+from training.errors import UserError, exits_cleanly
+from training.search import SEARCH_ARGS
 
 EXTRA_ARGS = [
     ("--init", dict(required=True, metavar="SRC",
@@ -29,10 +31,17 @@ def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv,
                              str(Path(configs.__file__).with_name("finetune_rt_polarity.py")),
                              "Fine-tune a BERT encoder on a labelled task.",
-                             EXTRA_ARGS + list(distributed.DISTRIBUTED_ARGS))
+                             EXTRA_ARGS + SEARCH_ARGS + list(distributed.DISTRIBUTED_ARGS))
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
     # Imported after parsing: --help stays instant.
-    if args.sweep or args.seeds:
+    if args.search:
+        if args.sweep or args.seeds:
+            raise UserError("--search and --sweep/--seeds are two ways to choose settings; pass one")
+        from finetune.sweep import search_trainer
+        from training.search import run_search
+        run_search(config, args.workdir, args.search, args.search_storage,
+                   search_trainer(config, args.init, set(args.overrides)))
+    elif args.sweep or args.seeds:
         from finetune.sweep import run_sweep
         from training import storage
         from training.lease import WorkdirLease

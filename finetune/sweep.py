@@ -11,14 +11,13 @@ median. Choosing on dev and reporting test keeps the test set out of the choice.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 
 import numpy as np
 
 from training import storage
-from training.config import override
+from training.config import with_overrides
 from training.errors import UserError
 from training.validate import validate
 
@@ -40,18 +39,33 @@ def parse_grid(specs: list[str], config) -> list[tuple[str, list[tuple[str, str]
             raise UserError(f"--sweep {spec}: expected KEY=V1,V2,... (e.g. --sweep lr=2e-5,3e-5)")
         key = ALIASES.get(name, name)
         for text in texts:  # fail on a bad key or value now, not after hours of runs
-            override(copy.deepcopy(config), key, text)
+            with_overrides(config, [(key, text)])
         axes.append([(name, key, t) for t in texts])
     if not axes:
         return [("default", [])]
     grid = [(",".join(f"{name}={t}" for name, _, t in combo), [(key, t) for _, key, t in combo])
             for combo in itertools.product(*axes)]
     for _, assignments in grid:  # every setting's values, alone and together
-        cfg = copy.deepcopy(config)
-        for key, text in assignments:
-            override(cfg, key, text)
-        validate(cfg)
+        validate(with_overrides(config, assignments))
     return grid
+
+
+def search_trainer(config, init: str, explicit=(), train_fn=None):
+    """What `--search N` (training/search.py) needs to fine-tune: each trial a fine-tuning run
+    from `init`, scored by its best dev checkpoint's primary metric, pruned on the dev metric at
+    every evaluation; search.space may use the short names above."""
+    from finetune.tasks import get_task
+    from training.search import Trainer
+    if train_fn is None:
+        from finetune.train import train_and_evaluate as train_fn
+    try:
+        primary = get_task(config.data.task).primary
+    except KeyError as e:
+        raise UserError(e.args[0]) from None
+    return Trainer(
+        train=lambda cfg, run_dir, on_eval: train_fn(cfg, run_dir, init, explicit, on_eval=on_eval),
+        score=lambda r: (r["dev"][r["metric"]], {split: r.get(split) for split in ("dev", "test")}),
+        metric=f"dev/{primary}", aliases=ALIASES)
 
 
 def summarize(values: list[float]) -> dict:
@@ -74,9 +88,7 @@ def run_sweep(config, workdir, init: str, specs: list[str], seeds: int,
     for name, assignments in grid:
         runs = []
         for k in range(seeds):
-            cfg = copy.deepcopy(config)
-            for key, text in assignments:
-                override(cfg, key, text)
+            cfg = with_overrides(config, assignments)
             cfg.train.seed = config.train.seed + k
             run_dir = workdir / name / f"seed{k}"
             if (run_dir / "results.json").is_file():

@@ -38,18 +38,19 @@ from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
 
-def train_and_evaluate(config, workdir, init: str = "none", explicit=()) -> dict | None:
+def train_and_evaluate(config, workdir, init: str = "none", explicit=(), on_eval=None) -> dict | None:
     """Fine-tune per `config`; returns the results (as in results.json), or None if stopped.
 
     `explicit`: the config keys the user set on the command line; with a source, those that
-    contradict its encoder or tokenizer are refused."""
+    contradict its encoder or tokenizer are refused. `on_eval(step, dev metrics)`: see
+    training.loop.run (a search's pruning)."""
     validate(config)
     workdir = storage.check_writable(workdir, "--workdir")  # local or gs://: one line, in seconds
     with WorkdirLease(workdir) as lease:  # one run per workdir (best/ too), before anything is written
-        return _train(config, workdir, init, explicit, lease)
+        return _train(config, workdir, init, explicit, lease, on_eval)
 
 
-def _train(config, workdir, init: str, explicit, lease) -> dict | None:
+def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | None:
     tc, method = config.train, config.method
     try:
         task = tasks.get_task(config.data.task)
@@ -152,7 +153,7 @@ def _train(config, workdir, init: str, explicit, lease) -> dict | None:
                       throughput=Throughput(tc.batch_size, "examples"), eval_every=eval_every,
                       save_at_eval=True, steps_per_epoch=steps_per_epoch,
                       data_state=lambda: dict(progress), window_state=resumed.get("log_window"),
-                      lease=lease, desc=f"finetune {task.name}")
+                      lease=lease, desc=f"finetune {task.name}", on_eval=on_eval)
         if outcome.stopped:
             return None
 

@@ -7,6 +7,8 @@ and a fresh optimizer and step.
 Multi-process: `--coordinator HOST:PORT --num_processes N --process_id I` on every process (or
 nothing on TPU pods and under srun, which are detected); `--cpu_devices M` fakes M CPU devices.
 `python -m launch.local` starts such runs on one machine (see launch/README.md).
+`--search N [--search-storage URL]`: an optuna study over `search.space`, each trial a run in
+WORKDIR/trials/<n>, scored by its eval loss (training/search.py).
 """
 
 import sys
@@ -16,6 +18,7 @@ import configs
 from training import distributed
 from training.config import parse_cli
 from training.errors import exits_cleanly
+from training.search import SEARCH_ARGS
 
 INIT_ARG = ("--init", dict(default=None, metavar="SRC",
                            help="continue from SRC's weights: a pretraining workdir, a "
@@ -26,10 +29,15 @@ INIT_ARG = ("--init", dict(default=None, metavar="SRC",
 def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
                              "Pretrain a BERT encoder with MLM and NSP.",
-                             extra_args=[INIT_ARG, *distributed.DISTRIBUTED_ARGS])
+                             extra_args=[INIT_ARG, *SEARCH_ARGS, *distributed.DISTRIBUTED_ARGS])
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
-    from pretrain.train import train_and_evaluate  # after parsing: --help stays instant
-    train_and_evaluate(config, args.workdir, args.init, set(args.overrides))
+    from pretrain.train import search_trainer, train_and_evaluate  # after parsing: --help stays instant
+    if args.search:
+        from training.search import run_search
+        run_search(config, args.workdir, args.search, args.search_storage,
+                   search_trainer(args.init, set(args.overrides)))
+    else:
+        train_and_evaluate(config, args.workdir, args.init, set(args.overrides))
 
 
 if __name__ == "__main__":

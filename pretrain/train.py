@@ -27,19 +27,20 @@ from training.validate import validate
 
 
 def train_and_evaluate(config, workdir, init: str | None = None,
-                       explicit=()) -> dict[str, float]:
+                       explicit=(), on_eval=None) -> dict[str, float]:
     """Returns the last evaluation's metrics. `init`: continue from SRC's weights (None: random);
-    `explicit`: the config keys set on the command line."""
+    `explicit`: the config keys set on the command line; `on_eval(step, metrics)`: see
+    training.loop.run (a search's pruning)."""
     validate(config)
     workdir = storage.check_writable(workdir, "--workdir")  # local or gs://: one line, in seconds
     data_dir = config.get("data", {}).get("data_dir", "")  # a family may read no data folder
     if storage.is_remote(data_dir):
         storage.check_writable(data_dir, "data.data_dir")
     with WorkdirLease(workdir) as lease:  # one run per workdir, before anything is written
-        return _train(config, workdir, init, explicit, lease)
+        return _train(config, workdir, init, explicit, lease, on_eval)
 
 
-def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, float]:
+def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
     family_name = config.get("family", "bert")
@@ -90,5 +91,24 @@ def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, floa
             evaluate=lambda params, step: evaluate_objective(
                 eval_step, params, family.eval_batches(), mesh, family.objective),
             eval_every=config.eval.every_steps, eval_at_start=True, pictures=pictures,
-            window_state=resumed.get("log_window"), lease=lease, desc="pretrain")
+            window_state=resumed.get("log_window"), lease=lease, desc="pretrain", on_eval=on_eval)
     return outcome.last_eval
+
+
+def search_trainer(init: str | None, explicit=(), train_fn=train_and_evaluate):
+    """What `--search N` (training/search.py) needs to pretrain: each trial a pretraining run,
+    scored and pruned by its eval loss (every family logs one)."""
+    from training.search import Trainer
+    seen = {}
+
+    def train(cfg, run_dir, on_eval):
+        def watch(step, metrics):
+            seen["step"] = step
+            on_eval(step, metrics)
+        seen.clear()
+        last_eval = train_fn(cfg, run_dir, init, explicit, on_eval=watch)
+        # The loop evaluates at the last step; a run stopped before it returns early.
+        return last_eval if seen.get("step") == cfg.train.steps else None
+
+    return Trainer(train=train, score=lambda last_eval: (last_eval["eval/loss"], last_eval),
+                   metric="eval/loss", direction="minimize")

@@ -6,6 +6,7 @@ line and names the closest valid key.
 
 import argparse
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -82,6 +83,14 @@ def override(cfg: ml_collections.ConfigDict, key: str, text: str) -> None:
         raise UserError(f"--config.{key}={_shown(text)}: {e} (current value {node[leaf]!r})") from None
     with node.ignore_type():
         node[leaf] = value
+
+
+def with_overrides(cfg: ml_collections.ConfigDict, assignments) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with each (key, value text) of `assignments` applied (sweeps, searches)."""
+    cfg = copy.deepcopy(cfg)
+    for key, text in assignments:
+        override(cfg, key, text)
+    return cfg
 
 
 def parse_cli(argv, default_config: str, description: str, extra_args=()):

@@ -60,6 +60,28 @@ def _pid_alive(pid, start) -> bool:
     return state != "Z" and (start is None or start == started)
 
 
+def holder_alive(held: dict | None, stale_s: float = 300.0) -> bool:
+    """Whether the process a lease (or a record like it: host, pid, pid_start, refreshed) names
+    is alive: by its pid on this host, by a refresh newer than `stale_s` on another."""
+    if not held:
+        return False
+    if held.get("host") == HOST:
+        return _pid_alive(held.get("pid"), held.get("pid_start"))
+    refreshed = held.get("refreshed")
+    return isinstance(refreshed, (int, float)) and time.time() - refreshed < stale_s
+
+
+def read_lease(workdir) -> dict | None:
+    """`<workdir>/lease.json` as written, None when there is none; {} when it cannot be parsed."""
+    return WorkdirLease(workdir)._read()
+
+
+def worker_record() -> dict:
+    """This process as a lease names it, for `holder_alive` (training/search.py's trials)."""
+    stat = _proc_stat(os.getpid())
+    return {"host": HOST, "pid": os.getpid(), "pid_start": stat and stat[1], "refreshed": time.time()}
+
+
 def _describe(held: dict, now: float) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
     age = now - held.get("refreshed", 0)
@@ -93,20 +115,13 @@ class WorkdirLease:
         return held if isinstance(held, dict) else {}
 
     def _write(self) -> None:
-        stat = _proc_stat(os.getpid())
-        lease = {"host": HOST, "pid": os.getpid(), "pid_start": stat and stat[1],
-                 "started": self._started, "refreshed": time.time(), "token": self.token,
+        lease = {**worker_record(), "started": self._started, "token": self.token,
                  "command": " ".join(sys.argv)[:500]}
         # Readers see the old lease or the new one, never half of one.
         storage.write_whole(self.path, (json.dumps(lease) + "\n").encode())
 
     def _holder_alive(self, held: dict) -> bool:
-        if not held:
-            return False
-        if held.get("host") == HOST:
-            return _pid_alive(held.get("pid"), held.get("pid_start"))
-        refreshed = held.get("refreshed")
-        return isinstance(refreshed, (int, float)) and time.time() - refreshed < self.stale_s
+        return holder_alive(held, self.stale_s)
 
     def _refusal(self, held: dict) -> str:
         if not held:  # lost a race with a run that started at the same moment

@@ -139,14 +139,17 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         eval_every: int, eval_at_start: bool = False, save_at_eval: bool = False,
         steps_per_epoch: float | None = None, data_state: Callable[[], dict] = dict,
         window_state: dict | None = None, pictures: Callable[[dict], dict] | None = None,
-        lease=None, desc: str = "train") -> Outcome:
+        lease=None, desc: str = "train",
+        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> Outcome:
     """Train from `start` to `total_steps`.
 
     `evaluate(params, step)` returns the metrics to log (names prefixed, e.g. eval/mlm_accuracy);
     `data_state()` adds trainer fields to every checkpoint's data item next to the iterator
     position; `window_state` is the open log window of the checkpoint resumed from;
     `pictures(params)` gives {name: HWC image in [0, 1]} to show at every evaluation;
-    `lease` (training/lease.py) is checked at every log step, with the checkpointer's last save.
+    `lease` (training/lease.py) is checked at every log step, with the checkpointer's last save;
+    `on_eval(step, metrics)` sees every evaluation once it is logged (a hyperparameter search
+    reports it and may stop the run by raising, training/search.py).
     """
     log_every = config.train.log_every
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
@@ -171,6 +174,8 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
             bar.write(f"{where}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
             metrics.flush()  # the curves read metrics.jsonl
             draw_curves(workdir)
+        if on_eval is not None:
+            on_eval(step, results)
         return results
 
     step, stopping, last_eval = start, False, {}

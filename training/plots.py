@@ -43,10 +43,7 @@ def draw_curves(workdir, filename: str = "curves.png"):
     names = curve_names(rows)
     if not names:
         return None
-    import matplotlib  # imported here: slow to import, and only process 0 draws
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     cols = min(3, len(names))
     rows_n = -(-len(names) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
@@ -60,10 +57,51 @@ def draw_curves(workdir, filename: str = "curves.png"):
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
+    return _save_figure(fig, storage.as_path(workdir) / filename)
+
+
+def _pyplot():
+    import matplotlib  # imported here: slow to import, and only process 0 draws
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path):
     fig.tight_layout()
-    path = storage.as_path(workdir) / filename
     png = io.BytesIO()
     fig.savefig(png, dpi=90, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
     storage.write_whole(path, png.getvalue())  # a viewer never sees a half-written file
     return path
+
+
+def draw_search(path, summary: dict, importances: dict):
+    """A search's picture (training/search.py): each trial's value and the best so far, and
+    the parameters' importances (optuna's fANOVA) once two trials have finished."""
+    plt = _pyplot()
+    fig, (history, weights) = plt.subplots(1, 2, figsize=(10, 3.6))
+    best, best_so_far = None, []
+    better = max if summary["direction"] == "maximize" else min
+    for state, marker in (("COMPLETE", "o"), ("PRUNED", "x")):
+        points = [(r["number"], r["value"]) for r in summary["trials"]
+                  if r["state"] == state and r["value"] is not None]
+        if points:
+            history.scatter(*zip(*points), marker=marker, label=state.lower())
+    for r in summary["trials"]:
+        if r["state"] == "COMPLETE" and r["value"] is not None:
+            best = r["value"] if best is None else better(best, r["value"])
+            best_so_far.append((r["number"], best))
+    if best_so_far:
+        history.step(*zip(*best_so_far), where="post", color="C3", label="best so far")
+    history.set(title="optimisation history", xlabel="trial", ylabel=summary["metric"])
+    history.legend(fontsize=8)
+    history.grid(alpha=0.3)
+    if importances:
+        names = list(importances)[::-1]
+        weights.barh(names, [importances[n] for n in names])
+        weights.set(title="parameter importances", xlabel="importance (fANOVA)")
+    else:
+        weights.text(0.5, 0.5, "importances need two finished trials", ha="center", va="center")
+        weights.axis("off")
+    return _save_figure(fig, path)

@@ -277,6 +277,9 @@ TABLES["pretrain", "modernbert"] = {**TABLES["pretrain", "bert"], **_MODERNBERT,
 TABLES["finetune", "modernbert"] = {**TABLES["finetune", "bert"], **_MODERNBERT}
 PRETRAIN, FINETUNE = TABLES["pretrain", "bert"], TABLES["finetune", "bert"]
 
+# Fields any config may have or leave out. search.space: training/search.py parses it (--search).
+OPTIONAL = {"search.space": Text()}
+
 
 def _cross_checks(c, table) -> str | None:
     """Rules between fields; the first broken one as a message."""
@@ -325,11 +328,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     values = dict(_leaves(config))
     if table is None:  # an outside family: its own fields are its own business
         table = {k: rule for k, rule in _COMMON.items() if k in values}
+    rules = {**table, **{k: rule for k, rule in OPTIONAL.items() if k in values}}
     for key, value in values.items():
-        if key not in table and table_for(config) is not None:
+        if key not in rules and table_for(config) is not None:
             raise UserError(f"config field {key} is not used by this trainer; remove it from "
                             f"the config file (a misspelt field would be ignored)")
-    for key, rule in table.items():
+    for key, rule in rules.items():
         if key not in values:
             raise UserError(f"the config has no field {key}; a config file starts from one in "
                             f"configs/ and changes fields")
