@@ -1,7 +1,7 @@
 """Fine-tuning, top to bottom: any model family's encoder on a labelled task, on the shared loop.
 
 `train_and_evaluate(config, workdir, init)` asks the family named by `config.family`
-(finetune/families.py) for the task's data, the model (the source's encoder and a fresh head)
+(its spec, models/family.py) for the task's data, the model (the source's encoder and a fresh head)
 and where the encoder comes from, then trains with the method in `config.method` (full
 fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing) on
 training/loop.py. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
@@ -22,7 +22,7 @@ import numpy as np
 
 from data import labelled
 from finetune import tasks
-from finetune.families import FAMILIES
+from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
 from training import mesh as mesh_lib
@@ -60,7 +60,7 @@ def _train(config, workdir, init: str, explicit, lease) -> dict | None:
                         f"{task.name} is a regression task")
 
     # ---- Family: data, model, source ---------------------------------------------------------
-    family = FAMILIES.get(config.get("family", "bert"))(config, workdir, init, set(explicit))
+    family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     eval_batch = config.eval.batch_size or tc.batch_size

@@ -6,7 +6,7 @@ writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSeq
 `AutoModelForImageClassification`) and `AutoTokenizer` (text) or `AutoImageProcessor` (images)
 load with no custom code. The run's config.json says the family (`family`, "bert" when absent).
 
-Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; the
+Each model family is one `Family` record named by its spec (`records()`; the language: `models/hf_table.py`; the
 records: `models/hf_bert.py`, `models/hf_mae.py`): rules that map our parameter paths to
 HuggingFace state-dict names with the layout between the two, the config.json conversion both
 ways, and the HuggingFace classes it exports as. Export and import read the same table in
@@ -42,17 +42,21 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.hf_bert import BERT
+from models import family as families
 # ConversionError, export_tokenizer and TOKENIZER_FILES are public here too.
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
                               check_out_dir,
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
-from models.hf_mae import MAE
 from models.hf_table import Architecture, ConversionError, Entry, Family
 from models.layers import unstack_layers
 
-FAMILIES = {"bert": BERT, "mae": MAE}  # keyed as run configs name them (`family`)
+
+
+def records() -> dict[str, Family]:
+    """Each family's HuggingFace record (its spec's `hf`), keyed as run configs name the family."""
+    return {spec.name: spec.hf_record() for spec in families.everything() if spec.hf}
+
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
 
 
@@ -63,10 +67,10 @@ DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote 
 
 def architecture_of(name: str) -> tuple[Family, Architecture]:
     """The family that exports as HuggingFace class `name`, and the class's record."""
-    for family in FAMILIES.values():
+    for family in records().values():
         if name in family.architectures:
             return family, family.architectures[name]
-    known = [a for family in FAMILIES.values() for a in family.architectures]
+    known = [a for family in records().values() for a in family.architectures]
     raise ConversionError(f"unknown architecture {name!r}; supported: {', '.join(known)}")
 
 
@@ -113,18 +117,24 @@ def _labels(id2label, num_labels: int | None) -> list[str]:
 
 
 def config_from_hf(config: dict, family: str | None = None):
-    """Our config for a HuggingFace config.json, of `family` (a FAMILIES key) or of whichever
+    """Our config for a HuggingFace config.json, of `family` (a family name) or of whichever
     family reads its model_type; refuses what our models can't run."""
     return _family_of(config, family).from_hf(config)
 
 
+def family_name(config: dict) -> str:
+    """The family (its spec's name) whose record reads this config.json's model_type."""
+    record = _family_of(config)
+    return next(name for name, r in records().items() if r is record)
+
+
 def _family_of(config: dict, name: str | None = None) -> Family:
     model_type = config.get("model_type", DEFAULT_MODEL_TYPE)
-    families = [FAMILIES[name]] if name else list(FAMILIES.values())
-    for family in families:
+    candidates = [records()[name]] if name else list(records().values())
+    for family in candidates:
         if model_type in family.model_types:
             return family
-    known = sorted(t for family in families for t in family.model_types)
+    known = sorted(t for family in candidates for t in family.model_types)
     raise ConversionError(f"model_type {model_type!r} is not supported, only {', '.join(map(repr, known))}")
 
 
@@ -133,11 +143,11 @@ def _family_of(config: dict, name: str | None = None) -> Family:
 # =============================================================================================
 
 
-def infer_architecture(params: dict, family: str = "bert") -> str:
+def infer_architecture(params: dict, family: str = families.DEFAULT) -> str:
     """The first of the family's architectures whose marker is in `params`, else its base model
     (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`;
     MAE: ViTForImageClassification with a `classifier`, ViTMAEForPreTraining with a `decoder`)."""
-    fam = FAMILIES[family]
+    fam = records()[family]
     return next((name for name, a in fam.architectures.items() if a.marker and a.marker in params),
                 fam.base)
 
@@ -211,15 +221,16 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
                tokenizer=None) -> tuple[Path, str]:
     """Export a training run's `params` as `export_params` does, with everything else taken from
-    the run's config.json (`run_config`): `family` (a FAMILIES key; "bert" when absent, as in
+    the run's config.json (`run_config`): `family` (a family name; the default family when absent, as in
     runs from before it was written), `model` (the family's model group; a fine-tuning run's,
     `kind="finetune"`, may also hold FINETUNE_MODEL_KEYS) and, for an image family, the pixel
     stats (`data.image_mean` / `data.image_std`, else the defaults for `data.source`). The
     architecture defaults to the one the params imply. Returns (folder, architecture)."""
-    name = run_config.get("family") or "bert"
-    if name not in FAMILIES or FAMILIES[name].from_model_config is None:
-        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(FAMILIES)}")
-    family = FAMILIES[name]
+    name = run_config.get("family") or families.DEFAULT
+    known_records = records()
+    if name not in known_records or known_records[name].from_model_config is None:
+        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(known_records)}")
+    family = known_records[name]
     group = dict(run_config.get("model") or {})
     extra = FINETUNE_MODEL_KEYS if kind == "finetune" else ()
     # A key that is no field (a misspelt override) fails instead of silently doing nothing.
@@ -430,7 +441,7 @@ def main(argv=None) -> None:
                         help="a pretraining/fine-tuning workdir or one checkpoints/<step> folder")
     export.add_argument("--out", required=True, help="the folder to write (new, or a previous export)")
     export.add_argument("--architecture",
-                        choices=sorted(a for family in FAMILIES.values() for a in family.architectures),
+                        choices=sorted(a for family in records().values() for a in family.architectures),
                         help="default: from the parameters (classifier / NSP head or MAE decoder / "
                              "encoder only)")
     export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")

@@ -1,7 +1,7 @@
 """Pretraining, top to bottom: any model family on the shared step and loop.
 
 `train_and_evaluate(config, workdir, init)` builds the mesh, asks the family named by
-`config.family` (pretrain/families.py) for its model, objective and data, creates the sharded
+`config.family` (its spec, models/family.py) for its model, objective and data, creates the sharded
 train state (from random weights, or from `--init` SRC's with a fresh optimizer and step) or
 restores the latest checkpoint in the workdir, then runs training/loop.py: jit-compiled steps
 with explicit shardings and donated state, evaluating, logging and checkpointing as configured.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import jax
 
-from pretrain.families import FAMILIES
+from models import family as families
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
@@ -42,8 +42,8 @@ def train_and_evaluate(config, workdir, init: str | None = None,
 def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
-    family_name = config.get("family", "bert")
-    setup_family = FAMILIES.get(family_name)
+    spec = families.of_config(config)
+    setup_family = spec.setup("pretrain")
 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
@@ -51,7 +51,7 @@ def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, floa
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
-        raise UserError(f"the {family_name} family cannot start from --init yet; drop --init")
+        raise UserError(f"the {spec.name} family cannot start from --init yet; drop --init")
 
     # ---- Train state: restored, or created in its shardings ---------------------------------
     tx = make_optimizer(config.optim, tc.steps)

@@ -18,7 +18,8 @@ from conftest import TINY_FT, cli_error, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
-from finetune.text import SequenceClassifier, load_encoder, resolve_source
+from finetune.text import SequenceClassifier
+from training.init_source import load_encoder, resolve_source
 from finetune.train import train_and_evaluate
 from models.layers import stack_layers
 from training.checkpoint import read_params
@@ -155,7 +156,7 @@ def test_init_from_step_folder_and_huggingface_folder(pretrained, tmp_path):
     hf.export_params(params, cfg, tmp_path / "hf", architecture="BertForPreTraining",
                      tokenizer=pretrained / "tokenizer")
     source = resolve_source(str(tmp_path / "hf"))
-    assert source.kind == "huggingface" and source.bert_config() == cfg
+    assert source.kind == "huggingface" and source.model_config() == cfg
     assert_trees_equal(load_encoder(source), encoder_of(pretrained))
 
 

@@ -1,4 +1,4 @@
-"""AdamW with BERT's recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
+"""AdamW with the encoder-pretraining recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
 
 One optimizer for every trainer: pretraining trains every parameter; fine-tuning passes a frozen
 mask (zero updates, no optimizer state, no weight decay there) and per-parameter update scales
@@ -48,8 +48,8 @@ def warmup_steps(optim_cfg, total_steps: int) -> int:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: LayerNorm scales, biases and other vectors (MAE's class and
-    mask tokens) are exempt, as in BERT and MAE."""
+    """Weight decay on matrices only: LayerNorm scales, biases and other vectors (class and
+    mask tokens) are exempt, as in the published recipes."""
     def keep(path, leaf):
         name = getattr(path[-1], "key", "")
         return leaf.ndim > 1 and name not in ("bias", "scale") and not str(name).endswith("_bias")
