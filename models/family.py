@@ -33,8 +33,8 @@ class FamilySpec:
     sizes: dict                     # the size table: name -> shape tuple
     size_of: Callable[[Any], str]   # a config -> its `sizes` name, or "custom"
     shape_fields: tuple[str, ...]   # the config fields a source fixes (written into config.model)
-    pretrain: str                   # module with `setup(config, workdir, init, explicit)`
-    finetune: str | None = None     # the same for fine-tuning
+    pretrain: str                   # module with `setup(config, workdir, init, explicit)` (or
+    finetune: str | None = None     # "module:function"); the same for fine-tuning
     hf: str | None = None           # "module:NAME" of its models.hf_table.Family record
     tokenizer: str = "none"         # "wordpiece" | "bpe" | "none" (images)
     encoder: str = "encoder"        # the subtree of pretraining params that fine-tuning takes
@@ -58,7 +58,7 @@ class FamilySpec:
         module = self.pretrain if trainer == "pretrain" else self.finetune
         if module is None:
             raise UserError(f"the {self.name} family has no {trainer} setup")
-        return importlib.import_module(module).setup
+        return _attribute(module if ":" in module else module + ":setup")
 
 
 def register(spec: FamilySpec) -> FamilySpec:

@@ -16,11 +16,12 @@ from configs import bert_tiny, finetune_rt_polarity
 from conftest import stop_at
 from data import labelled
 from data.pipeline import prefetching_iterator, process_share
-from finetune import families as finetune_families
+from finetune.setup import FinetuneSetup
 from finetune import tasks
 from finetune.train import train_and_evaluate as finetune
 from models.layers import normal, zeros
-from pretrain import families as pretrain_families
+from models.family import FamilySpec, register
+from pretrain.setup import PretrainSetup
 from pretrain.train import train_and_evaluate as pretrain
 from training import loop
 from training.checkpoint import read_params
@@ -62,7 +63,7 @@ OBJECTIVE = Objective(
 def pretrain_setup(config, workdir, init, explicit):
     ds = grain.MapDataset.range(256).shuffle(config.train.seed).repeat(None)
     ds = process_share(ds, config.train.batch_size, 0, 1).map(examples)
-    return pretrain_families.Setup(
+    return PretrainSetup(
         model_fn=Regressor, objective=OBJECTIVE, train_batches=prefetching_iterator(ds),
         eval_batches=lambda: [examples(np.arange(1000, 1016))],
         throughput=loop.Throughput(config.train.batch_size, "examples"))
@@ -79,7 +80,7 @@ class Split:
 
 def finetune_setup(config, workdir, init, explicit):
     splits = {"train": Split(np.arange(48)), "dev": Split(np.arange(100, 124)), "test": Split(np.arange(200, 220))}
-    return finetune_families.Setup(
+    return FinetuneSetup(
         task=tasks.get_task(config.data.task), splits=splits, label_names=None,
         encode=lambda split, rows, positions: examples(splits[split].rows[rows]), model_fn=Regressor,
         predict=lambda model, batch, key: model(batch["x"]), depth=lambda keys: 1, num_layers=1,
@@ -88,8 +89,9 @@ def finetune_setup(config, workdir, init, explicit):
         source={"init": init}, results={"source": {"init": init}})
 
 
-pretrain_families.FAMILIES.register("linreg", pretrain_setup)
-finetune_families.FAMILIES.register("linreg", finetune_setup)
+register(FamilySpec(name="linreg", config_class=dict, sizes={}, size_of=lambda cfg: "custom",
+                    shape_fields=(), pretrain=f"{__name__}:pretrain_setup",
+                    finetune=f"{__name__}:finetune_setup"))
 
 
 def configs():
