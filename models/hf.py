@@ -451,8 +451,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     # lazily: models/ does not depend on training/
-    from training import storage
-    from training.errors import UserError
+    from infra import storage
+    from infra.errors import UserError
     try:
         from training.checkpoint import load_checkpoint_params
         storage.check_writable(storage.as_path(args.out).parent, "--out")  # before any work
@@ -482,7 +482,7 @@ def main(argv=None) -> None:
 def _run_config(checkpoint) -> dict:
     """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
     one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
-    from training import storage
+    from infra import storage
     src = storage.as_path(checkpoint)
     if not src.is_dir():
         return {}
