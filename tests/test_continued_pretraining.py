@@ -20,7 +20,7 @@ from data.corpora import load_documents, parse_sources
 from data.pretraining import PretrainingData
 from data.tasks import load_task
 from data.wheels import DataError
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertForPreTraining
 from models.tokenizer import Tokenizer
 from training import init_source
@@ -136,7 +136,7 @@ def test_hf_source_first_step_losses_equal_transformers_and_export_loads_back(
     assert recorded["model"]["hidden_size"] == 64 and recorded["model"]["size"] == ""
 
     out_dir = tmp_path / "export"
-    hf.main(["export", "--checkpoint", str(workdir), "--out", str(out_dir)])
+    hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(out_dir)])
     back, info = transformers.BertForPreTraining.from_pretrained(out_dir, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert json.loads((out_dir / "config.json").read_text())["pretrax_init"] == {

@@ -9,7 +9,7 @@ import torch
 import transformers
 from flax import nnx
 
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertConfig, BertForPreTraining
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
@@ -30,7 +30,7 @@ def pretrained(request, tmp_path_factory, data_dir):
 
 def test_exported_pretraining_checkpoint_matches_ours(pretrained, tmp_path):
     out = tmp_path / "hf"
-    hf.main(["export", "--checkpoint", str(pretrained), "--out", str(out)])
+    hf_cli.main(["export", "--checkpoint", str(pretrained), "--out", str(out)])
     config = json.loads((pretrained / "config.json").read_text())
     cfg = BertConfig.from_model_config(config["model"])
     params, step = read_params(pretrained)

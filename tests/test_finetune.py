@@ -107,10 +107,10 @@ def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, 
     best = max(dev_lines, key=lambda m: m["dev/accuracy"])  # first of equals, like the trainer
     assert results["best_step"] == best["step"]
     # BertForSequenceClassification reads the pooler, so a mean-pooled head is not exported as one.
-    from models import hf
+    from models import hf, hf_cli
     capsys.readouterr()  # the training's progress bar
     with pytest.raises(SystemExit):
-        hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+        hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err.strip()
     assert "mean-pooled" in err and "--architecture BertModel" in err and "\n" not in err
     assert not (tmp_path / "hf").exists()
@@ -125,8 +125,8 @@ def test_scanned_encoder_from_an_unrolled_checkpoint_exports(pretrained, data_di
     source = jax.tree.map(np.asarray, encoder_of(pretrained))
     assert after["encoder"]["layers"]["query"]["kernel"].shape[0] == 2
     assert_trees_equal(after["encoder"], stack_layers(source))
-    from models import hf
-    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    from models import hf, hf_cli
+    hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     imported, _, architecture = hf.import_params(tmp_path / "hf")
     assert architecture == "BertForSequenceClassification"
     np.testing.assert_array_equal(imported["encoder"]["layers"][1]["mlp_out"]["kernel"],
@@ -144,7 +144,7 @@ def test_freeze_embeddings_and_bottom_layer_bitwise(plain_run, pretrained, data_
 
 
 def test_init_from_step_folder_and_huggingface_folder(pretrained, tmp_path):
-    from models import hf
+    from models import hf, hf_cli
     from models.bert import BertConfig
 
     step = resolve_source(str(pretrained / "checkpoints" / "2"))
@@ -165,14 +165,14 @@ def test_best_checkpoint_exports_to_transformers_with_our_logits(plain_run, tmp_
     import transformers
     from flax import nnx
     from data.tasks import Split, encode
-    from models import hf
+    from models import hf, hf_cli
     from models.bert import BertConfig
     from models.tokenizer import Tokenizer
     from training.state import abstract_model
 
     workdir, results = plain_run
     out = tmp_path / "hf"
-    hf.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out), "--labels", "rotten,fresh"])
+    hf_cli.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out), "--labels", "rotten,fresh"])
     params, step = read_params(workdir / "best")
     assert step == results["best_step"]
     cfg = BertConfig(**results["encoder"])

@@ -149,10 +149,10 @@ def test_linear_probe_keeps_the_encoder_and_standardises_features(pretrained, da
     assert len((tmp_path / "predictions_test.tsv").read_text().splitlines()) == 33
 
     # The best dev checkpoint, probe statistics folded in, is a ViTForImageClassification.
-    from models import hf
+    from models import hf, hf_cli
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     from finetune.image import ImageClassifier
     from flax import nnx
