@@ -31,6 +31,7 @@ from flax import nnx
 from models.layers import is_stacked
 from training import collectives, storage
 from training.errors import UserError
+from training.validate import trainer
 
 
 def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
@@ -445,5 +446,4 @@ def load_checkpoint_params(src) -> tuple[dict, dict, object, str]:
                         f"that wrote it") from e
     params, _ = read_params(src)
     tokenizer = workdir / "tokenizer"
-    return params, config["model"], tokenizer if tokenizer.is_dir() else None, \
-        "finetune" if "task" in config.get("data", {}) else "pretrain"
+    return params, config["model"], tokenizer if tokenizer.is_dir() else None, trainer(config)
