@@ -31,7 +31,7 @@ class FinetuneSetup:
     training examples (mixup, cutmix) and returns (batch, partner labels, weight of the
     originals). `save_assets(folder)`
     writes what a run folder needs besides checkpoints (a tokenizer). `source` is written to
-    source.json (what a rerun and `--init` of this run read back); `results` joins results.json
+    run.json as the source (what a rerun and `--init` of this run read back); `results` joins results.json
     (where the encoder came from, its shape).
     """
     task: Task

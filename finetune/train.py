@@ -28,7 +28,7 @@ from models.layers import is_stacked
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
-from training.config import save_config
+from training import run_record
 from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
@@ -60,6 +60,7 @@ def _train(config, workdir, init: str, explicit, lease) -> dict | None:
                         f"{task.name} is a regression task")
 
     # ---- Family: data, model, source ---------------------------------------------------------
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
@@ -135,8 +136,7 @@ def _train(config, workdir, init: str, explicit, lease) -> dict | None:
             # best/ is a run folder of its own: `--init WORKDIR/best` and `python -m models.hf
             # export --checkpoint WORKDIR/best` read the best dev checkpoint with its config.
             for folder in (workdir, workdir / "best"):
-                (folder / "source.json").write_text(json.dumps(family.source, indent=1) + "\n")
-                save_config(config, folder / "config.json")
+                run_record.write(folder, given, config.to_dict(), "finetune", family.source)
             family.save_assets(workdir / "best")
 
         def evaluate(params, step: int) -> dict[str, float]:

@@ -7,7 +7,6 @@ checkpoints (training.checkpoint), so the library stays importable without the t
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 
@@ -15,6 +14,7 @@ from infra import storage
 from infra.errors import UserError
 from models.hf import (DEFAULT_MAX_SHARD_BYTES, DTYPES, ConversionError, check_out_dir, export_run,
                        records)
+from training import run_record
 from training.checkpoint import load_checkpoint_params
 
 
@@ -71,15 +71,15 @@ def main(argv=None) -> None:
 
 
 def _run_config(checkpoint) -> dict:
-    """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
-    one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
+    """The resolved config (training/run_record.py) of the run that wrote `checkpoint` (its workdir,
+    its checkpoints folder or one checkpoints/<step> folder, as training.checkpoint resolves
+    them), or {} where none is."""
     src = storage.as_path(checkpoint)
     if not src.is_dir():
         return {}
     workdir = (src if (src / "checkpoints").is_dir() else
                src.parent.parent if src.name.isdigit() else src.parent)
-    path = workdir / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return run_record.read(workdir)[0] if (workdir / "config.json").is_file() else {}
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from models import family as families
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
-from training.config import save_config
 from training.errors import UserError
+from training import run_record
 from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
@@ -48,6 +48,7 @@ def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, floa
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
@@ -82,7 +83,8 @@ def _train(config, workdir, init: str | None, explicit, lease) -> dict[str, floa
 
         state, start, resumed = restore_or_init(ckpt, target, fresh_state, family.train_batches)
         if jax.process_index() == 0:
-            save_config(config, workdir / "config.json")
+            resolved = config.to_dict()
+            run_record.write(workdir, given, resolved, "pretrain", resolved.get("init"))
         outcome = run(
             config, workdir, mesh=mesh, state=state, start=start, total_steps=tc.steps,
             train_step=train_step, batches=family.train_batches, ckpt=ckpt,

@@ -23,7 +23,7 @@ from data.wheels import DataError
 from models import hf, hf_cli
 from models.bert import BertForPreTraining
 from models.tokenizer import Tokenizer
-from training import init_source
+from training import init_source, run_record
 from pretrain.prepare import prepare
 from pretrain.train import train_and_evaluate
 from training.checkpoint import read_params
@@ -131,7 +131,7 @@ def test_hf_source_first_step_losses_equal_transformers_and_export_loads_back(
           f"vs {theirs['nsp']:.6f}; max |diff| {max(diffs.values()):.2g}")
     assert max(diffs.values()) < 1e-5, diffs
 
-    recorded = json.loads((workdir / "config.json").read_text())
+    recorded = run_record.read(workdir)[0]
     assert recorded["init"]["kind"] == "huggingface" and recorded["init"]["step"] is None
     assert recorded["model"]["hidden_size"] == 64 and recorded["model"]["size"] == ""
 
@@ -191,7 +191,7 @@ def test_continue_from_workdir_then_rerun_resumes_its_own_checkpoints(pretrained
     first_eval = next(m for m in read_metrics(full) if m["step"] == 0)
     src_eval = [m for m in read_metrics(pretrained) if "eval/loss" in m][-1]
     assert first_eval["eval/loss"] == pytest.approx(src_eval["eval/loss"], abs=1e-6)  # its weights
-    init = json.loads((full / "config.json").read_text())["init"]
+    init = run_record.read(full)[0]["init"]
     assert (init["kind"], init["step"], init["init"]) == ("checkpoint", 3, str(pretrained))
 
     # Stopped at step 4 (SIGTERM's path), then rerun: from its own checkpoint, never from SRC.

@@ -1,6 +1,5 @@
 """`python -m models.hf export` on a real pretraining workdir: transformers gives our logits."""
 
-import json
 
 import jax
 import numpy as np
@@ -15,6 +14,7 @@ from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
 from pretrain.__main__ import main as pretrain
 from conftest import tiny_flags
+from training import run_record
 from training.checkpoint import read_params
 from training.state import abstract_model
 
@@ -31,7 +31,7 @@ def pretrained(request, tmp_path_factory, data_dir):
 def test_exported_pretraining_checkpoint_matches_ours(pretrained, tmp_path):
     out = tmp_path / "hf"
     hf_cli.main(["export", "--checkpoint", str(pretrained), "--out", str(out)])
-    config = json.loads((pretrained / "config.json").read_text())
+    config = run_record.read(pretrained)[0]
     cfg = BertConfig.from_model_config(config["model"])
     params, step = read_params(pretrained)
     assert step == 3

@@ -17,7 +17,7 @@ from conftest import stop_at
 from finetune.train import train_and_evaluate as finetune
 from models import hf_cli
 from pretrain.train import train_and_evaluate as pretrain
-from training import loop
+from training import loop, run_record
 from training.checkpoint import read_params
 from training.metrics import read_metrics
 
@@ -100,7 +100,7 @@ def test_fine_tuning_a_new_family_from_its_checkpoint_resumes_bitwise(pretrained
     assert train_rows(tmp_path / "stopped") == train_rows(tmp_path / "full")
     for key in ("dev", "test", "best_step"):
         assert resumed[key] == full[key]
-    recorded = json.loads((tmp_path / "stopped" / "source.json").read_text())
+    recorded = run_record.read(tmp_path / "stopped")[1]["source"]
     assert (recorded["init"], recorded["family"], recorded["encoder"]) == (str(source), "linreg", {"inputs": D, "hidden": H})
     assert_same_params(tmp_path / "stopped", tmp_path / "full")
 
@@ -125,3 +125,42 @@ def test_continued_with_init_starts_from_the_source_and_exports_through_its_reco
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["architectures"], config["model_type"], config["input_size"]) == (
         ["ToyLinRegForRegression"], "toy_linreg", D)
+
+
+def as_before_run_json(workdir):
+    """Rewrites a workdir as runs wrote them before run.json: config.json resolved in place, a
+    fine-tuning run's source in source.json."""
+    config, record = run_record.read(workdir)
+    (workdir / "run.json").unlink()
+    if record["trainer"] == "finetune":
+        (workdir / "source.json").write_text(json.dumps(record["source"]))
+        config.pop("init", None)
+    (workdir / "config.json").write_text(json.dumps(config))
+
+
+def test_old_workdirs_with_config_json_only_resume_fine_tune_and_export(pretrained, tmp_path, monkeypatch):
+    source, _ = pretrained
+    pre, ft = configs()
+    old = tmp_path / "old"
+    stop_at(monkeypatch, 5)
+    pretrain(pre, old)
+    monkeypatch.undo()
+    as_before_run_json(old)
+    pretrain(pre, old)  # resumes from step 5 and ends where the uninterrupted run did
+    assert train_rows(old) == train_rows(source)
+    assert_same_params(old, source)
+
+    as_before_run_json(old)
+    assert finetune(ft, tmp_path / "ft", str(old))["dev"]["pearson"] > 0.5
+    hf_cli.main(["export", "--checkpoint", str(old), "--out", str(tmp_path / "hf_old")])
+    hf_cli.main(["export", "--checkpoint", str(source), "--out", str(tmp_path / "hf_new")])
+    for name, x in load_file(tmp_path / "hf_new" / "model.safetensors").items():
+        np.testing.assert_array_equal(load_file(tmp_path / "hf_old" / "model.safetensors")[name], x)
+
+    stop_at(monkeypatch, 4)
+    finetune(ft, tmp_path / "ft_old", str(old))
+    monkeypatch.undo()
+    as_before_run_json(tmp_path / "ft_old")
+    resumed = finetune(ft, tmp_path / "ft_old", str(old))  # its source from source.json
+    assert train_rows(tmp_path / "ft_old") == train_rows(tmp_path / "ft")
+    assert resumed["dev"] == json.loads((tmp_path / "ft" / "results.json").read_text())["dev"]

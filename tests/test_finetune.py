@@ -22,6 +22,7 @@ from finetune.text import SequenceClassifier
 from training.init_source import load_encoder, resolve_source
 from finetune.train import train_and_evaluate
 from models.layers import stack_layers
+from training import run_record
 from training.checkpoint import read_params
 from training.metrics import read_metrics
 
@@ -152,7 +153,7 @@ def test_init_from_step_folder_and_huggingface_folder(pretrained, tmp_path):
     assert_trees_equal(load_encoder(step), encoder_of(pretrained))
 
     params, _ = read_params(pretrained)
-    cfg = BertConfig.from_model_config(json.loads((pretrained / "config.json").read_text())["model"])
+    cfg = BertConfig.from_model_config(run_record.read(pretrained)[0]["model"])
     hf.export_params(params, cfg, tmp_path / "hf", architecture="BertForPreTraining",
                      tokenizer=pretrained / "tokenizer")
     source = resolve_source(str(tmp_path / "hf"))

@@ -20,6 +20,7 @@ from models.mae import MAEConfig, MAEForPreTraining
 from pretrain.__main__ import main as pretrain_main
 from pretrain.mae import objective, train_flops
 from training import mesh as mesh_lib
+from training import run_record
 from training.checkpoint import read_params
 from training.metrics import read_metrics
 from training.optim import make_optimizer
@@ -108,7 +109,7 @@ def test_pretraining_stopped_and_rerun_continues_bitwise(pretrained):
     evals = [m["eval/loss"] for m in read_metrics(root / "full") if "eval/loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert (root / "full" / "reconstruction.png").stat().st_size > 1000
-    config = json.loads((root / "full" / "config.json").read_text())
+    config = run_record.read(root / "full")[0]
     assert config["family"] == "mae" and config["data"]["image_mean"] == [0.1307]
     for a, b in zip(jax.tree.leaves(read_params(root / "full")[0]), jax.tree.leaves(read_params(root / "stopped")[0])):
         np.testing.assert_array_equal(a, b)
@@ -124,7 +125,7 @@ def test_continued_pretraining_starts_from_the_source_weights(pretrained, data_d
     run(tmp_path / "continued", "--init", str(root / "full"))
     first = [m for m in read_metrics(tmp_path / "continued") if "eval/loss" in m][0]
     assert first["step"] == 0 and abs(first["eval/loss"] - source_eval) < 1e-5, (first, source_eval)
-    config = json.loads((tmp_path / "continued" / "config.json").read_text())
+    config = run_record.read(tmp_path / "continued")[0]
     assert config["init"]["family"] == "mae" and config["init"]["step"] == 14
     run(tmp_path / "random")
     random_first = [m for m in read_metrics(tmp_path / "random") if "eval/loss" in m][0]

@@ -31,7 +31,7 @@ from flax import nnx
 from models.layers import is_stacked
 from training import collectives, storage
 from training.errors import UserError
-from training.validate import trainer
+from training import run_record
 
 
 def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
@@ -440,10 +440,10 @@ def load_checkpoint_params(src) -> tuple[dict, dict, object, str]:
         raise UserError(f"{config_path} not found: pass a workdir written by python -m pretrain "
                         f"or python -m finetune (or one of its checkpoints/<step> folders)")
     try:
-        config = json.loads(config_path.read_text())
+        config, record = run_record.read(workdir)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is not valid JSON ({_line(e)}); restore it from the run "
                         f"that wrote it") from e
     params, _ = read_params(src)
     tokenizer = workdir / "tokenizer"
-    return params, config["model"], tokenizer if tokenizer.is_dir() else None, trainer(config)
+    return params, config["model"], tokenizer if tokenizer.is_dir() else None, record["trainer"]

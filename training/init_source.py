@@ -20,7 +20,7 @@ import numpy as np
 from models import family as families
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
-from training import storage
+from training import run_record, storage
 from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
 
@@ -77,10 +77,10 @@ def _resolve(init: str, usage: str) -> Source:
         run_dir = directory.parent
         if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} has checkpoints but no config.json; {usage}")
-        run_config = json.loads((run_dir / "config.json").read_text())
+        run_config, record = run_record.read(run_dir)
         spec = families.of_config(run_config)
-        if (run_dir / "source.json").is_file():  # a fine-tuning workdir: its encoder as recorded
-            encoder = json.loads((run_dir / "source.json").read_text())["encoder"]
+        if record["trainer"] == "finetune":  # a fine-tuning workdir: its encoder as recorded
+            encoder = _finetune_record(run_dir, record)["encoder"]
         else:
             try:
                 encoder = dataclasses.asdict(spec.config_class.from_model_config(run_config["model"]))
@@ -119,7 +119,7 @@ def run_source(workdir, init: str | None, resolve=resolve_source) -> Source | No
     except UserError:  # no checkpoints yet: a fresh start
         return resolve(init) if init is not None else None
     config = storage.as_path(workdir) / "config.json"
-    record = json.loads(config.read_text()).get("init") if config.is_file() else None
+    record = run_record.read(workdir)[0].get("init") if config.is_file() else None
     if record is None:
         if init is not None:
             raise UserError(f"{workdir} already has checkpoints of a run from random weights; "
@@ -140,12 +140,17 @@ def recorded_source(record: dict, init: str | None, workdir) -> Source:
 
 def finetune_source(workdir, init: str, family: str) -> tuple[Source, bool]:
     """(the source of a fine-tuning run, whether this is a rerun): a rerun keeps the source as
-    first resolved in workdir/source.json (its step stays pinned) and must name the same --init."""
-    recorded = storage.as_path(workdir) / "source.json"
-    if not recorded.is_file():
-        return resolve_source(init, family=family), False
-    record = {"family": family, **json.loads(recorded.read_text())}  # older records name none
-    return recorded_source(record, init, workdir), True
+    first recorded in its run.json (its step stays pinned) and must name the same --init."""
+    workdir = storage.as_path(workdir)
+    if (workdir / "config.json").is_file() and run_record.read(workdir)[1]["trainer"] == "finetune":
+        record = {"family": family, **_finetune_record(workdir, run_record.read(workdir)[1])}
+        return recorded_source(record, init, workdir), True  # older records name no family
+    return resolve_source(init, family=family), False
+
+
+def _finetune_record(run_dir, record: dict) -> dict:
+    """A fine-tuning run's source as it recorded it: run.json's, or source.json before run.json."""
+    return record.get("source") or json.loads((run_dir / "source.json").read_text())
 
 
 def load_encoder(source: Source) -> dict:
