@@ -15,7 +15,7 @@ from infra.errors import UserError
 from models.hf import (DEFAULT_MAX_SHARD_BYTES, DTYPES, ConversionError, check_out_dir, export_run,
                        records)
 from training import run_record
-from training.checkpoint import load_checkpoint_params
+from training.checkpoint_reader import load_checkpoint_params
 
 
 def _parse_bytes(text: str) -> int:

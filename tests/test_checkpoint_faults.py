@@ -15,7 +15,8 @@ from etils import epath
 
 from conftest import mounted_tmpfs
 from models import hf, hf_cli
-from training.checkpoint import Checkpointer, read_params
+from training.checkpoint import Checkpointer
+from training.checkpoint_reader import read_params
 from training.errors import UserError
 
 # A handler patched to fail leaves the other handlers' save coroutines unstarted.

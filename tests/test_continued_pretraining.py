@@ -26,7 +26,7 @@ from models.tokenizer import Tokenizer
 from training import init_source, run_record
 from pretrain.prepare import prepare
 from pretrain.train import train_and_evaluate
-from training.checkpoint import read_params
+from training.checkpoint_reader import read_params
 from training.init_source import resolve_source, source_params
 from training.metrics import read_metrics
 from training.state import init_params

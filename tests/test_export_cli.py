@@ -15,7 +15,7 @@ from models.tokenizer import Tokenizer
 from pretrain.__main__ import main as pretrain
 from conftest import tiny_flags
 from training import run_record
-from training.checkpoint import read_params
+from training.checkpoint_reader import read_params
 from training.state import abstract_model
 
 

@@ -18,7 +18,7 @@ from finetune.train import train_and_evaluate as finetune
 from models import hf_cli
 from pretrain.train import train_and_evaluate as pretrain
 from training import loop, run_record
-from training.checkpoint import read_params
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 
 D, H = len(toy_family.W_TRUE), 4

@@ -23,7 +23,7 @@ from training.init_source import load_encoder, resolve_source
 from finetune.train import train_and_evaluate
 from models.layers import stack_layers
 from training import run_record
-from training.checkpoint import read_params
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

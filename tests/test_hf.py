@@ -521,7 +521,6 @@ def test_sharded_export(tiny, tmp_path):
 
 
 def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
-    checkpoint = pytest.importorskip("training.checkpoint")
     _, params, cfg, _ = tiny
     tok_dir = write_vocab(tmp_path / "tok").parent
     seen = []
@@ -530,7 +529,7 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
         seen.append(src)
         return params, {"size": "tiny", "vocab_size": VOCAB, "max_position": MAX_POS}, tok_dir, "pretrain"
 
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params", fake_load, raising=False)
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params", fake_load, raising=False)
     hf_cli.main(["export", "--checkpoint", "WORKDIR", "--out", str(tmp_path / "out"), "--max-shard-size", "1MB"])
     assert seen == ["WORKDIR"] and "BertForPreTraining" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "out").iterdir()}
@@ -551,7 +550,6 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
 def test_cli_export_reads_the_model_group_strictly(tiny, tmp_path, monkeypatch, capsys):
     """A fine-tuning model group may carry pooling and classifier_dropout; any other key that is
     not a BertConfig field (a typo) is a one-line error, not silently dropped."""
-    checkpoint = pytest.importorskip("training.checkpoint")
     _, params, cfg, _ = tiny
     cls_params = classifier_params(params, cfg, 2)
     group = {"size": "tiny", "vocab_size": VOCAB, "max_position": MAX_POS, "pooling": "cls",
@@ -559,7 +557,7 @@ def test_cli_export_reads_the_model_group_strictly(tiny, tmp_path, monkeypatch, 
     loads = iter([(cls_params, group, None, "finetune"),
                   (params, {**group, "pooling": "mean"}, None, "finetune"),
                   (params, {"size": "tiny", "vocab_size": VOCAB, "max_postion": MAX_POS}, None, "pretrain")])
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params", lambda src: next(loads), raising=False)
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params", lambda src: next(loads), raising=False)
     hf_cli.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "cls"), "--labels", "no,yes"])
     assert "BertForSequenceClassification (finetune checkpoint)" in capsys.readouterr().out
     assert hf.import_params(tmp_path / "cls")[1] == cfg

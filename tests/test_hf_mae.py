@@ -412,11 +412,10 @@ def test_config_from_hf():
 
 def fake_run(tmp_path, monkeypatch, params, run_config, kind):
     """A workdir whose config.json is `run_config`, with `params` as its checkpoint."""
-    checkpoint = pytest.importorskip("training.checkpoint")
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / "3").mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(run_config))
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params",
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params",
                         lambda src: (params, run_config["model"], None, kind), raising=False)
     return workdir
 

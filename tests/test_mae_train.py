@@ -21,7 +21,7 @@ from pretrain.__main__ import main as pretrain_main
 from pretrain.mae import objective, train_flops
 from training import mesh as mesh_lib
 from training import run_record
-from training.checkpoint import read_params
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 from training.optim import make_optimizer
 from training.state import create_train_state

@@ -21,7 +21,7 @@ from models import family as families
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
 from training import run_record, storage
-from training.checkpoint import read_params, resolve_step_dir
+from training.checkpoint_reader import read_params, resolve_step_dir
 from training.errors import UserError
 
 USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, a HuggingFace model "
