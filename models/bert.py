@@ -291,4 +291,5 @@ SPEC = register(FamilySpec(
                   "intermediate_size", "type_vocab_size", "layer_norm_eps", "initializer_range"),
     pretrain="pretrain.bert", finetune="finetune.text", hf="models.hf_bert:BERT",
     tokenizer="wordpiece", heads=("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler"),
+    pretrain_sources=("BertForPreTraining", "BertForMaskedLM", "BertModel"),
     checks=_checks(), cross_check=_sequence_budget))

@@ -39,6 +39,7 @@ class FamilySpec:
     tokenizer: str = "none"         # "wordpiece" | "bpe" | "none" (images)
     encoder: str = "encoder"        # the subtree of pretraining params that fine-tuning takes
     heads: tuple[str, ...] = ()     # pretraining params a source may lack (start random)
+    pretrain_sources: tuple[str, ...] = ()  # HF classes pretraining's --init takes (empty: all)
     checks: dict = dataclasses.field(default_factory=dict)  # trainer -> {config key: rule}
     cross_check: Callable[[Any, str], str | None] | None = None  # (config, trainer) -> problem
 

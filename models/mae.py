@@ -422,4 +422,4 @@ def _checks() -> dict:
 SPEC = register(FamilySpec(
     name="mae", config_class=MAEConfig, sizes=SIZES, size_of=size_name, shape_fields=SHAPE_FIELDS,
     pretrain="pretrain.mae", finetune="finetune.image", hf="models.hf_mae:MAE",
-    heads=("decoder",), checks=_checks()))
+    heads=("decoder",), pretrain_sources=("ViTMAEForPreTraining", "ViTMAEModel"), checks=_checks()))

@@ -115,18 +115,18 @@ def test_pretraining_stopped_and_rerun_continues_bitwise(pretrained):
         np.testing.assert_array_equal(a, b)
 
 
-def test_continued_pretraining_starts_from_the_source_weights(pretrained, data_dir, tmp_path):
+def test_continued_pretraining_starts_from_the_source_weights(data_dir, tmp_path):
     """--init of an MAE workdir (the code BERT's --init uses): the first evaluation, on the same
     eval batches, equals the source's last one; a random start (the negative control) does not."""
-    root, _ = pretrained
-    source_eval = [m["eval/loss"] for m in read_metrics(root / "full") if "eval/loss" in m][-1]
-    run = lambda workdir, *init: pretrain_main(["--workdir", str(workdir), *init,
-                                                *flags(data_dir, train__steps=1)])
-    run(tmp_path / "continued", "--init", str(root / "full"))
+    run = lambda workdir, *init, steps=1: pretrain_main(["--workdir", str(workdir), *init,
+                                                         *flags(data_dir, train__steps=steps)])
+    run(tmp_path / "source", steps=4)
+    source_eval = [m["eval/loss"] for m in read_metrics(tmp_path / "source") if "eval/loss" in m][-1]
+    run(tmp_path / "continued", "--init", str(tmp_path / "source"))
     first = [m for m in read_metrics(tmp_path / "continued") if "eval/loss" in m][0]
     assert first["step"] == 0 and abs(first["eval/loss"] - source_eval) < 1e-5, (first, source_eval)
     config = run_record.read(tmp_path / "continued")[0]
-    assert config["init"]["family"] == "mae" and config["init"]["step"] == 14
+    assert config["init"]["family"] == "mae" and config["init"]["step"] == 4
     run(tmp_path / "random")
     random_first = [m for m in read_metrics(tmp_path / "random") if "eval/loss" in m][0]
     assert abs(random_first["eval/loss"] - source_eval) > 1e-3

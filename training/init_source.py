@@ -264,13 +264,13 @@ def pretrain_source(config, workdir, init: str | None, explicit) -> Source | Non
     against the config (the family, flags that contradict it, the architectures its record
     takes); sets what it fixes (the model's shape, data.tokenizer) and records it in config.init."""
     spec = families.of_config(config)
-    record = spec.hf_record() if spec.hf else None
+    classes = spec.pretrain_sources or (tuple(spec.hf_record().architectures) if spec.hf else ())
     usage = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or a HuggingFace "
-             + (" / ".join(record.architectures) if record else spec.name) + " folder")
+             + (" / ".join(classes) or spec.name) + " folder")
     source = run_source(workdir, init, lambda i: resolve_source(i, usage, family=spec.name))
     if source is None:
         return None
-    if source.kind == "huggingface" and record and source.architecture not in record.architectures:
+    if source.kind == "huggingface" and source.architecture not in classes:
         raise UserError(f"--init {source.init} holds a {source.architecture}; {usage}")
     tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
     check_overrides(config, explicit, source, tokenizer,
