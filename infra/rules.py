@@ -6,6 +6,7 @@ They sit in the bottom package so that a family's spec under models/ can state i
 
 import dataclasses
 import math
+import re
 
 INT32_MAX = 2**31 - 1  # steps, sizes and seeds end up in int32 arrays or counters
 
@@ -75,6 +76,18 @@ class Text:
 
     def allowed(self) -> str:
         return self.meaning or ("a non-empty string" if self.required else "a string")
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """A range of steps, START:COUNT (both >= 1), or "" for none."""
+
+    def ok(self, v) -> bool:
+        return isinstance(v, str) and (v == "" or re.fullmatch(r"[1-9][0-9]{0,8}:[1-9][0-9]{0,8}", v)
+                                       is not None)
+
+    def allowed(self) -> str:
+        return "START:COUNT (3:2 is steps 3 and 4), or '' for none"
 
 
 @dataclasses.dataclass(frozen=True)

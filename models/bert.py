@@ -262,8 +262,10 @@ def _checks() -> dict:
             # One source or a weighted mixture (news:0.7,task:rt_polarity:0.3): data/corpora.py
             # parses the weights and names a bad one.
             "data.source": Text(required=True, names=("news", "pydocs"),
-                                prefixes=("files:", "tfds:", "task:", "news:", "pydocs:"),
-                                meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME or "
+                                prefixes=("files:", "tfds:", "task:", "news:", "pydocs:", "parquet:",
+                                          "hf:"),
+                                meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME, "
+                                        "parquet:GLOB[:COLUMN], hf:PATH[:SPLIT][:COLUMN] or "
                                         "SOURCE:WEIGHT,SOURCE:WEIGHT,..."),
             "data.objective": Choice(OBJECTIVES, "pretraining objective"),
             "data.seed": SEED,

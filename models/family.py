@@ -16,7 +16,7 @@ from typing import Any, Callable
 from infra.errors import UserError
 
 DEFAULT = "bert"  # the family of a config or workdir that names none (runs before `family` existed)
-_MODULES = {"bert": "models.bert", "mae": "models.mae"}  # where each package family registers
+_MODULES = {"bert": "models.bert", "mae": "models.mae", "modernbert": "models.modernbert"}  # where each package family registers
 _SPECS: dict[str, "FamilySpec"] = {}
 
 
@@ -33,7 +33,7 @@ class FamilySpec:
     sizes: dict                     # the size table: name -> shape tuple
     size_of: Callable[[Any], str]   # a config -> its `sizes` name, or "custom"
     shape_fields: tuple[str, ...]   # the config fields a source fixes (written into config.model)
-    pretrain: str                   # module with `setup(config, workdir, init, explicit)` (or
+    pretrain: str | None = None     # module with `setup(config, workdir, init, explicit)` (or
     finetune: str | None = None     # "module:function"); the same for fine-tuning
     hf: str | None = None           # "module:NAME" of its models.hf_table.Family record
     tokenizer: str = "none"         # "wordpiece" | "bpe" | "none" (images)

@@ -13,7 +13,7 @@ import ml_collections
 
 from infra.errors import UserError
 from infra.rules import (BETA, COUNT, DECAYS, DROPOUT, DTYPES, MESH_AXIS, NONNEG, PROB, RATE, SEED,  # noqa: F401
-                         REMATS, Bool, Choice, Int, Real, Text)
+                         REMATS, Bool, Choice, Int, Real, Span, Text)
 from models import family as families
 
 # What every run has, whatever its trainer and family.
@@ -42,6 +42,8 @@ _COMMON = {
     "checkpoint.every_seconds": Real(0),
     "perf.peak_tflops": Real(0),        # 0: look the chip up
     "wandb.project": Text(),
+    "profile.steps": Span(),            # a jax.profiler trace of these steps (training/profiling.py)
+    "profile.all_processes": Bool(),
 }
 
 _PRETRAIN = {
