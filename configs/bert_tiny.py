@@ -30,7 +30,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.family = "bert"                # the model family: pretrain/families.py
+    c.family = "bert"                # the model family: models/family.py
 
     c.model = ml_collections.ConfigDict()
     c.model.size = "tiny"            # with --init: SRC's shape (size, vocab_size, max_position)

@@ -23,7 +23,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.family = "bert"                # the encoder family: finetune/families.py
+    c.family = "bert"                # the encoder family: models/family.py
 
     # The encoder's shape comes from --init; these apply only with --init none (size,
     # vocab_size, max_position), or always (dropout, attention, dtype, remat, classifier_dropout, pooling).

@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from training import storage
+from infra import storage
 
 # group_size:1 lets every record be read on its own (random access for a global shuffle).
 WRITER_OPTIONS = "group_size:1"

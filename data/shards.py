@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from etils import epath
 
-from training import storage
+from infra import storage
 
 POLL_SECONDS = (0.05, 2.0)  # how often a process looks for the others' shards: first, at most
 

@@ -12,7 +12,6 @@ which is what BatchNorm's running averages converge to when the features cannot 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +21,12 @@ from flax import nnx
 from data.images import Augment, ImageExample, load_images
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup
+from finetune.setup import FinetuneSetup
 from models.layers import normal, zeros
 from models.mae import MAEConfig, MAEEncoder
 from training import storage
-from training.checkpoint import read_params, resolve_step_dir
 from training.errors import UserError
-from training.init_source import take_params
+from training.init_source import finetune_source, load_encoder, take_params
 
 POOLINGS = ("cls", "mean")
 _TRAIN_TAG = 0x46544947  # "FTIG": fine-tuning augmentation
@@ -110,37 +108,6 @@ def mixer(mixup_alpha: float, cutmix_alpha: float):
 
 
 # ---------------------------------------------------------------------------------------------
-# Where the encoder comes from
-# ---------------------------------------------------------------------------------------------
-
-def _source_encoder(init: str) -> tuple[dict, dict, str | None, int | None]:
-    """(encoder params, its MAEConfig fields, the folder read, its step) of an --init source."""
-    path = storage.as_path(init)
-    if not path.is_dir():
-        raise UserError(f"--init {init}: no such folder; pass an MAE pretraining workdir, one of "
-                        f"its checkpoints/<step> folders, a HuggingFace ViTMAE folder, or none")
-    if (path / "checkpoints").is_dir() or path.name.isdigit():
-        directory, step = resolve_step_dir(path)
-        config_file = directory.parent / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        if config.get("family") != "mae":
-            raise UserError(f"--init {init} is a {config.get('family', 'bert')} run, not an MAE one; "
-                            f"pass an MAE pretraining workdir")
-        params, _ = read_params(directory / str(step))
-        try:
-            cfg = MAEConfig.from_model_config(config["model"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{config_file}: its model group does not describe an MAE ({e})") from None
-        return params["encoder"], cfg, str(directory / str(step)), step
-    from models.hf import ConversionError, import_params
-    try:
-        params, cfg, _ = import_params(path, architecture="ViTMAEModel")
-    except ConversionError as e:
-        raise UserError(f"--init {init}: {e}") from None
-    return params["encoder"], cfg, str(path), None
-
-
-# ---------------------------------------------------------------------------------------------
 # The setup
 # ---------------------------------------------------------------------------------------------
 
@@ -159,7 +126,7 @@ class _Split:
         return len(self.source)
 
 
-def setup(config, workdir, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     dc, mc, method = config.data, config.model, config.method
     task = tasks.get_task(dc.task)
     if mc.pooling not in POOLINGS:
@@ -169,12 +136,12 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
     except DataError as e:
         raise UserError(str(e)) from None
     model_fields = {k: mc[k] for k in ("size", "dtype", "remat", "drop_path") if k in mc}  # the rest: the source's
-    source_params = None
-    if init == "none":
-        cfg, folder, step = MAEConfig.from_model_config(model_fields), None, None
+    source, _ = finetune_source(workdir, init, config.family)
+    if source.kind == "none":
+        cfg = MAEConfig.from_model_config(model_fields)
     else:
-        source_params, cfg, folder, step = _source_encoder(init)
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in model_fields.items() if k != "size"})
+        cfg = dataclasses.replace(source.model_config(),
+                                  **{k: v for k, v in model_fields.items() if k != "size"})
     if data.num_channels != cfg.num_channels:
         raise UserError(f"{data.name} has {data.num_channels}-channel images but the encoder takes "
                         f"{cfg.num_channels}; use an encoder pretrained on such images")
@@ -209,8 +176,8 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
 
     def initial_params(fresh: dict) -> dict:
         params = dict(fresh)
-        if source_params is not None:
-            params["encoder"] = take_params(source_params, fresh["encoder"], init)[0]
+        if source.kind != "none":
+            params["encoder"] = take_params(load_encoder(source), fresh["encoder"], init)[0]
         if probe:
             params["probe_mean"], params["probe_var"] = _feature_stats(model_fn, params, probe_images())
         return params
@@ -219,15 +186,16 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
         for field, value in dataclasses.asdict(cfg).items():
             mc[field] = value
         dc.image_mean, dc.image_std = list(data.mean), list(data.std)
-    source = {"init": init, "kind": "none" if init == "none" else "checkpoint" if step is not None
-              else "huggingface", "path": folder, "step": step}
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
-          f"; MAE encoder from {source['kind']}" + (f" {folder}" if folder else ""))
-    return Setup(task=task, splits=splits, label_names=[str(c) for c in range(data.num_classes)],
+          f"; MAE encoder from {source.kind}" + (f" {source.path}" if source.path else ""))
+    source.encoder = dataclasses.asdict(cfg)
+    provenance = {k: getattr(source, k) for k in ("init", "kind", "path", "step")}
+    return FinetuneSetup(task=task, splits=splits, label_names=[str(c) for c in range(data.num_classes)],
                  encode=encode, model_fn=model_fn, predict=predict,
                  depth=encoder_depth(cfg.num_layers), num_layers=cfg.num_layers,
                  initial_params=initial_params, save_assets=lambda folder: None,
-                 source={**source, "encoder": dataclasses.asdict(cfg)}, results={"source": source, "encoder": dataclasses.asdict(cfg)},
+                 source=dataclasses.asdict(source),
+                 results={"source": provenance, "encoder": dataclasses.asdict(cfg)},
                  fixed=lambda keys: keys[0] in ("probe_mean", "probe_var"),
                  mix=mixer(method.mixup_alpha, method.cutmix_alpha))
 

@@ -12,7 +12,6 @@ loads a ModernBertForMaskedLM's weights into the classifier; the classifier star
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
@@ -20,21 +19,15 @@ import numpy as np
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup
-from finetune.text import _source, _tokenizer
+from finetune.setup import FinetuneSetup
+from finetune.text import _tokenizer
+from infra import storage
+from infra.errors import UserError
 from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
-from training import storage
-from training.errors import UserError
-from training.init_source import encoder_reader, load_params, resolve_source, take_params
+from training.init_source import finetune_source, load_params, take_params
 
-USAGE = ("pass a ModernBERT pretraining or fine-tuning workdir, one of its checkpoints/<step> "
-         "folders, or none")
 FINETUNE_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layers", "attention")
 MODEL_KEYS = ("classifier_dropout", "pooling")  # config.model fields of the classifier, not the encoder
-
-
-resolve = functools.partial(resolve_source, usage=USAGE, family="ModernBERT",
-                            read_encoder=encoder_reader("modernbert", ModernBertConfig, MODEL_KEYS))
 
 
 def encoder_config(config, source, tokenizer) -> ModernBertConfig:
@@ -75,10 +68,10 @@ def predict(model, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["attention_mask"], key=key)
 
 
-def setup(config, workdir, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     dc = config.data
     task = tasks.get_task(dc.task)
-    source, rerun = _source(workdir, init, resolve)
+    source, rerun = finetune_source(workdir, init, config.family)
     try:
         tfds = [dc.task] if dc.task.startswith("glue/") else []
         data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
@@ -112,7 +105,7 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
             raise UserError(f"checkpoint {source.path} has no encoder parameters")
         return {**fresh, **taken}
 
-    return Setup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
+    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
                  model_fn=model_fn, predict=predict, depth=depth(cfg.num_layers),
                  num_layers=cfg.num_layers, initial_params=initial_params,
                  save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),

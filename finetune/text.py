@@ -10,7 +10,6 @@ shape and tokenizer always come from the source; a flag that contradicts them is
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +19,15 @@ from flax import nnx
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
-from finetune.families import Setup
-from models.bert import BertConfig, BertEncoder
+from finetune.setup import FinetuneSetup
+from models.bert import SPEC, BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
 from models.layers import dropout, fold, normal, zeros
 from models.tokenizer import Tokenizer
 from training import storage
 from training.errors import UserError
-from training.init_source import (Source, check_overrides, describe_encoder, load_params,  # noqa: F401
-                                  load_tokenizer, recorded_source, resolve_source, size_name,
-                                  take_params)
+from training.init_source import (Source, check_overrides, describe_model, finetune_source,
+                                  load_encoder, load_tokenizer, take_params)
 
 POOLINGS = ("cls", "mean")
 
@@ -86,14 +84,6 @@ def encoder_depth(num_layers: int):
 # Where the encoder (and its tokenizer) come from
 # ---------------------------------------------------------------------------------------------
 
-def load_encoder(source: Source) -> dict:
-    """The source's encoder parameters as host numpy arrays (int layer keys)."""
-    params = load_params(source, architecture="BertModel")
-    if "encoder" not in params:
-        raise UserError(f"checkpoint {source.path} has no encoder parameters")
-    return params["encoder"]
-
-
 def _tokenizer(config, source: Source, train, workdir, rerun: bool) -> Tokenizer:
     """The source's tokenizer, else data.tokenizer, else WordPiece trained on the train texts;
     a rerun loads the copy this run saved in workdir/tokenizer."""
@@ -113,25 +103,16 @@ def _tokenizer(config, source: Source, train, workdir, rerun: bool) -> Tokenizer
     return tokenizer
 
 
-def _source(workdir, init: str, resolve=resolve_source) -> tuple[Source, bool]:
-    """(the source, whether this is a rerun): a rerun keeps the source as first resolved (its
-    step stays pinned) and must name the same --init."""
-    recorded = workdir / "source.json"
-    if not recorded.is_file():
-        return resolve(init), False
-    return recorded_source(json.loads(recorded.read_text()), init, workdir), True
-
-
 # ---------------------------------------------------------------------------------------------
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-def setup(config, workdir, init: str, explicit: set) -> Setup:
+def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     dc = config.data
     task = tasks.get_task(dc.task)
     if config.model.pooling not in POOLINGS:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
-    source, rerun = _source(workdir, init)
+    source, rerun = finetune_source(workdir, init, config.family)
     try:
         tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
         data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
@@ -151,7 +132,7 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
         except ValueError as e:
             raise UserError(f"config.model: {e}") from None
         source.encoder = dataclasses.asdict(bert)
-    bert = dataclasses.replace(source.bert_config(), dropout=config.model.dropout,
+    bert = dataclasses.replace(source.model_config(), dropout=config.model.dropout,
                                attention_dropout=config.model.attention_dropout,
                                dtype=config.model.dtype, remat=config.model.remat,
                                scan_layers=config.model.scan_layers,
@@ -162,9 +143,9 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
     if dc.max_seq_len > bert.max_position:
         raise UserError(f"data.max_seq_len={dc.max_seq_len} exceeds the encoder's {bert.max_position} "
                         f"positions")
-    describe_encoder(config, bert)
+    describe_model(config, SPEC, bert)
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
-          f"; encoder {size_name(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
+          f"; encoder {SPEC.size_of(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
 
     def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
         out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
@@ -179,7 +160,7 @@ def setup(config, workdir, init: str, explicit: set) -> Setup:
             return fresh
         return {**fresh, "encoder": take_params(load_encoder(source), fresh["encoder"], source.init)[0]}
 
-    return Setup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
+    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
                  model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
                  num_layers=bert.num_layers, initial_params=initial_params,
                  save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),

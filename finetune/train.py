@@ -1,7 +1,7 @@
 """Fine-tuning, top to bottom: any model family's encoder on a labelled task, on the shared loop.
 
 `train_and_evaluate(config, workdir, init)` asks the family named by `config.family`
-(finetune/families.py) for the task's data, the model (the source's encoder and a fresh head)
+(its spec, models/family.py) for the task's data, the model (the source's encoder and a fresh head)
 and where the encoder comes from, then trains with the method in `config.method` (full
 fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing) on
 training/loop.py. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
@@ -22,13 +22,13 @@ import numpy as np
 
 from data import labelled
 from finetune import tasks
-from finetune.families import FAMILIES
+from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
-from training.config import save_config
+from training import run_record
 from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
@@ -61,7 +61,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                         f"{task.name} is a regression task")
 
     # ---- Family: data, model, source ---------------------------------------------------------
-    family = FAMILIES.get(config.get("family", "bert"))(config, workdir, init, set(explicit))
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
+    family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     eval_batch = config.eval.batch_size or tc.batch_size
@@ -136,8 +137,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
             # best/ is a run folder of its own: `--init WORKDIR/best` and `python -m models.hf
             # export --checkpoint WORKDIR/best` read the best dev checkpoint with its config.
             for folder in (workdir, workdir / "best"):
-                (folder / "source.json").write_text(json.dumps(family.source, indent=1) + "\n")
-                save_config(config, folder / "config.json")
+                run_record.write(folder, given, config.to_dict(), "finetune", family.source)
             family.save_assets(workdir / "best")
 
         def evaluate(params, step: int) -> dict[str, float]:

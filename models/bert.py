@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infra.rules import (COUNT, DROPOUT, NONNEG, OBJECTIVES, POOLINGS, PROB, SEED, TASKS, Bool,
+                         Choice, Int, Real, Text)
+from models.family import FamilySpec, register
 from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
                            layer_norm, make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
@@ -216,3 +219,79 @@ class BertForPreTraining(nnx.Module):
         logits_BTV = tied_logits(h_BTD, self.encoder.embed.word.embedding[...], self.mlm_bias[...])
         logits_BTV = constrain(logits_BTV, "batch", None, "vocab")
         return logits_BTV, self.nsp(pooled_BD).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family spec: what the shared code asks of BERT (models/family.py)
+# ---------------------------------------------------------------------------------------------
+
+def size_name(cfg: BertConfig) -> str:
+    """The SIZES name of an encoder shape, or "custom"."""
+    for name, (layers, hidden, heads) in SIZES.items():
+        if (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (
+                layers, hidden, heads, 4 * hidden):
+            return name
+    return "custom"
+
+
+def _sequence_budget(c, trainer: str) -> str | None:
+    if trainer == "pretrain" and c.data.max_predictions > c.data.max_seq_len:
+        return (f"data.max_predictions={c.data.max_predictions} exceeds "
+                f"data.max_seq_len={c.data.max_seq_len}; lower it")
+    if trainer == "pretrain" and c.data.max_seq_len > c.model.max_position:
+        return (f"data.max_seq_len={c.data.max_seq_len} exceeds "
+                f"model.max_position={c.model.max_position}; raise model.max_position")
+    return None
+
+
+def _checks() -> dict:
+    model = {
+        "model.size": Choice(tuple(SIZES), "BERT size"),
+        "model.vocab_size": NONNEG,         # set by the run from the tokenizer
+        "model.max_position": COUNT,
+        "model.dropout": DROPOUT,
+        "model.attention_dropout": DROPOUT,
+        "model.scan_layers": Bool(),
+        "model.attention": Choice(ATTENTIONS, "attention implementation"),
+        "data.tokenizer": Text(),
+        "data.vocab_size": COUNT,
+        "data.max_seq_len": Int(8),
+    }
+    return {
+        "pretrain": {**model,
+            # One source or a weighted mixture (news:0.7,task:rt_polarity:0.3): data/corpora.py
+            # parses the weights and names a bad one.
+            "data.source": Text(required=True, names=("news", "pydocs"),
+                                prefixes=("files:", "tfds:", "task:", "news:", "pydocs:", "parquet:",
+                                          "hf:"),
+                                meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME, "
+                                        "parquet:GLOB[:COLUMN], hf:PATH[:SPLIT][:COLUMN] or "
+                                        "SOURCE:WEIGHT,SOURCE:WEIGHT,..."),
+            "data.objective": Choice(OBJECTIVES, "pretraining objective"),
+            "data.seed": SEED,
+            "data.max_predictions": COUNT,
+            "data.mask_prob": Real(0, 1, lo_open=True),
+            "data.whole_word": Bool(),
+            "data.short_seq_prob": PROB,
+            "data.dupe_factor": COUNT,
+            "data.eval_fraction": Real(0, 1, hi_open=True),
+            "data.max_doc_tokens": COUNT,
+            "data.shard_documents": COUNT,
+            "data.prepare_workers": Int(0, special={-1: "one per CPU"}),
+            "data.workers": NONNEG,
+            "data.prefetch": NONNEG},
+        "finetune": {**model,
+            "model.classifier_dropout": DROPOUT,
+            "model.pooling": Choice(POOLINGS, "pooling"),
+            "data.task": Choice(TASKS, "task")},
+    }
+
+
+SPEC = register(FamilySpec(
+    name="bert", config_class=BertConfig, sizes=SIZES, size_of=size_name,
+    shape_fields=("vocab_size", "max_position", "num_layers", "hidden_size", "num_heads",
+                  "intermediate_size", "type_vocab_size", "layer_norm_eps", "initializer_range"),
+    pretrain="pretrain.bert", finetune="finetune.text", hf="models.hf_bert:BERT",
+    tokenizer="wordpiece", heads=("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler"),
+    pretrain_sources=("BertForPreTraining", "BertForMaskedLM", "BertModel"),
+    checks=_checks(), cross_check=_sequence_budget))

@@ -6,7 +6,7 @@ writes a folder that `transformers.AutoModelForPreTraining` (or `AutoModelForSeq
 `AutoModelForImageClassification`) and `AutoTokenizer` (text) or `AutoImageProcessor` (images)
 load with no custom code. The run's config.json says the family (`family`, "bert" when absent).
 
-Each model family is one `Family` record in `FAMILIES` (the language: `models/hf_table.py`; the
+Each model family is one `Family` record named by its spec (`records()`; the language: `models/hf_table.py`; the
 records: `models/hf_bert.py`, `models/hf_mae.py`): rules that map our parameter paths to
 HuggingFace state-dict names with the layout between the two, the config.json conversion both
 ways, and the HuggingFace classes it exports as. Export and import read the same table in
@@ -27,13 +27,11 @@ Weights are never unpickled: a folder with only `pytorch_model.bin` / `*.pt` is 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +40,21 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.hf_bert import BERT
+from models import family as families
 # ConversionError, export_tokenizer and TOKENIZER_FILES are public here too.
 from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES,  # noqa: F401
                               check_out_dir,
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
-from models.hf_mae import MAE
-from models.hf_modernbert import MODERNBERT
 from models.hf_table import Architecture, ConversionError, Entry, Family
 from models.layers import unstack_layers
 
-FAMILIES = {"bert": BERT, "mae": MAE, "modernbert": MODERNBERT}  # keyed as run configs name them (`family`)
+
+
+def records() -> dict[str, Family]:
+    """Each family's HuggingFace record (its spec's `hf`), keyed as run configs name the family."""
+    return {spec.name: spec.hf_record() for spec in families.everything() if spec.hf}
+
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
 
 
@@ -64,10 +65,10 @@ DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote 
 
 def architecture_of(name: str) -> tuple[Family, Architecture]:
     """The family that exports as HuggingFace class `name`, and the class's record."""
-    for family in FAMILIES.values():
+    for family in records().values():
         if name in family.architectures:
             return family, family.architectures[name]
-    known = [a for family in FAMILIES.values() for a in family.architectures]
+    known = [a for family in records().values() for a in family.architectures]
     raise ConversionError(f"unknown architecture {name!r}; supported: {', '.join(known)}")
 
 
@@ -114,18 +115,24 @@ def _labels(id2label, num_labels: int | None) -> list[str]:
 
 
 def config_from_hf(config: dict, family: str | None = None):
-    """Our config for a HuggingFace config.json, of `family` (a FAMILIES key) or of whichever
+    """Our config for a HuggingFace config.json, of `family` (a family name) or of whichever
     family reads its model_type; refuses what our models can't run."""
     return _family_of(config, family).from_hf(config)
 
 
+def family_name(config: dict) -> str:
+    """The family (its spec's name) whose record reads this config.json's model_type."""
+    record = _family_of(config)
+    return next(name for name, r in records().items() if r is record)
+
+
 def _family_of(config: dict, name: str | None = None) -> Family:
     model_type = config.get("model_type", DEFAULT_MODEL_TYPE)
-    families = [FAMILIES[name]] if name else list(FAMILIES.values())
-    for family in families:
+    candidates = [records()[name]] if name else list(records().values())
+    for family in candidates:
         if model_type in family.model_types:
             return family
-    known = sorted(t for family in families for t in family.model_types)
+    known = sorted(t for family in candidates for t in family.model_types)
     raise ConversionError(f"model_type {model_type!r} is not supported, only {', '.join(map(repr, known))}")
 
 
@@ -134,11 +141,11 @@ def _family_of(config: dict, name: str | None = None) -> Family:
 # =============================================================================================
 
 
-def infer_architecture(params: dict, family: str = "bert") -> str:
+def infer_architecture(params: dict, family: str = families.DEFAULT) -> str:
     """The first of the family's architectures whose marker is in `params`, else its base model
     (BERT: BertForSequenceClassification with a `classifier`, BertForPreTraining with `nsp`;
     MAE: ViTForImageClassification with a `classifier`, ViTMAEForPreTraining with a `decoder`)."""
-    fam = FAMILIES[family]
+    fam = records()[family]
     return next((name for name, a in fam.architectures.items() if a.marker and a.marker in params),
                 fam.base)
 
@@ -212,15 +219,16 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
                tokenizer=None) -> tuple[Path, str]:
     """Export a training run's `params` as `export_params` does, with everything else taken from
-    the run's config.json (`run_config`): `family` (a FAMILIES key; "bert" when absent, as in
+    the run's config.json (`run_config`): `family` (a family name; the default family when absent, as in
     runs from before it was written), `model` (the family's model group; a fine-tuning run's,
     `kind="finetune"`, may also hold FINETUNE_MODEL_KEYS) and, for an image family, the pixel
     stats (`data.image_mean` / `data.image_std`, else the defaults for `data.source`). The
     architecture defaults to the one the params imply. Returns (folder, architecture)."""
-    name = run_config.get("family") or "bert"
-    if name not in FAMILIES or FAMILIES[name].from_model_config is None:
-        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(FAMILIES)}")
-    family = FAMILIES[name]
+    name = run_config.get("family") or families.DEFAULT
+    known_records = records()
+    if name not in known_records or known_records[name].from_model_config is None:
+        raise ConversionError(f"family {name!r} has no HuggingFace export; known: {', '.join(known_records)}")
+    family = known_records[name]
     group = dict(run_config.get("model") or {})
     extra = FINETUNE_MODEL_KEYS if kind == "finetune" else ()
     # A key that is no field (a misspelt override) fails instead of silently doing nothing.
@@ -413,74 +421,6 @@ def _check_fixed(name: str, stored: np.ndarray, want: np.ndarray) -> None:
 FINETUNE_MODEL_KEYS = ("pooling", "classifier_dropout", "probe_norm")
 
 
-def _parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1000000)")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.hf", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a checkpoint as a HuggingFace model folder")
-    export.add_argument("--checkpoint", required=True,
-                        help="a pretraining/fine-tuning workdir or one checkpoints/<step> folder")
-    export.add_argument("--out", required=True, help="the folder to write (new, or a previous export)")
-    export.add_argument("--architecture",
-                        choices=sorted(a for family in FAMILIES.values() for a in family.architectures),
-                        help="default: from the parameters (classifier / NSP head or MAE decoder / "
-                             "encoder only)")
-    export.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    export.add_argument("--max-shard-size", type=_parse_bytes, default=DEFAULT_MAX_SHARD_BYTES,
-                        help="split model.safetensors past this size (e.g. 2GB)")
-    export.add_argument("--labels", help="comma-separated class names, in class-id order")
-    args = parser.parse_args(argv)
-
-    # lazily: models/ does not depend on training/
-    from training import storage
-    from training.errors import UserError
-    try:
-        from training.checkpoint import load_checkpoint_params
-        storage.check_writable(storage.as_path(args.out).parent, "--out")  # before any work
-        out = args.out
-        if storage.is_remote(out):  # safetensors and the staged rename want a local folder
-            check_out_dir(storage.as_path(out))
-            out = storage.mirror_path(out)
-        params, model_config, tokenizer_dir, kind = load_checkpoint_params(args.checkpoint)
-        run_config = {**_run_config(args.checkpoint), "model": model_config}
-        out, architecture = export_run(
-            params, run_config, out, kind=kind, architecture=args.architecture,
-            dtype=args.dtype, max_shard_bytes=args.max_shard_size,
-            id2label=args.labels.split(",") if args.labels else None, tokenizer=tokenizer_dir)
-        processor = (out / "preprocessor_config.json").is_file()
-        if storage.is_remote(args.out):
-            storage.upload(out, args.out, replace=True)
-            out = args.out
-    except (ConversionError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    what = f"{architecture} ({kind} checkpoint)" if kind else architecture
-    note = (" with its image processor" if processor else
-            "" if tokenizer_dir else " (no tokenizer found)")
-    print(f"wrote {what} to {out}{note}")
-
-
-def _run_config(checkpoint) -> dict:
-    """The config.json of the run that wrote `checkpoint` (its workdir, its checkpoints folder or
-    one checkpoints/<step> folder, as training.checkpoint resolves them), or {} where none is."""
-    from training import storage
-    src = storage.as_path(checkpoint)
-    if not src.is_dir():
-        return {}
-    workdir = (src if (src / "checkpoints").is_dir() else
-               src.parent.parent if src.name.isdigit() else src.parent)
-    path = workdir / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the command line's own module: the library needs no checkpoint reader
+    from models.hf_cli import main
     main()

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infra.rules import DROPOUT, NONNEG, POOLINGS, IMAGE_TASKS, Bool, Choice, Int, Real, Text
+from models.family import FamilySpec, register
 from models.layers import (constrain, dense, dot_product_attention, dropout, fold, layer_norm,
                            normal, remat_name, run_stack)
 
@@ -94,10 +96,11 @@ class MAEConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg) -> "MAEConfig":
-        """From a run config's `model` group (size and the fields named like ours)."""
+        """From a run config's `model` group: `size` and the fields named like ours, or (`size`
+        empty: a custom shape, as `--init` writes it) every field spelled out."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls.of_size(model_cfg["size"],
-                           **{k: v for k, v in dict(model_cfg).items() if k in names})
+        fields = {k: v for k, v in dict(model_cfg).items() if k in names}
+        return cls.of_size(model_cfg["size"], **fields) if model_cfg["size"] else cls(**fields)
 
     @property
     def grid_size(self) -> int:
@@ -371,3 +374,52 @@ def reconstruction_sums(logits_BLP, pixels_BHWC, mask_BL, *, patch_size: int,
 def mean_loss(sums: dict) -> jax.Array:
     """The loss transformers reports: summed masked-patch MSE over the number of masked patches."""
     return sums["mae_loss"] / jnp.maximum(sums["mae_count"], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The family spec: what the shared code asks of MAE (models/family.py)
+# ---------------------------------------------------------------------------------------------
+
+SHAPE_FIELDS = ("image_size", "patch_size", "num_channels", "num_layers", "hidden_size",
+                "num_heads", "intermediate_size", "decoder_layers", "decoder_hidden_size",
+                "decoder_heads", "decoder_intermediate_size", "qkv_bias", "layer_norm_eps",
+                "initializer_range")
+
+
+def size_name(cfg: MAEConfig) -> str:
+    """The SIZES name of a shape, or "custom"."""
+    for name in SIZES:
+        sized = MAEConfig.of_size(name)
+        if all(getattr(sized, f) == getattr(cfg, f) for f in SHAPE_FIELDS):
+            return name
+    return "custom"
+
+
+def _checks() -> dict:
+    model = {"model.size": Choice(tuple(SIZES), "MAE size"),
+             "data.crop_scale_min": Real(0, 1, lo_open=True),
+             "data.flip": Bool()}
+    return {
+        "pretrain": {**model,
+            "model.image_size": Int(0),     # 0: the size's
+            "model.patch_size": Int(0),
+            "model.num_channels": Int(0),
+            "model.mask_ratio": Real(0, 1, lo_open=True, hi_open=True),
+            "model.norm_pix_loss": Bool(),
+            "data.source": Text(required=True, names=("mnist",), prefixes=("tfds:",),
+                                meaning="mnist or tfds:NAME"),
+            "data.workers": NONNEG,
+            "data.prefetch": NONNEG},
+        "finetune": {**model,
+            "model.drop_path": DROPOUT,
+            "model.pooling": Choice(POOLINGS, "pooling"),
+            "model.probe_norm": Bool(),
+            "data.task": Text(required=True, names=IMAGE_TASKS, prefixes=("tfds:",),
+                              meaning="mnist or tfds:NAME")},
+    }
+
+
+SPEC = register(FamilySpec(
+    name="mae", config_class=MAEConfig, sizes=SIZES, size_of=size_name, shape_fields=SHAPE_FIELDS,
+    pretrain="pretrain.mae", finetune="finetune.image", hf="models.hf_mae:MAE",
+    heads=("decoder",), pretrain_sources=("ViTMAEForPreTraining", "ViTMAEModel"), checks=_checks()))

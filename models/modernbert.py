@@ -24,10 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infra.rules import COUNT, Bool, Choice, Real
+from models import bert
 from models.bert import segment_mask, segment_positions
+from models.family import FamilySpec, register
 from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
                            layer_norm, make_grouped_stack, remat_name, rotary, run_stack,
                            sharded, tied_logits, truncated_normal, zeros)
+from models.tokenizer import KINDS as TOKENIZER_KINDS
 
 # name: (layers, hidden, heads, GeGLU width F); head size hidden/heads. base and large are the
 # release's (149M and 395M parameters with its 50,368-token vocabulary).
@@ -261,3 +265,39 @@ class ModernBertForSequenceClassification(nnx.Module):
         h_BD = self.head(pool(x_BTD, attention_mask, self.pooling))
         h_BD = dropout(h_BD, self.classifier_dropout, fold(key, 1))
         return self.classifier(h_BD).astype(jnp.float32)
+
+
+# The family spec (models/family.py): its HuggingFace record today; its setups when they exist.
+def size_name(cfg: ModernBertConfig) -> str:
+    """The SIZES name of a shape, or "custom"."""
+    shape = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size)
+    return next((name for name, size in SIZES.items() if tuple(size) == shape), "custom")
+
+
+def _checks() -> dict:
+    """BERT's text fields (data, tokenizer, sequence budget), this model's own, packed MLM at two
+    masking rates, and the recipe's optimizer fields (training/optim.py)."""
+    own = {
+        "model.size": Choice(tuple(SIZES), "ModernBERT size"),
+        "model.local_window": COUNT,        # even: ModernBertConfig says so in one line
+        "model.global_rope_base": Real(0, lo_open=True),
+        "model.local_rope_base": Real(0, lo_open=True),
+        "data.tokenizer_kind": Choice(TOKENIZER_KINDS, "tokenizer kind"),
+        "optim.update_clip": Real(0),       # 0: off; StableAdamW-style per-tensor update clipping
+        "optim.decoupled_decay": Bool(),
+    }
+    text = bert.SPEC.checks
+    return {"pretrain": {**text["pretrain"], **own, "data.eval_mask_prob": Real(0, 1, lo_open=True)},
+            "finetune": {**text["finetune"], **own}}
+
+
+SPEC = register(FamilySpec(
+    name="modernbert", config_class=ModernBertConfig, sizes=SIZES, size_of=size_name,
+    # What a source fixes: the weights' shapes. The context and the rotary bases stay the config's,
+    # so that --init from a phase-1 run extends the context (longer rows, a higher global base).
+    shape_fields=("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size",
+                  "norm_eps"),
+    pretrain="pretrain.modernbert", finetune="finetune.modernbert",
+    hf="models.hf_modernbert:MODERNBERT", tokenizer="bpe", heads=("head", "decoder_bias"),
+    pretrain_sources=("ModernBertForMaskedLM", "ModernBertModel"),
+    checks=_checks(), cross_check=bert.SPEC.cross_check))

@@ -19,7 +19,7 @@ from etils import epath
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from training import storage
+from infra import storage
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 # At the front of the vocabulary, so [PAD] is id 0 like in BERT's vocab.txt.

@@ -12,18 +12,16 @@ has no pooler or NSP head, a BertModel no heads: those start random, said in one
 
 from __future__ import annotations
 
-import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
 
 from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
-from pretrain.families import Setup
+from pretrain.setup import PretrainSetup
 from pretrain.prepare import prepare
 from training.errors import UserError
-from training.init_source import (Source, check_overrides, describe_encoder, init_key, load_params,
-                                  load_tokenizer, resolve_source, run_source, take_params)
+from training.init_source import pretrain_source, source_params
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
 from training.step import Objective
@@ -105,51 +103,6 @@ def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions:
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM", "BertModel")  # what --init takes
-USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or a HuggingFace "
-         f"{', '.join(ARCHITECTURES[:-1])} or {ARCHITECTURES[-1]} folder")
-# What a source may lack; it starts random then. Anything else missing is an error.
-HEADS = ("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler")
-
-
-def continued_source(config, workdir, init: str | None, explicit) -> Source | None:
-    """The --init source (None: random weights), checked against the config; sets what it fixes
-    (the model's shape, data.tokenizer) and records it in config.init."""
-    source = run_source(workdir, init, lambda i: resolve_source(i, USAGE))
-    if source is None:
-        return None
-    if source.kind == "huggingface" and source.architecture not in ARCHITECTURES:
-        raise UserError(f"--init {source.init} holds a {source.architecture}; {USAGE}")
-    tokenizer = load_tokenizer(source.tokenizer_dir)
-    check_overrides(config, explicit, source, tokenizer,
-                    instead="drop --init to pretrain from random weights")
-    bert = source.bert_config()
-    if tokenizer.vocab_size > bert.vocab_size:
-        raise UserError(f"--init {source.init}: its tokenizer has {tokenizer.vocab_size} tokens "
-                        f"but its model only {bert.vocab_size} embeddings")
-    if config.data.max_seq_len > bert.max_position:
-        raise UserError(f"data.max_seq_len={config.data.max_seq_len} exceeds the "
-                        f"{bert.max_position} positions of --init {source.init}")
-    describe_encoder(config, bert)
-    with config.unlocked():
-        config.data.tokenizer = init_key(source.tokenizer_dir)
-        config.init = dataclasses.asdict(source)
-    return source
-
-
-def initial_params(source: Source, fresh: dict) -> dict:
-    """SRC's weights in the shape of `fresh` (BertForPreTraining's random parameters)."""
-    loaded = load_params(source)
-    params, missing = take_params(loaded, fresh, source.init, optional=HEADS)
-    unused = sorted(set(loaded) - set(fresh))  # a fine-tuning checkpoint's classifier
-    at = f" at step {source.step}" if source.step is not None else ""
-    if jax.process_index() == 0:
-        print(f"--init: weights from {source.describe()}{at}"
-              + (f"; it has no {', '.join(missing)}: created fresh" if missing else "; every head loaded")
-              + (f"; its {', '.join(unused)} not used" if unused else ""))
-    return params
-
-
 def prepared_corpus(config, workdir, *, set_vocab: bool) -> PretrainingData:
     """The corpus prepared once (each process a share of the shards), then reused; its tokenizer
     saved in the workdir; with `set_vocab` model.vocab_size from it."""
@@ -177,9 +130,9 @@ def masked_batches(config, corpus: PretrainingData):
     return train, eval_batches
 
 
-def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
+def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> PretrainSetup:
     dc, tc = config.data, config.train
-    source = continued_source(config, workdir, init, explicit)  # before anything is written
+    source = pretrain_source(config, workdir, init, explicit)  # before anything is written
     corpus = prepared_corpus(config, workdir, set_vocab=source is None)
     try:
         model_cfg = BertConfig.from_model_config(config.model)
@@ -191,6 +144,6 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Set
         items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",
         flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
-    return Setup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
-                 eval_batches, throughput,
-                 initial_params=None if source is None else lambda fresh: initial_params(source, fresh))
+    return PretrainSetup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
+                         eval_batches, throughput,
+                         initial_params=None if source is None else lambda fresh: source_params(source, fresh))

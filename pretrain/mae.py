@@ -5,6 +5,10 @@ binds augmentation and the per-image mask noise into the grain pipeline (drawn f
 position, so resume and mesh changes replay exactly), and gives the shared loop the
 reconstruction loss over masked patches, the FLOPs of visible-only encoding, and a picture
 (original, masked input, reconstruction) for every evaluation.
+
+With `--init SRC` (an MAE workdir or a HuggingFace ViTMAE folder: the same code as BERT's,
+training/init_source.py) the model's shape is SRC's and a fresh start takes its weights (a
+ViTMAEModel has no decoder: that starts random, said in one line).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import jax.numpy as jnp
 from data.images import Augment, ImagePipeline, load_images
 from data.wheels import DataError
 from models.mae import MAEConfig, MAEForPreTraining, patchify, reconstruction_sums, unpatchify
-from pretrain.families import Setup
+from pretrain.setup import PretrainSetup
 from training import storage
 from training.errors import UserError
+from training.init_source import pretrain_source, source_params
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
 from training.step import Objective
@@ -90,9 +95,9 @@ def model_fields(model_cfg) -> dict:
     return {k: v for k, v in model_cfg.items() if not (k in GEOMETRY and v == 0)}
 
 
-def setup(config, workdir, init: str | None = None, explicit=()) -> Setup:
-    """`init` (continued pretraining from SRC) is not supported for MAE yet: the trainer refuses it."""
+def setup(config, workdir, init: str | None = None, explicit=()) -> PretrainSetup:
     dc, tc = config.data, config.train
+    source = pretrain_source(config, workdir, init, set(explicit))  # before anything is written
     try:
         cfg = MAEConfig.from_model_config(model_fields(config.model))
     except ValueError as e:
@@ -114,6 +119,7 @@ def setup(config, workdir, init: str | None = None, explicit=()) -> Setup:
     train = pipeline.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch, **share)
     throughput = Throughput(tc.batch_size, "images", train_flops(cfg, tc.batch_size),
                             peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
-    return Setup(lambda rngs: MAEForPreTraining(cfg, rngs), objective(cfg), train,
+    return PretrainSetup(lambda rngs: MAEForPreTraining(cfg, rngs), objective(cfg), train,
                  lambda: pipeline.eval_batches(tc.batch_size, config.eval.max_batches, **share),
-                 throughput, pictures=pictures(cfg, data.mean, data.std))
+                 throughput, pictures=pictures(cfg, data.mean, data.std),
+                 initial_params=None if source is None else lambda fresh: source_params(source, fresh))

@@ -10,26 +10,22 @@ Evaluation masks data.eval_mask_prob (15%), so eval/mlm_accuracy compares with B
 Corpus preparation, the workdir's tokenizer and the masked batches are BERT's
 (pretrain/bert.py); the tokenizer is ModernBERT's byte-level BPE (data.tokenizer_kind="bpe").
 
-`--init SRC` (a ModernBERT pretraining workdir or one of its checkpoints/<step> folders) starts
-from SRC's weights and tokenizer with a fresh optimizer and step: the context-extension phase
-(longer rows, a higher global rotary base: neither changes a weight's shape). The model's shape
-must be SRC's.
+`--init SRC` (a ModernBERT pretraining workdir, one of its checkpoints/<step> folders, or a
+HuggingFace ModernBERT folder) starts from SRC's weights and tokenizer with a fresh optimizer and
+step: the context-extension phase (longer rows, a higher global rotary base: neither changes a
+weight's shape). The weights' shape comes from SRC (the spec's shape fields).
 """
 
 from __future__ import annotations
-
-import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 from pretrain.bert import _nll_and_correct, masked_batches, prepared_corpus
-from pretrain.families import Setup
-from training.errors import UserError
-from training.init_source import (encoder_reader, init_key, load_params, resolve_source,
-                                  run_source, take_params)
+from infra.errors import UserError
+from pretrain.setup import PretrainSetup
+from training.init_source import pretrain_source, source_params
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
 from training.step import Objective
@@ -87,40 +83,13 @@ def model_config(config) -> ModernBertConfig:
         raise UserError(f"config.model: {e}") from None
 
 
-USAGE = "pass a ModernBERT pretraining workdir or one of its checkpoints/<step> folders"
-SHAPE = ("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size")
-resolve = functools.partial(resolve_source, usage=USAGE, family="ModernBERT",
-                            read_encoder=encoder_reader("modernbert", ModernBertConfig))
-
-
-def continued_source(config, workdir, init: str | None):
-    """The --init source (None: random weights): its tokenizer and vocabulary become the run's,
-    its shape must be the config's; recorded in config.init for reruns."""
-    source = run_source(workdir, init, resolve)
-    if source is None:
-        return None
-    if source.kind != "checkpoint":
-        raise UserError(f"--init {source.init}: {USAGE}")
-    with config.unlocked():
-        config.model.vocab_size = source.encoder["vocab_size"]
-    mine, theirs = dataclasses.asdict(model_config(config)), source.encoder
-    differ = [f"{k} {mine[k]} vs {theirs[k]}" for k in SHAPE if mine[k] != theirs[k]]
-    if differ:
-        raise UserError(f"--init {source.init} has another model shape ({', '.join(differ)}); "
-                        f"set --config.model.size to its size")
-    with config.unlocked():
-        config.data.tokenizer = init_key(source.tokenizer_dir)
-        config.init = dataclasses.asdict(source)
-    return source
-
-
-def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Setup:
+def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> PretrainSetup:
     dc, tc = config.data, config.train
     if dc.objective != "mlm_packed":
         raise UserError(f"data.objective={dc.objective!r}: ModernBERT trains on packed rows "
                         "without a sentence task; use --config.data.objective=mlm_packed")
     model_config(config)  # before anything is written
-    source = continued_source(config, workdir, init)
+    source = pretrain_source(config, workdir, init, explicit)  # the shape and tokenizer it fixes
     corpus = prepared_corpus(config, workdir, set_vocab=source is None)
     model_cfg = model_config(config)
     train, eval_batches = masked_batches(config, corpus)
@@ -128,7 +97,6 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Set
         items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",
         flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
-    initial_params = None if source is None else \
-        lambda fresh: take_params(load_params(source), fresh, source.init)[0]
-    return Setup(lambda rngs: ModernBertForMaskedLM(model_cfg, rngs), mlm_objective(), train,
-                 eval_batches, throughput, initial_params=initial_params)
+    return PretrainSetup(lambda rngs: ModernBertForMaskedLM(model_cfg, rngs), mlm_objective(), train,
+                         eval_batches, throughput,
+                         initial_params=None if source is None else lambda fresh: source_params(source, fresh))

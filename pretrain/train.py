@@ -1,7 +1,7 @@
 """Pretraining, top to bottom: any model family on the shared step and loop.
 
 `train_and_evaluate(config, workdir, init)` builds the mesh, asks the family named by
-`config.family` (pretrain/families.py) for its model, objective and data, creates the sharded
+`config.family` (its spec, models/family.py) for its model, objective and data, creates the sharded
 train state (from random weights, or from `--init` SRC's with a fresh optimizer and step) or
 restores the latest checkpoint in the workdir, then runs training/loop.py: jit-compiled steps
 with explicit shardings and donated state, evaluating, logging and checkpointing as configured.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import jax
 
-from pretrain.families import FAMILIES
+from models import family as families
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
-from training.config import save_config
 from training.errors import UserError
+from training import run_record
 from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
@@ -43,16 +43,17 @@ def train_and_evaluate(config, workdir, init: str | None = None,
 def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> dict[str, float]:
     tc = config.train
     lr = learning_rate_schedule(config.optim, tc.steps)  # checks optim.* before any work
-    family_name = config.get("family", "bert")
-    setup_family = FAMILIES.get(family_name)
+    spec = families.of_config(config)
+    setup_family = spec.setup("pretrain")
 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
-        raise UserError(f"the {family_name} family cannot start from --init yet; drop --init")
+        raise UserError(f"the {spec.name} family cannot start from --init yet; drop --init")
 
     # ---- Train state: restored, or created in its shardings ---------------------------------
     tx = make_optimizer(config.optim, tc.steps)
@@ -83,7 +84,8 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
 
         state, start, resumed = restore_or_init(ckpt, target, fresh_state, family.train_batches)
         if jax.process_index() == 0:
-            save_config(config, workdir / "config.json")
+            resolved = config.to_dict()
+            run_record.write(workdir, given, resolved, "pretrain", resolved.get("init"))
         outcome = run(
             config, workdir, mesh=mesh, state=state, start=start, total_steps=tc.steps,
             train_step=train_step, batches=family.train_batches, ckpt=ckpt,

@@ -9,7 +9,8 @@ from conftest import random_batch, tiny_config
 from pretrain.bert import objective
 from test_train_step import PREDS, SEQ, VOCAB, mesh_of, model_fn
 from training import mesh as mesh_lib
-from training.checkpoint import Checkpointer, read_params
+from training.checkpoint import Checkpointer
+from training.checkpoint_reader import read_params
 from training.optim import make_optimizer
 from training.state import abstract_state, create_train_state
 from training.step import make_train_step

@@ -14,8 +14,9 @@ import pytest
 from etils import epath
 
 from conftest import mounted_tmpfs
-from models import hf
-from training.checkpoint import Checkpointer, read_params
+from models import hf, hf_cli
+from training.checkpoint import Checkpointer
+from training.checkpoint_reader import read_params
 from training.errors import UserError
 
 # A handler patched to fail leaves the other handlers' save coroutines unstarted.
@@ -121,7 +122,7 @@ def test_read_params_and_export_report_a_damaged_checkpoint_in_one_line(tmp_path
     with pytest.raises(UserError, match="checkpoints/2 cannot be read .*corrupt JSON"):
         read_params(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        hf.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
+        hf_cli.main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: checkpoint") and "\n" not in err

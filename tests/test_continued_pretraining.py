@@ -20,14 +20,14 @@ from data.corpora import load_documents, parse_sources
 from data.pretraining import PretrainingData
 from data.tasks import load_task
 from data.wheels import DataError
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertForPreTraining
 from models.tokenizer import Tokenizer
-from pretrain import bert as pretrain_bert
+from training import init_source, run_record
 from pretrain.prepare import prepare
 from pretrain.train import train_and_evaluate
-from training.checkpoint import read_params
-from training.init_source import resolve_source
+from training.checkpoint_reader import read_params
+from training.init_source import resolve_source, source_params
 from training.metrics import read_metrics
 from training.state import init_params
 from test_pretrain_cli import one_line_error
@@ -131,12 +131,12 @@ def test_hf_source_first_step_losses_equal_transformers_and_export_loads_back(
           f"vs {theirs['nsp']:.6f}; max |diff| {max(diffs.values()):.2g}")
     assert max(diffs.values()) < 1e-5, diffs
 
-    recorded = json.loads((workdir / "config.json").read_text())
+    recorded = run_record.read(workdir)[0]
     assert recorded["init"]["kind"] == "huggingface" and recorded["init"]["step"] is None
     assert recorded["model"]["hidden_size"] == 64 and recorded["model"]["size"] == ""
 
     out_dir = tmp_path / "export"
-    hf.main(["export", "--checkpoint", str(workdir), "--out", str(out_dir)])
+    hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(out_dir)])
     back, info = transformers.BertForPreTraining.from_pretrained(out_dir, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert json.loads((out_dir / "config.json").read_text())["pretrax_init"] == {
@@ -153,9 +153,9 @@ def test_hf_source_first_step_losses_equal_transformers_and_export_loads_back(
 def test_heads_the_source_lacks_start_fresh_and_are_named(cls, fresh, tmp_path, vocab_dir, capsys):
     src = hf_folder(tmp_path / "src", vocab_dir, cls)
     source = resolve_source(str(src))
-    cfg = source.bert_config()
+    cfg = source.model_config()
     random = init_params(lambda rngs: BertForPreTraining(cfg, rngs), 0)
-    params = pretrain_bert.initial_params(source, random)
+    params = source_params(source, random)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and f"it has no {fresh}: created fresh" in out[0], out
     imported = hf.import_params(src)[0]
@@ -191,7 +191,7 @@ def test_continue_from_workdir_then_rerun_resumes_its_own_checkpoints(pretrained
     first_eval = next(m for m in read_metrics(full) if m["step"] == 0)
     src_eval = [m for m in read_metrics(pretrained) if "eval/loss" in m][-1]
     assert first_eval["eval/loss"] == pytest.approx(src_eval["eval/loss"], abs=1e-6)  # its weights
-    init = json.loads((full / "config.json").read_text())["init"]
+    init = run_record.read(full)[0]["init"]
     assert (init["kind"], init["step"], init["init"]) == ("checkpoint", 3, str(pretrained))
 
     # Stopped at step 4 (SIGTERM's path), then rerun: from its own checkpoint, never from SRC.
@@ -200,16 +200,16 @@ def test_continue_from_workdir_then_rerun_resumes_its_own_checkpoints(pretrained
     train_and_evaluate(tiny_config(**flags), stopped, str(pretrained))
     monkeypatch.undo()
     reads = []
-    monkeypatch.setattr(pretrain_bert, "load_params", lambda *a: reads.append(a))
+    monkeypatch.setattr(init_source, "load_params", lambda *a: reads.append(a))
     train_and_evaluate(tiny_config(**flags), stopped, str(pretrained))
     assert reads == [] and rows(stopped) == rows(full)
 
 
 def test_pretraining_checkpoint_source_loads_every_head(pretrained, capsys):
     source = resolve_source(str(pretrained))
-    cfg = source.bert_config()
+    cfg = source.model_config()
     random = init_params(lambda rngs: BertForPreTraining(cfg, rngs), 1)
-    params = pretrain_bert.initial_params(source, random)
+    params = source_params(source, random)
     assert "every head loaded" in capsys.readouterr().out
     theirs = read_params(pretrained)[0]
     np.testing.assert_array_equal(params["nsp"]["kernel"], theirs["nsp"]["kernel"])

@@ -1,6 +1,5 @@
 """`python -m models.hf export` on a real pretraining workdir: transformers gives our logits."""
 
-import json
 
 import jax
 import numpy as np
@@ -9,13 +8,14 @@ import torch
 import transformers
 from flax import nnx
 
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertConfig, BertForPreTraining
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
 from pretrain.__main__ import main as pretrain
 from conftest import tiny_flags
-from training.checkpoint import read_params
+from training import run_record
+from training.checkpoint_reader import read_params
 from training.state import abstract_model
 
 
@@ -30,8 +30,8 @@ def pretrained(request, tmp_path_factory, data_dir):
 
 def test_exported_pretraining_checkpoint_matches_ours(pretrained, tmp_path):
     out = tmp_path / "hf"
-    hf.main(["export", "--checkpoint", str(pretrained), "--out", str(out)])
-    config = json.loads((pretrained / "config.json").read_text())
+    hf_cli.main(["export", "--checkpoint", str(pretrained), "--out", str(out)])
+    config = run_record.read(pretrained)[0]
     cfg = BertConfig.from_model_config(config["model"])
     params, step = read_params(pretrained)
     assert step == 3

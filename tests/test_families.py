@@ -1,106 +1,39 @@
-"""Both trainers run a new family through the one step and loop: a linear-regression family of a
-few lines, pretrained, stopped and resumed, then fine-tuned from its checkpoint, stopped and
-resumed. Resumed runs equal uninterrupted ones bitwise, log rows included."""
+"""Both trainers run a new family through the one step and loop: the linear-regression family of
+tests/toy_family.py (one file, one spec), pretrained, stopped and resumed, fine-tuned from its
+checkpoint, stopped and resumed, continued with --init and exported through its toy HuggingFace
+record. Resumed runs equal uninterrupted ones bitwise, log rows included."""
 
 import json
 
-import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
+from safetensors.numpy import load_file
 
+import toy_family
 from configs import bert_tiny, finetune_rt_polarity
 from conftest import stop_at
-from data import labelled
-from data.pipeline import prefetching_iterator, process_share
-from finetune import families as finetune_families
-from finetune import tasks
 from finetune.train import train_and_evaluate as finetune
-from models.layers import normal, zeros
-from pretrain import families as pretrain_families
+from models import hf_cli
 from pretrain.train import train_and_evaluate as pretrain
-from training import loop
-from training.checkpoint import read_params
+from training import loop, run_record
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
-from training.step import Objective
 
-D, H = 6, 4
-W_TRUE = np.linspace(-1.0, 1.0, D).astype(np.float32)
-
-
-class Regressor(nnx.Module):
-    """x -> encoder (D -> H) -> head (H -> 1): a linear model, factored."""
-
-    def __init__(self, rngs):
-        self.encoder = nnx.Linear(D, H, kernel_init=normal(0.5, "embed", "mlp"), bias_init=zeros("mlp"), rngs=rngs)
-        self.head = nnx.Linear(H, 1, kernel_init=normal(0.5, "mlp", None), bias_init=zeros(None), rngs=rngs)
-
-    def __call__(self, x_BD):
-        return self.head(self.encoder(x_BD))
-
-
-def examples(rows: np.ndarray) -> dict:
-    """Row r: a fixed x and y = x . w + noise, a pure function of r."""
-    xn = np.stack([np.random.default_rng([7, int(r)]).normal(size=D + 1) for r in rows]).astype(np.float32)
-    return {"x": xn[:, :D], "labels": xn[:, :D] @ W_TRUE + 0.1 * xn[:, D]}
-
-
-def squared_error(model, batch, key):
-    err_B = model(batch["x"])[:, 0] - batch["labels"]
-    return {"sq": jnp.sum(err_B ** 2), "count": jnp.asarray(err_B.shape[0], jnp.float32)}
-
-
-OBJECTIVE = Objective(
-    squared_error, lambda batch: {"count": jnp.asarray(batch["x"].shape[0], jnp.float32)},
-    lambda sums, norm: sums["sq"] / norm["count"],
-    lambda sums, prefix: {f"{prefix}/loss": float(sums["sq"]) / float(sums["count"])})
-
-
-def pretrain_setup(config, workdir, init, explicit):
-    ds = grain.MapDataset.range(256).shuffle(config.train.seed).repeat(None)
-    ds = process_share(ds, config.train.batch_size, 0, 1).map(examples)
-    return pretrain_families.Setup(
-        model_fn=Regressor, objective=OBJECTIVE, train_batches=prefetching_iterator(ds),
-        eval_batches=lambda: [examples(np.arange(1000, 1016))],
-        throughput=loop.Throughput(config.train.batch_size, "examples"))
-
-
-class Split:
-    def __init__(self, rows):
-        self.rows, self.index, self.labelled = rows, rows, True
-        self.labels = examples(rows)["labels"]
-
-    def __len__(self):
-        return len(self.rows)
-
-
-def finetune_setup(config, workdir, init, explicit):
-    splits = {"train": Split(np.arange(48)), "dev": Split(np.arange(100, 124)), "test": Split(np.arange(200, 220))}
-    return finetune_families.Setup(
-        task=tasks.get_task(config.data.task), splits=splits, label_names=None,
-        encode=lambda split, rows, positions: examples(splits[split].rows[rows]), model_fn=Regressor,
-        predict=lambda model, batch, key: model(batch["x"]), depth=lambda keys: 1, num_layers=1,
-        initial_params=lambda fresh: {**fresh, "encoder": read_params(init)[0]["encoder"]},
-        save_assets=lambda folder: None,
-        source={"init": init}, results={"source": {"init": init}})
-
-
-pretrain_families.FAMILIES.register("linreg", pretrain_setup)
-finetune_families.FAMILIES.register("linreg", finetune_setup)
+D, H = len(toy_family.W_TRUE), 4
 
 
 def configs():
     pre = ml_collections.ConfigDict({k: bert_tiny.get_config()[k] for k in
                                      ("optim", "mesh", "checkpoint", "eval", "wandb")})
-    pre.family = "linreg"
+    pre.family = toy_family.SPEC.name
+    pre.model = dict(inputs=D, hidden=H)
     pre.train = dict(steps=12, batch_size=16, grad_accum=2, seed=0, log_every=4)
     pre.optim.lr, pre.optim.warmup_steps, pre.optim.decay_steps = 0.05, 2, 0
     pre.checkpoint.every_steps, pre.eval.every_steps = 3, 6
     ft = finetune_rt_polarity.get_config()
-    ft.family, ft.data.task = "linreg", "glue/stsb"  # a regression task: pearson, spearman
+    ft.family, ft.data.task = toy_family.SPEC.name, "glue/stsb"  # a regression task: pearson, spearman
     ft.train.steps, ft.train.batch_size, ft.train.log_every, ft.eval.every_steps = 9, 8, 2, 3
     ft.optim.lr = 0.05
     return pre, ft
@@ -167,5 +100,67 @@ def test_fine_tuning_a_new_family_from_its_checkpoint_resumes_bitwise(pretrained
     assert train_rows(tmp_path / "stopped") == train_rows(tmp_path / "full")
     for key in ("dev", "test", "best_step"):
         assert resumed[key] == full[key]
-    assert json.loads((tmp_path / "stopped" / "source.json").read_text()) == {"init": str(source)}
+    recorded = run_record.read(tmp_path / "stopped")[1]["source"]
+    assert (recorded["init"], recorded["family"], recorded["encoder"]) == (str(source), "linreg", {"inputs": D, "hidden": H})
     assert_same_params(tmp_path / "stopped", tmp_path / "full")
+
+
+def test_continued_with_init_starts_from_the_source_and_exports_through_its_record(pretrained, tmp_path):
+    source, last_eval = pretrained
+    pre, _ = configs()
+    pre.train.steps = 3
+    first = pretrain(pre, tmp_path / "continued", str(source))
+    rows = read_metrics(tmp_path / "continued")
+    assert [r["eval/loss"] for r in rows if "eval/loss" in r][0] == last_eval["eval/loss"]  # same weights, same batch
+    assert first["eval/loss"] < last_eval["eval/loss"]  # and it keeps learning
+    scratch = pretrain(pre, tmp_path / "scratch")  # the negative control: random weights
+    assert [r["eval/loss"] for r in read_metrics(tmp_path / "scratch") if "eval/loss" in r][0] > 2 * last_eval["eval/loss"]
+    assert scratch["eval/loss"] > first["eval/loss"]
+
+    hf_cli.main(["export", "--checkpoint", str(source), "--out", str(tmp_path / "hf")])
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    params = read_params(source)[0]
+    np.testing.assert_array_equal(tensors["encoder.weight"], params["encoder"]["kernel"].T)
+    np.testing.assert_array_equal(tensors["head.weight"], params["head"]["kernel"].T)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], config["input_size"]) == (
+        ["ToyLinRegForRegression"], "toy_linreg", D)
+
+
+def as_before_run_json(workdir):
+    """Rewrites a workdir as runs wrote them before run.json: config.json resolved in place, a
+    fine-tuning run's source in source.json."""
+    config, record = run_record.read(workdir)
+    (workdir / "run.json").unlink()
+    if record["trainer"] == "finetune":
+        (workdir / "source.json").write_text(json.dumps(record["source"]))
+        config.pop("init", None)
+    (workdir / "config.json").write_text(json.dumps(config))
+
+
+def test_old_workdirs_with_config_json_only_resume_fine_tune_and_export(pretrained, tmp_path, monkeypatch):
+    source, _ = pretrained
+    pre, ft = configs()
+    old = tmp_path / "old"
+    stop_at(monkeypatch, 5)
+    pretrain(pre, old)
+    monkeypatch.undo()
+    as_before_run_json(old)
+    pretrain(pre, old)  # resumes from step 5 and ends where the uninterrupted run did
+    assert train_rows(old) == train_rows(source)
+    assert_same_params(old, source)
+
+    as_before_run_json(old)
+    assert finetune(ft, tmp_path / "ft", str(old))["dev"]["pearson"] > 0.5
+    hf_cli.main(["export", "--checkpoint", str(old), "--out", str(tmp_path / "hf_old")])
+    hf_cli.main(["export", "--checkpoint", str(source), "--out", str(tmp_path / "hf_new")])
+    for name, x in load_file(tmp_path / "hf_new" / "model.safetensors").items():
+        np.testing.assert_array_equal(load_file(tmp_path / "hf_old" / "model.safetensors")[name], x)
+
+    stop_at(monkeypatch, 4)
+    finetune(ft, tmp_path / "ft_old", str(old))
+    monkeypatch.undo()
+    as_before_run_json(tmp_path / "ft_old")
+    resumed = finetune(ft, tmp_path / "ft_old", str(old))  # its source from source.json
+    assert train_rows(tmp_path / "ft_old") == train_rows(tmp_path / "ft")
+    assert resumed["dev"] == json.loads((tmp_path / "ft" / "results.json").read_text())["dev"]

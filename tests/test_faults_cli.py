@@ -53,9 +53,9 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_replays_bitwise(
     shutil.copytree(finished, workdir)
     DAMAGE[damage](workdir / "checkpoints" / "9")
     if "array" in damage:  # the weights are what export and `finetune --init` read (read_params)
-        from models import hf
+        from models import hf, hf_cli
         with pytest.raises(SystemExit):
-            hf.main(["export", "--checkpoint", str(workdir / "checkpoints" / "9"), "--out", str(tmp_path / "hf")])
+            hf_cli.main(["export", "--checkpoint", str(workdir / "checkpoints" / "9"), "--out", str(tmp_path / "hf")])
         err = capsys.readouterr().err.strip()
         assert "9" in err and "\n" not in err and "Traceback" not in err, err
     # The metrics of the lost steps go with their checkpoint; the rerun writes them again.

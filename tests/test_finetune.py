@@ -18,10 +18,12 @@ from conftest import TINY_FT, cli_error, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
-from finetune.text import SequenceClassifier, load_encoder, resolve_source
+from finetune.text import SequenceClassifier
+from training.init_source import load_encoder, resolve_source
 from finetune.train import train_and_evaluate
 from models.layers import stack_layers
-from training.checkpoint import read_params
+from training import run_record
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,10 +108,10 @@ def test_init_from_pretraining_workdir_frozen_encoder_stays_bitwise(pretrained, 
     best = max(dev_lines, key=lambda m: m["dev/accuracy"])  # first of equals, like the trainer
     assert results["best_step"] == best["step"]
     # BertForSequenceClassification reads the pooler, so a mean-pooled head is not exported as one.
-    from models import hf
+    from models import hf, hf_cli
     capsys.readouterr()  # the training's progress bar
     with pytest.raises(SystemExit):
-        hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+        hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     err = capsys.readouterr().err.strip()
     assert "mean-pooled" in err and "--architecture BertModel" in err and "\n" not in err
     assert not (tmp_path / "hf").exists()
@@ -124,8 +126,8 @@ def test_scanned_encoder_from_an_unrolled_checkpoint_exports(pretrained, data_di
     source = jax.tree.map(np.asarray, encoder_of(pretrained))
     assert after["encoder"]["layers"]["query"]["kernel"].shape[0] == 2
     assert_trees_equal(after["encoder"], stack_layers(source))
-    from models import hf
-    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    from models import hf, hf_cli
+    hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     imported, _, architecture = hf.import_params(tmp_path / "hf")
     assert architecture == "BertForSequenceClassification"
     np.testing.assert_array_equal(imported["encoder"]["layers"][1]["mlp_out"]["kernel"],
@@ -143,7 +145,7 @@ def test_freeze_embeddings_and_bottom_layer_bitwise(plain_run, pretrained, data_
 
 
 def test_init_from_step_folder_and_huggingface_folder(pretrained, tmp_path):
-    from models import hf
+    from models import hf, hf_cli
     from models.bert import BertConfig
 
     step = resolve_source(str(pretrained / "checkpoints" / "2"))
@@ -151,11 +153,11 @@ def test_init_from_step_folder_and_huggingface_folder(pretrained, tmp_path):
     assert_trees_equal(load_encoder(step), encoder_of(pretrained))
 
     params, _ = read_params(pretrained)
-    cfg = BertConfig.from_model_config(json.loads((pretrained / "config.json").read_text())["model"])
+    cfg = BertConfig.from_model_config(run_record.read(pretrained)[0]["model"])
     hf.export_params(params, cfg, tmp_path / "hf", architecture="BertForPreTraining",
                      tokenizer=pretrained / "tokenizer")
     source = resolve_source(str(tmp_path / "hf"))
-    assert source.kind == "huggingface" and source.bert_config() == cfg
+    assert source.kind == "huggingface" and source.model_config() == cfg
     assert_trees_equal(load_encoder(source), encoder_of(pretrained))
 
 
@@ -164,14 +166,14 @@ def test_best_checkpoint_exports_to_transformers_with_our_logits(plain_run, tmp_
     import transformers
     from flax import nnx
     from data.tasks import Split, encode
-    from models import hf
+    from models import hf, hf_cli
     from models.bert import BertConfig
     from models.tokenizer import Tokenizer
     from training.state import abstract_model
 
     workdir, results = plain_run
     out = tmp_path / "hf"
-    hf.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out), "--labels", "rotten,fresh"])
+    hf_cli.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out), "--labels", "rotten,fresh"])
     params, step = read_params(workdir / "best")
     assert step == results["best_step"]
     cfg = BertConfig(**results["encoder"])

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from safetensors import safe_open
 
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertConfig, BertForPreTraining
 
 torch = pytest.importorskip("torch")
@@ -521,7 +521,6 @@ def test_sharded_export(tiny, tmp_path):
 
 
 def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
-    checkpoint = pytest.importorskip("training.checkpoint")
     _, params, cfg, _ = tiny
     tok_dir = write_vocab(tmp_path / "tok").parent
     seen = []
@@ -530,8 +529,8 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
         seen.append(src)
         return params, {"size": "tiny", "vocab_size": VOCAB, "max_position": MAX_POS}, tok_dir, "pretrain"
 
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params", fake_load, raising=False)
-    hf.main(["export", "--checkpoint", "WORKDIR", "--out", str(tmp_path / "out"), "--max-shard-size", "1MB"])
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params", fake_load, raising=False)
+    hf_cli.main(["export", "--checkpoint", "WORKDIR", "--out", str(tmp_path / "out"), "--max-shard-size", "1MB"])
     assert seen == ["WORKDIR"] and "BertForPreTraining" in capsys.readouterr().out
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert set(hf.TOKENIZER_FILES) <= names and "model.safetensors.index.json" in names
@@ -542,7 +541,7 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x").write_text("")
     with pytest.raises(SystemExit) as e:
-        hf.main(["export", "--checkpoint", "WORKDIR", "--out", str(tmp_path / "foreign")])
+        hf_cli.main(["export", "--checkpoint", "WORKDIR", "--out", str(tmp_path / "foreign")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
@@ -551,7 +550,6 @@ def test_cli_export(tiny, tmp_path, monkeypatch, capsys):
 def test_cli_export_reads_the_model_group_strictly(tiny, tmp_path, monkeypatch, capsys):
     """A fine-tuning model group may carry pooling and classifier_dropout; any other key that is
     not a BertConfig field (a typo) is a one-line error, not silently dropped."""
-    checkpoint = pytest.importorskip("training.checkpoint")
     _, params, cfg, _ = tiny
     cls_params = classifier_params(params, cfg, 2)
     group = {"size": "tiny", "vocab_size": VOCAB, "max_position": MAX_POS, "pooling": "cls",
@@ -559,16 +557,16 @@ def test_cli_export_reads_the_model_group_strictly(tiny, tmp_path, monkeypatch, 
     loads = iter([(cls_params, group, None, "finetune"),
                   (params, {**group, "pooling": "mean"}, None, "finetune"),
                   (params, {"size": "tiny", "vocab_size": VOCAB, "max_postion": MAX_POS}, None, "pretrain")])
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params", lambda src: next(loads), raising=False)
-    hf.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "cls"), "--labels", "no,yes"])
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params", lambda src: next(loads), raising=False)
+    hf_cli.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "cls"), "--labels", "no,yes"])
     assert "BertForSequenceClassification (finetune checkpoint)" in capsys.readouterr().out
     assert hf.import_params(tmp_path / "cls")[1] == cfg
     with pytest.raises(SystemExit):
-        hf.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "mean"),
+        hf_cli.main(["export", "--checkpoint", "FT", "--out", str(tmp_path / "mean"),
                  "--architecture", "BertForSequenceClassification"])
     assert "mean-pooled" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        hf.main(["export", "--checkpoint", "PT", "--out", str(tmp_path / "typo")])
+        hf_cli.main(["export", "--checkpoint", "PT", "--out", str(tmp_path / "typo")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "'max_postion'" in err
 

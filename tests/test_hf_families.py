@@ -82,7 +82,8 @@ CFG = ToyConfig()
 
 @pytest.fixture(autouse=True)
 def toy_family(monkeypatch):
-    monkeypatch.setitem(hf.FAMILIES, "toy", TOY)
+    records = hf.records()
+    monkeypatch.setattr(hf, "records", lambda: {**records, "toy": TOY})
 
 
 def random_params(cfg=CFG, seed=0) -> dict:

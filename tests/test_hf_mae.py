@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from models import hf
+from models import hf, hf_cli
 from models.mae import (MAEConfig, MAEForPreTraining, mean_loss, patch_kernel_to_conv,
                         reconstruction_sums, sincos_position_table)
 from training.state import graphdef_and_specs, init_params
@@ -412,11 +412,10 @@ def test_config_from_hf():
 
 def fake_run(tmp_path, monkeypatch, params, run_config, kind):
     """A workdir whose config.json is `run_config`, with `params` as its checkpoint."""
-    checkpoint = pytest.importorskip("training.checkpoint")
     workdir = tmp_path / "run"
     (workdir / "checkpoints" / "3").mkdir(parents=True)
     (workdir / "config.json").write_text(json.dumps(run_config))
-    monkeypatch.setattr(checkpoint, "load_checkpoint_params",
+    monkeypatch.setattr(hf_cli, "load_checkpoint_params",
                         lambda src: (params, run_config["model"], None, kind), raising=False)
     return workdir
 
@@ -426,7 +425,7 @@ def test_cli_exports_a_pretraining_run(pretrained, tmp_path, monkeypatch, capsys
     run = {"family": "mae", "model": GROUP, "data": {"source": "tfds:x", "image_mean": stats[0],
                                                      "image_std": stats[1]}}
     workdir = fake_run(tmp_path, monkeypatch, pretrained, run, "pretrain")
-    hf.main(["export", "--checkpoint", str(workdir / "checkpoints" / "3"), "--out", str(tmp_path / "out")])
+    hf_cli.main(["export", "--checkpoint", str(workdir / "checkpoints" / "3"), "--out", str(tmp_path / "out")])
     assert "wrote ViTMAEForPreTraining (pretrain checkpoint)" in capsys.readouterr().out
     back, cfg, _ = hf.import_params(tmp_path / "out")
     assert cfg == CFG
@@ -438,7 +437,7 @@ def test_cli_exports_a_pretraining_run(pretrained, tmp_path, monkeypatch, capsys
     grey = dataclasses.replace(CFG, num_channels=1)
     params = {"encoder": init_params(lambda rngs: MAEForPreTraining(grey, rngs), 0)["encoder"]}
     workdir = fake_run(tmp_path / "grey", monkeypatch, params, run, "pretrain")
-    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "grey_out"),
+    hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "grey_out"),
              "--architecture", "ViTMAEModel"])
     processor = json.loads((tmp_path / "grey_out" / "preprocessor_config.json").read_text())
     assert [processor["image_mean"], processor["image_std"]] == [[0.1307], [0.3081]]
@@ -450,7 +449,7 @@ def test_cli_exports_a_finetuning_run(pretrained, tmp_path, monkeypatch, capsys)
     run = {"family": "mae", "model": {**GROUP, "pooling": "cls", "classifier_dropout": 0.1},
            "data": {"source": "tfds:x", "task": "x"}}
     workdir = fake_run(tmp_path, monkeypatch, params, run, "finetune")
-    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "cls"), "--labels", "a,b,c"])
+    hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "cls"), "--labels", "a,b,c"])
     assert "wrote ViTForImageClassification (finetune checkpoint)" in capsys.readouterr().out
     assert json.loads((tmp_path / "cls" / "config.json").read_text())["label2id"] == {"a": 0, "b": 1, "c": 2}
     assert_same_tree(params, hf.import_params(tmp_path / "cls")[0])
@@ -460,11 +459,11 @@ def test_cli_exports_a_finetuning_run(pretrained, tmp_path, monkeypatch, capsys)
     run["model"]["pooling"] = "mean"
     workdir = fake_run(tmp_path / "mean", monkeypatch, params, run, "finetune")
     with pytest.raises(SystemExit) as e:
-        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out")])
+        hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "mean-pooled" in err and "--architecture ViTMAEModel" in err
-    hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out"),
+    hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "mean_out"),
              "--architecture", "ViTMAEModel"])
     assert_same_tree({"encoder": params["encoder"]}, hf.import_params(tmp_path / "mean_out")[0])
 
@@ -479,7 +478,7 @@ def test_cli_exports_a_finetuning_run(pretrained, tmp_path, monkeypatch, capsys)
 def test_cli_errors_are_one_line(pretrained, tmp_path, monkeypatch, capsys, run, words):
     workdir = fake_run(tmp_path, monkeypatch, pretrained, run, "pretrain")
     with pytest.raises(SystemExit) as e:
-        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")])
+        hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert words in err
@@ -489,7 +488,7 @@ def test_cli_errors_are_one_line(pretrained, tmp_path, monkeypatch, capsys, run,
 def test_cli_refuses_another_familys_architecture(pretrained, tmp_path, monkeypatch, capsys):
     workdir = fake_run(tmp_path, monkeypatch, pretrained, {"family": "mae", "model": GROUP}, "pretrain")
     with pytest.raises(SystemExit):
-        hf.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out"),
+        hf_cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out"),
                  "--architecture", "BertModel"])
     err = capsys.readouterr().err
     assert "BertModel is no mae architecture; choose one of ViTForImageClassification" in err

@@ -20,7 +20,8 @@ from models.mae import MAEConfig, MAEForPreTraining
 from pretrain.__main__ import main as pretrain_main
 from pretrain.mae import objective, train_flops
 from training import mesh as mesh_lib
-from training.checkpoint import read_params
+from training import run_record
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 from training.optim import make_optimizer
 from training.state import create_train_state
@@ -108,10 +109,27 @@ def test_pretraining_stopped_and_rerun_continues_bitwise(pretrained):
     evals = [m["eval/loss"] for m in read_metrics(root / "full") if "eval/loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert (root / "full" / "reconstruction.png").stat().st_size > 1000
-    config = json.loads((root / "full" / "config.json").read_text())
+    config = run_record.read(root / "full")[0]
     assert config["family"] == "mae" and config["data"]["image_mean"] == [0.1307]
     for a, b in zip(jax.tree.leaves(read_params(root / "full")[0]), jax.tree.leaves(read_params(root / "stopped")[0])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_continued_pretraining_starts_from_the_source_weights(data_dir, tmp_path):
+    """--init of an MAE workdir (the code BERT's --init uses): the first evaluation, on the same
+    eval batches, equals the source's last one; a random start (the negative control) does not."""
+    run = lambda workdir, *init, steps=1: pretrain_main(["--workdir", str(workdir), *init,
+                                                         *flags(data_dir, train__steps=steps)])
+    run(tmp_path / "source", steps=4)
+    source_eval = [m["eval/loss"] for m in read_metrics(tmp_path / "source") if "eval/loss" in m][-1]
+    run(tmp_path / "continued", "--init", str(tmp_path / "source"))
+    first = [m for m in read_metrics(tmp_path / "continued") if "eval/loss" in m][0]
+    assert first["step"] == 0 and abs(first["eval/loss"] - source_eval) < 1e-5, (first, source_eval)
+    config = run_record.read(tmp_path / "continued")[0]
+    assert config["init"]["family"] == "mae" and config["init"]["step"] == 4
+    run(tmp_path / "random")
+    random_first = [m for m in read_metrics(tmp_path / "random") if "eval/loss" in m][0]
+    assert abs(random_first["eval/loss"] - source_eval) > 1e-3
 
 
 def test_linear_probe_keeps_the_encoder_and_standardises_features(pretrained, data_dir, tmp_path):
@@ -132,10 +150,10 @@ def test_linear_probe_keeps_the_encoder_and_standardises_features(pretrained, da
     assert len((tmp_path / "predictions_test.tsv").read_text().splitlines()) == 33
 
     # The best dev checkpoint, probe statistics folded in, is a ViTForImageClassification.
-    from models import hf
+    from models import hf, hf_cli
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    hf.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
+    hf_cli.main(["export", "--checkpoint", str(tmp_path / "best"), "--out", str(tmp_path / "hf")])
     theirs = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     from finetune.image import ImageClassifier
     from flax import nnx

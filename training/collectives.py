@@ -1,22 +1,8 @@
-"""Small host-side agreements between the processes of a run (no-ops in a one-process run).
+"""Moved to the bottom package (infra/collectives.py); this name is the same module object, so old imports
+and monkeypatches keep working until every caller says infra.collectives."""
 
-Every process must call each of them at the same point, or the others wait forever.
-"""
+import sys
 
-import jax
-import numpy as np
+from infra import collectives
 
-
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on any."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def barrier(name: str) -> None:
-    """Wait until every process has reached the barrier called `name`."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+sys.modules[__name__] = collectives

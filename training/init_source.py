@@ -1,8 +1,10 @@
 """Where a run's first weights come from: `--init SRC` of `python -m pretrain` and `python -m finetune`.
 
 SRC is a workdir of either trainer (its latest checkpoint), one of its `checkpoints/<step>`
-folders, a HuggingFace BERT folder, or (fine-tuning only) `none`. `resolve_source` says what it
-names without reading any weights; `load_params` reads them and `take_params` puts them into a
+folders, a HuggingFace folder of a family's (its `model_type` names the family), or (fine-tuning
+only) `none`. Every family goes through the same code: what differs (its config class, size
+table, shape fields, tokenizer kind, HF record) comes from its spec (models/family.py).
+`resolve_source` says what it names without reading any weights; `load_params` reads them and `take_params` puts them into a
 fresh model's tree, checking every shape. The model's shape and tokenizer always come from the
 source: `check_overrides` refuses a command-line flag that contradicts them. A rerun keeps the
 source it first resolved (`recorded_source`: its step stays pinned) and must name the same SRC.
@@ -15,14 +17,14 @@ import json
 import jax
 import numpy as np
 
-from models.bert import SIZES, BertConfig
+from models import family as families
 from models.layers import in_layout, is_stacked
 from models.tokenizer import Tokenizer
-from training import storage
-from training.checkpoint import read_params, resolve_step_dir
+from training import run_record, storage
+from training.checkpoint_reader import read_params, resolve_step_dir
 from training.errors import UserError
 
-USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, a HuggingFace BERT "
+USAGE = ("pass a pretraining workdir, one of its checkpoints/<step> folders, a HuggingFace model "
          "folder (config.json + model.safetensors), or none")
 
 
@@ -32,12 +34,17 @@ class Source:
     kind: str                     # "none" | "checkpoint" | "huggingface"
     path: str | None = None       # the step folder or HuggingFace folder read
     step: int | None = None
-    encoder: dict | None = None   # BertConfig fields (None: from the config, --init none)
+    encoder: dict | None = None   # the family's config fields (None: from the config, --init none)
     tokenizer_dir: str | None = None
     architecture: str | None = None  # a HuggingFace folder's class (config.json "architectures")
+    family: str = families.DEFAULT   # records from before this field were all of the default
 
-    def bert_config(self) -> BertConfig:
-        return BertConfig(**self.encoder)
+    def spec(self) -> families.FamilySpec:
+        return families.get(self.family)
+
+    def model_config(self):
+        """The source's model config (its family's config class)."""
+        return self.spec().config_class(**self.encoder)
 
     def describe(self) -> str:
         """`checkpoint /runs/x/checkpoints/7000`, `huggingface BertForMaskedLM /models/y`."""
@@ -49,24 +56,17 @@ def init_key(init: str) -> str:
     return init if init == "none" or storage.is_remote(init) else str(storage.as_path(init).resolve())
 
 
-def _bert_encoder(run_config: dict) -> dict:
-    return dataclasses.asdict(BertConfig.from_model_config(run_config["model"]))
+def resolve_source(init: str, usage: str = USAGE, family: str | None = None) -> Source:
+    """What `--init` names, without reading any weights; with `family`, a source of another
+    family is refused."""
+    source = _resolve(init, usage)
+    if family is not None and source.kind != "none" and source.family != family:
+        raise UserError(f"--init {init} holds a {source.family} model, but this config trains the "
+                        f"{family} family; {usage}")
+    return source
 
 
-def encoder_reader(family: str, config_cls, allow=()):
-    """A `read_encoder` for resolve_source: a run of `family` (config.json's "family"), its
-    `model` group as `config_cls` fields (`allow`: other keys that group may hold)."""
-    def read(run_config: dict) -> dict:
-        if run_config.get("family", "bert") != family:
-            raise ValueError(f"it is a {run_config.get('family', 'bert')} run")
-        return dataclasses.asdict(config_cls.from_model_config(run_config["model"], allow=allow))
-    return read
-
-
-def resolve_source(init: str, usage: str = USAGE, read_encoder=_bert_encoder,
-                   family: str = "BERT") -> Source:
-    """What `--init` names, without reading any weights. `read_encoder` turns a run's config.json
-    into the encoder fields of `family` (BERT's by default)."""
+def _resolve(init: str, usage: str) -> Source:
     if init == "none":
         return Source(init, "none")
     path = storage.absolute(init)  # what a rerun from another folder reads too
@@ -75,31 +75,37 @@ def resolve_source(init: str, usage: str = USAGE, read_encoder=_bert_encoder,
     if (path / "checkpoints").is_dir() or path.name == "checkpoints" or path.name.isdigit():
         directory, step = resolve_step_dir(path)
         run_dir = directory.parent
-        encoder = None
-        if (run_dir / "source.json").is_file():  # a fine-tuning workdir: its encoder as recorded
-            encoder = json.loads((run_dir / "source.json").read_text())["encoder"]
-        elif (run_dir / "config.json").is_file():
-            try:
-                encoder = read_encoder(json.loads((run_dir / "config.json").read_text()))
-            except (KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{run_dir / 'config.json'} does not describe a {family} model ({e})") from None
-        if encoder is None:
+        if not (run_dir / "config.json").is_file():
             raise UserError(f"{run_dir} has checkpoints but no config.json; {usage}")
-        if not (run_dir / "tokenizer").is_dir():
-            raise UserError(f"{run_dir} has no tokenizer/ folder; the encoder needs the tokenizer "
-                            f"it was trained with")
+        run_config, record = run_record.read(run_dir)
+        spec = families.of_config(run_config)
+        if record["trainer"] == "finetune":  # a fine-tuning workdir: its encoder as recorded
+            encoder = _finetune_record(run_dir, record)["encoder"]
+        else:
+            try:
+                encoder = dataclasses.asdict(spec.config_class.from_model_config(run_config["model"]))
+            except (KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{run_dir / 'config.json'} does not describe a {spec.name} model ({e})") from None
+        tokenizer_dir = None
+        if spec.tokenizer != "none":
+            if not (run_dir / "tokenizer").is_dir():
+                raise UserError(f"{run_dir} has no tokenizer/ folder; the encoder needs the tokenizer "
+                                f"it was trained with")
+            tokenizer_dir = str(run_dir / "tokenizer")
         return Source(init, "checkpoint", str(directory / str(step)), step, encoder,
-                      str(run_dir / "tokenizer"))
+                      tokenizer_dir, family=spec.name)
     if (path / "config.json").is_file():
-        from models.hf import ConversionError, config_from_hf
+        from models.hf import ConversionError, config_from_hf, family_name
         try:
             config = json.loads((path / "config.json").read_text())
-            cfg = config_from_hf(config, family="bert")
+            name = family_name(config)
+            cfg = config_from_hf(config, family=name)
         except (ConversionError, ValueError) as e:
             raise UserError(f"--init {init}: {e}") from None
-        architecture = (config.get("architectures") or ["BertModel"])[0]
-        return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg), str(path),
-                      architecture)
+        spec = families.get(name)
+        architecture = (config.get("architectures") or [spec.hf_record().base])[0]
+        return Source(init, "huggingface", str(path), None, dataclasses.asdict(cfg),
+                      None if spec.tokenizer == "none" else str(path), architecture, family=name)
     raise UserError(f"--init {init} is neither a checkpoint folder nor a HuggingFace model folder; {usage}")
 
 
@@ -113,7 +119,7 @@ def run_source(workdir, init: str | None, resolve=resolve_source) -> Source | No
     except UserError:  # no checkpoints yet: a fresh start
         return resolve(init) if init is not None else None
     config = storage.as_path(workdir) / "config.json"
-    record = json.loads(config.read_text()).get("init") if config.is_file() else None
+    record = run_record.read(workdir)[0].get("init") if config.is_file() else None
     if record is None:
         if init is not None:
             raise UserError(f"{workdir} already has checkpoints of a run from random weights; "
@@ -130,6 +136,30 @@ def recorded_source(record: dict, init: str | None, workdir) -> Source:
         raise UserError(f"{workdir} was started with --init {source.init}; pass the same --init "
                         f"to resume, or another --workdir")
     return source
+
+
+def finetune_source(workdir, init: str, family: str) -> tuple[Source, bool]:
+    """(the source of a fine-tuning run, whether this is a rerun): a rerun keeps the source as
+    first recorded in its run.json (its step stays pinned) and must name the same --init."""
+    workdir = storage.as_path(workdir)
+    if (workdir / "config.json").is_file() and run_record.read(workdir)[1]["trainer"] == "finetune":
+        record = {"family": family, **_finetune_record(workdir, run_record.read(workdir)[1])}
+        return recorded_source(record, init, workdir), True  # older records name no family
+    return resolve_source(init, family=family), False
+
+
+def _finetune_record(run_dir, record: dict) -> dict:
+    """A fine-tuning run's source as it recorded it: run.json's, or source.json before run.json."""
+    return record.get("source") or json.loads((run_dir / "source.json").read_text())
+
+
+def load_encoder(source: Source) -> dict:
+    """The source's encoder parameters (its family's `encoder` subtree) as host numpy arrays."""
+    spec = source.spec()
+    params = load_params(source, architecture=spec.hf_record().base if spec.hf else None)
+    if spec.encoder not in params:
+        raise UserError(f"--init {source.init}: {source.path} has no {spec.encoder} parameters")
+    return params[spec.encoder]
 
 
 def load_tokenizer(where) -> Tokenizer:
@@ -194,30 +224,23 @@ def take_params(loaded: dict, fresh: dict, init: str, optional=()) -> tuple[dict
 # The config: what the source fixes
 # ---------------------------------------------------------------------------------------------
 
-def size_name(cfg: BertConfig) -> str:
-    """The SIZES name of an encoder shape, or "custom"."""
-    for name, (layers, hidden, heads) in SIZES.items():
-        if (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size) == (
-                layers, hidden, heads, 4 * hidden):
-            return name
-    return "custom"
-
-
-def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer,
+def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer | None,
                     instead: str = "use --init none") -> None:
-    """With a source, an explicit flag that contradicts its encoder or tokenizer is an error;
+    """With a source, an explicit flag that contradicts its model shape or tokenizer is an error;
     `instead` says how to get what the flag asked for."""
     if source.kind == "none":
         return
-    enc = source.bert_config()
-    has = {"model.size": size_name(enc), "model.vocab_size": enc.vocab_size,
-           "model.max_position": enc.max_position, "data.vocab_size": tokenizer.vocab_size}
+    spec, cfg = source.spec(), source.model_config()
+    has = {"model.size": spec.size_of(cfg)}
+    has.update({f"model.{field}": getattr(cfg, field) for field in spec.shape_fields})
+    if tokenizer is not None:
+        has["data.vocab_size"] = tokenizer.vocab_size
     for key, value in has.items():
         group, field = key.split(".")
         if key in explicit and config[group][field] not in (value, 0):
             raise UserError(f"--config.{key}={config[group][field]} contradicts --init {source.init}, "
-                            f"whose {'tokenizer' if group == 'data' else 'encoder'} has {value}: the "
-                            f"encoder shape and tokenizer come from the source; drop the flag or "
+                            f"whose {'tokenizer' if group == 'data' else 'model'} has {value}: the "
+                            f"model's shape and tokenizer come from the source; drop the flag or "
                             f"{instead}")
     if "data.tokenizer" in explicit and config.data.tokenizer:
         if init_key(config.data.tokenizer) != init_key(source.tokenizer_dir):
@@ -226,15 +249,56 @@ def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer,
                             f"drop the flag or {instead}")
 
 
-SHAPE_FIELDS = ("vocab_size", "max_position", "num_layers", "hidden_size", "num_heads",
-                "intermediate_size", "type_vocab_size", "layer_norm_eps", "initializer_range")
-
-
-def describe_encoder(config, bert: BertConfig) -> None:
-    """Writes the encoder's shape into config.model, field by field, so that config.json tells
-    the encoder that was used (and `--init` of this run reads it back)."""
+def describe_model(config, spec: families.FamilySpec, cfg) -> None:
+    """Writes the model's shape into config.model, field by field, so that config.json tells
+    the model that was used (and `--init` of this run reads it back)."""
     with config.unlocked():
-        name = size_name(bert)
+        name = spec.size_of(cfg)
         config.model.size = "" if name == "custom" else name
-        for field in SHAPE_FIELDS:
-            config.model[field] = getattr(bert, field)
+        for field in spec.shape_fields:
+            config.model[field] = getattr(cfg, field)
+
+
+def pretrain_source(config, workdir, init: str | None, explicit) -> Source | None:
+    """The --init source of a pretraining run (None: random weights), for any family: checked
+    against the config (the family, flags that contradict it, the architectures its record
+    takes); sets what it fixes (the model's shape, data.tokenizer) and records it in config.init."""
+    spec = families.of_config(config)
+    classes = spec.pretrain_sources or (tuple(spec.hf_record().architectures) if spec.hf else ())
+    usage = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or a HuggingFace "
+             + (" / ".join(classes) or spec.name) + " folder")
+    source = run_source(workdir, init, lambda i: resolve_source(i, usage, family=spec.name))
+    if source is None:
+        return None
+    if source.kind == "huggingface" and source.architecture not in classes:
+        raise UserError(f"--init {source.init} holds a {source.architecture}; {usage}")
+    tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+    check_overrides(config, explicit, source, tokenizer,
+                    instead="drop --init to pretrain from random weights")
+    cfg = source.model_config()
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(f"--init {source.init}: its tokenizer has {tokenizer.vocab_size} tokens "
+                        f"but its model only {cfg.vocab_size} embeddings")
+    describe_model(config, spec, cfg)
+    problem = spec.cross_check(config, "pretrain") if spec.cross_check else None
+    if problem:
+        raise UserError(f"{problem} (the model's shape is --init {source.init}'s)")
+    with config.unlocked():
+        if source.tokenizer_dir:
+            config.data.tokenizer = init_key(source.tokenizer_dir)
+        config.init = dataclasses.asdict(source)
+    return source
+
+
+def source_params(source: Source, fresh: dict) -> dict:
+    """SRC's weights in the shape of `fresh` (a pretraining model's random parameters); the
+    family's `heads` the source lacks keep their fresh values, said in one line."""
+    loaded = load_params(source)
+    params, missing = take_params(loaded, fresh, source.init, optional=source.spec().heads)
+    unused = sorted(set(loaded) - set(fresh))  # a fine-tuning checkpoint's classifier
+    at = f" at step {source.step}" if source.step is not None else ""
+    if jax.process_index() == 0:
+        print(f"--init: weights from {source.describe()}{at}"
+              + (f"; it has no {', '.join(missing)}: created fresh" if missing else "; every head loaded")
+              + (f"; its {', '.join(unused)} not used" if unused else ""))
+    return params

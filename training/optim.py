@@ -1,4 +1,4 @@
-"""AdamW with BERT's recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
+"""AdamW with the encoder-pretraining recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
 
 ModernBERT's recipe (Warner et al. 2024) from the same pieces, chosen by optional config fields
 that BERT's configs do not have: a 1-sqrt decay tail (`optim.decay = "1-sqrt"`), StableAdamW-style
@@ -65,8 +65,8 @@ def warmup_steps(optim_cfg, total_steps: int) -> int:
 
 
 def decay_mask(params):
-    """Weight decay on matrices only: LayerNorm scales, biases and other vectors (MAE's class and
-    mask tokens) are exempt, as in BERT and MAE."""
+    """Weight decay on matrices only: LayerNorm scales, biases and other vectors (class and
+    mask tokens) are exempt, as in the published recipes."""
     def keep(path, leaf):
         name = getattr(path[-1], "key", "")
         return leaf.ndim > 1 and name not in ("bias", "scale") and not str(name).endswith("_bias")

@@ -1,9 +1,9 @@
-"""Model families for pretraining: what a family gives the shared trainer, and where to find them.
+"""What a model family's pretraining setup gives the shared trainer.
 
-A family is a module with `setup(config, workdir, init, explicit) -> Setup`; `config.family`
-names it. `init` is `--init SRC` (None: random weights) and `explicit` the config keys set on the
+A family's pretraining module (its spec's `pretrain`, models/family.py) has
+`setup(config, workdir, init, explicit) -> PretrainSetup`; `config.family` names the family. `init` is `--init SRC` (None: random weights) and `explicit` the config keys set on the
 command line (a flag that contradicts SRC's model shape or tokenizer is an error). Adding one
-is adding a module (e.g. `pretrain/mae.py`) and a line in FAMILIES below (ARCHITECTURE.md).
+is adding a module (e.g. `pretrain/mae.py`) that its spec names (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ from typing import Callable, Iterable, Iterator
 
 from flax import nnx
 
-from training.families import Registry
 from training.loop import Throughput
 from training.step import Objective
 
-FAMILIES = Registry("pretraining", {"bert": "pretrain.bert", "mae": "pretrain.mae",
-                                    "modernbert": "pretrain.modernbert"})
-
-
 @dataclasses.dataclass
-class Setup:
+class PretrainSetup:
     """What one family's `setup(config, workdir)` returns. It has already prepared its data and
     written what the workdir needs besides checkpoints (e.g. its tokenizer), and may have set
     derived config fields (e.g. model.vocab_size) before config.json is written.

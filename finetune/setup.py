@@ -1,7 +1,7 @@
-"""Model families for fine-tuning: what a family gives the shared trainer, and where to find them.
+"""What a model family's fine-tuning setup gives the shared trainer.
 
-A family is a module with `setup(config, workdir, init, explicit) -> Setup`; `config.family`
-names it. Text families tokenise, image families decode pixels; everything after that (methods,
+A family's fine-tuning module (its spec's `finetune`, models/family.py) has
+`setup(config, workdir, init, explicit) -> FinetuneSetup`; `config.family` names the family. Text families tokenise, image families decode pixels; everything after that (methods,
 the step and loop, best-dev selection, results and predictions) is finetune/train.py's.
 """
 
@@ -16,14 +16,9 @@ from flax import nnx
 
 from finetune.methods import Depth
 from finetune.tasks import Task
-from training.families import Registry
-
-FAMILIES = Registry("fine-tuning", {"bert": "finetune.text", "mae": "finetune.image",
-                                    "modernbert": "finetune.modernbert"})
-
 
 @dataclasses.dataclass
-class Setup:
+class FinetuneSetup:
     """One family's fine-tuning pieces, built from the config and the `--init` source.
 
     `splits` maps split names (train first, then dev, test...) to objects with `len()`,
@@ -36,7 +31,7 @@ class Setup:
     training examples (mixup, cutmix) and returns (batch, partner labels, weight of the
     originals). `save_assets(folder)`
     writes what a run folder needs besides checkpoints (a tokenizer). `source` is written to
-    source.json (what a rerun and `--init` of this run read back); `results` joins results.json
+    run.json as the source (what a rerun and `--init` of this run read back); `results` joins results.json
     (where the encoder came from, its shape).
     """
     task: Task
