@@ -18,7 +18,8 @@ from configs import modernbert_tiny
 from models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 from pretrain.__main__ import main as pretrain_main
 from pretrain.modernbert import mlm_objective, setup, train_flops
-from training.checkpoint import read_params
+from training import run_record
+from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,6 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, data_dir, ov
 
 
 def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
-    import json
     phase1 = tmp_path / "phase1"
     pretrain_main(["--workdir", str(phase1), *flags(data_dir, **{"train.steps": 2})])
     phase2 = tmp_path / "phase2"
@@ -151,7 +151,7 @@ def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
                                        "model.global_rope_base": 160000.0, "optim.lr": 0.0})])
     for a, b in zip(jax.tree.leaves(read_params(phase1)[0]), jax.tree.leaves(read_params(phase2)[0])):
         np.testing.assert_array_equal(a, b)
-    config = json.loads((phase2 / "config.json").read_text())
+    config = run_record.read(phase2)[0]  # config.json as given, with what the run resolved
     assert config["init"]["kind"] == "checkpoint" and config["model"]["global_rope_base"] == 160000.0
     assert config["data"]["tokenizer"] == str((phase1 / "tokenizer").resolve())
     assert any("eval/mlm_accuracy" in m for m in read_metrics(phase2))
@@ -164,7 +164,7 @@ def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir):
     capsys.readouterr()
     workdir = tmp_path / "run"
     err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(bert), *flags(data_dir)])
-    assert "does not describe a ModernBERT model (it is a bert run)" in err, err
+    assert "holds a bert model, but this config trains the modernbert family" in err, err
     assert not (workdir / "tokenizer").exists()
 
 
@@ -198,8 +198,8 @@ def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir
         for a, b in zip(jax.tree.leaves(source[part]), jax.tree.leaves(tuned[part])):
             np.testing.assert_array_equal(a, b)
     assert tuned["classifier"]["kernel"].shape == (128, 8)
-    # config.json names the source's encoder, so an export of this run builds that one
-    model = json.loads((out / "config.json").read_text())["model"]
+    # the run records the source's encoder, so an export of this run builds that one
+    model = run_record.read(out)[0]["model"]
     assert model["local_window"] == 16 and model["num_layers"] == 4 and model["pooling"] == "mean"
 
 
@@ -211,7 +211,7 @@ def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
     capsys.readouterr()
     err = cli_error(capsys, finetune_main, ["--workdir", str(tmp_path / "ft"), "--init", str(bert),
                                             *ft_flags(data_dir)])
-    assert "does not describe a ModernBERT model" in err, err
+    assert "holds a bert model, but this config trains the modernbert family" in err, err
 
 
 def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, data_dir):
@@ -222,7 +222,7 @@ def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, 
 
     from data.tasks import Split, encode
     from finetune.__main__ import main as finetune_main
-    from models import hf
+    from models import hf_cli
     from models.modernbert import ModernBertForSequenceClassification
     from models.tokenizer import Tokenizer
     from training.state import abstract_model
@@ -230,7 +230,7 @@ def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, 
     pretrain_main(["--workdir", str(pretrained), *flags(data_dir, **{"train.steps": 2})])
     finetune_main(["--workdir", str(out), "--init", str(pretrained),
                    *ft_flags(data_dir, **{"train.steps": 2, "optim.lr": 1e-3})])
-    hf.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
+    hf_cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "hf")])
     results = json.loads((out / "results.json").read_text())
     cfg = ModernBertConfig(**results["encoder"])
     model = nnx.merge(nnx.graphdef(abstract_model(
