@@ -10,7 +10,8 @@ has passed since the last save. Every process must save the same steps, so the c
 Restores heal: `restore_latest` reports a step whose files cannot be read (arrays missing or cut
 short, lost metadata, a corrupt data-iterator JSON) in one line, moves it to
 `<workdir>/checkpoints_quarantine/<step>` (never deletes it) and resumes from the newest step that
-restores, the same on every process. Storage errors while saving (a full disk, permissions, a
+restores, the same on every process. Only such evidence moves a step: any other error while
+restoring (a KeyError from code that changed) stops the run with one line and moves nothing. Storage errors while saving (a full disk, permissions, a
 bucket), also those Orbax's background thread meets after training has moved on, become one
 UserError line naming the step and the folder (`maybe_save`, `check`, `wait`); the steps already
 written stay restorable.
@@ -156,7 +157,12 @@ def _params_metadata(manager: ocp.CheckpointManager, step: int, where):
         except (KeyError, TypeError):  # state/_METADATA gone: Orbax gives None
             params = None
     if params is None:
-        raise _Damaged("its array metadata (state/_METADATA) is missing")
+        # Damage only on evidence: with the file there, this is code or a library reading it.
+        if not (where / "state" / "_METADATA").exists():
+            raise _Damaged("its array metadata (state/_METADATA) is missing")
+        raise UserError(f"checkpoint {where} has state/_METADATA but no params in what Orbax "
+                        f"reads from it (written by another version of the code?); it was left "
+                        f"in place: use the code that wrote it, or another --workdir")
     return params
 
 
@@ -261,6 +267,12 @@ class Checkpointer:
                 reason = str(e)
             except UserError as e:  # another model's checkpoint, or no access: not damage
                 refusal = e
+            except Exception as e:  # noqa: BLE001  no evidence of damage (a code or library change?)
+                refusal = UserError(f"restoring checkpoint {self.directory / str(step)} failed "
+                                    f"with {type(e).__name__}: {_line(e, 200)}; its files look "
+                                    f"intact, so every checkpoint was left in place: fix the "
+                                    f"cause (a code or library change?) and run again")
+                refusal.__cause__ = e
             if collectives.any_process(refusal is not None):
                 raise refusal or UserError(f"checkpoint {self.directory / str(step)} cannot be "
                                            f"restored on another process (see its error line)")
