@@ -219,6 +219,8 @@ TABLES = {
         "data.max_doc_tokens": COUNT,
         "data.shard_documents": COUNT,
         "data.prepare_workers": Int(0, special={-1: "one per CPU"}),
+        "data.strict": Bool(),
+        "data.max_skipped_share": PROB,
         "data.workers": NONNEG,
         "data.prefetch": NONNEG},
     ("finetune", "bert"): {**_COMMON, **_FINETUNE, **_BERT,
