@@ -99,6 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
                                          # (process 0's clock, read at each log step); 0 = off
     c.checkpoint.keep = 2
 
+    # A multi-process run: a lost process (no heartbeat this long) stops the others; processes
+    # that end wait this long for each other (training/distributed.py).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.heartbeat_timeout_s = 30
+    c.distributed.shutdown_timeout_s = 60
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 500
     c.eval.max_batches = 50

@@ -27,7 +27,8 @@ def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
                              "Pretrain a BERT encoder with MLM and NSP.",
                              extra_args=[INIT_ARG, *distributed.DISTRIBUTED_ARGS])
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
+                           **distributed.timeouts(config))
     from pretrain.train import train_and_evaluate  # after parsing: --help stays instant
     train_and_evaluate(config, args.workdir, args.init, set(args.overrides))
 

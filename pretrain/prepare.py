@@ -484,7 +484,7 @@ def main(argv=None) -> None:
                              "Tokenise a text source into pretraining examples (cached).",
                              extra_args=distributed.DISTRIBUTED_ARGS)
     if distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                              args.cpu_devices):
+                              args.cpu_devices, **distributed.timeouts(config)):
         import jax
         prepare(config.data, process_index=jax.process_index(), process_count=jax.process_count())
     else:

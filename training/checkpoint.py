@@ -23,6 +23,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -34,15 +35,34 @@ from training import collectives, storage
 from training.errors import UserError
 
 
+# What Orbax 0.12 logs from its threads when a background save fails. It hands the error on
+# too, and we raise that (one UserError line for a storage error, else with its traceback).
+_ORBAX_SAVE_FAILURES = ("_SignalingThread.run() raised an exception", "background save thread",
+                        "Save Finalize thread", "Failed to write metadata")
+
+
 def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    """Orbax logs a failed background save with its traceback, then hands the error on; we
-    raise it as one UserError line (or with its traceback if it is not a storage error)."""
-    if record.exc_info and "orbax" in record.pathname:
-        record.exc_info, record.exc_text = None, None
+    """Drops Orbax's log records of a failed background save, and the tracebacks of its others."""
+    if "orbax" not in record.pathname:
+        return True
+    if record.levelno >= logging.ERROR and any(s in record.getMessage() for s in _ORBAX_SAVE_FAILURES):
+        return False
+    record.exc_info, record.exc_text = None, None
     return True
 
 
+def _no_orbax_sibling_failures(record: logging.LogRecord) -> bool:
+    """When one write of a save fails, its sibling writes fail the same way and asyncio logs
+    each ("Task/Future exception was never retrieved"); the first is raised as our line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or "never retrieved" not in record.getMessage() or not storage_reason(exc):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return not ("orbax" in record.getMessage() or any("orbax" in f.filename for f in frames))
+
+
 logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
+logging.getLogger("asyncio").addFilter(_no_orbax_sibling_failures)
 
 
 def _manager(directory, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
@@ -113,20 +133,28 @@ def storage_reason(e: BaseException) -> str | None:
     return damage_reason(e)
 
 
+def _closed_loop(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 def _quiet_closed_loop() -> None:
-    """When one read fails, TensorStore's other pending reads call back into Orbax's event loop,
-    closed by then, and Python prints that RuntimeError as a traceback: drop just that one."""
-    previous = sys.unraisablehook
+    """When one read or write fails, TensorStore's other pending operations call back into
+    Orbax's event loop, closed by then, and Python prints each RuntimeError as a traceback (as
+    unraisable, or through sys.excepthook from TensorStore's threads): drop just that one."""
+    previous, previous_excepthook = sys.unraisablehook, sys.excepthook
     if getattr(previous, "pretrax_quiet", False):
         return
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
+        if not _closed_loop(unraisable.exc_value):
             previous(unraisable)
 
+    def excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            previous_excepthook(kind, value, tb)
+
     hook.pretrax_quiet = True
-    sys.unraisablehook = hook
+    sys.unraisablehook, sys.excepthook = hook, excepthook
 
 
 @contextlib.contextmanager
@@ -213,12 +241,16 @@ class Checkpointer:
         self._pending: int | None = None  # the step of a background save not known to be done
         self._failed = False  # a save failed and was reported
         self._manager = _manager(self.directory, keep)  # makes the folder at the first save
+        _quiet_closed_loop()  # a failed save's pending writes call back into a closed loop
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()  # also when a step fails: Orbax's background threads end with it
+    def __exit__(self, exc_type, *exc) -> None:
+        # A failing multi-process run leaves at once (training/distributed.py: leave): Orbax's
+        # close would wait for peers that may be gone.
+        if exc_type is None or jax.process_count() == 1:
+            self.close()  # also when a step fails: Orbax's background threads end with it
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
