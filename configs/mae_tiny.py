@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4
 
     base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
-    for group in ("train", "optim", "mesh", "checkpoint", "eval", "perf", "wandb"):
+    for group in ("train", "optim", "mesh", "checkpoint", "distributed", "eval", "perf", "wandb"):
         c[group] = base[group]
     c.train.steps = 3000
     c.train.batch_size = 128         # global, over all processes
