@@ -206,6 +206,20 @@ def test_background_save_failure_names_the_step_and_keeps_the_last_one(tmp_path,
     assert again.restore_latest(target())[0] == 1 and again.latest_step() == 1
 
 
+def test_close_after_a_reported_failure_closes_all_of_orbax(tmp_path, monkeypatch):
+    """Orbax's close stops at its failed wait; ours still closes what comes after it."""
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=1)
+    failing_writes(monkeypatch, tmp_path / "checkpoints", OSError(errno.ENOSPC, "No space left on device"))
+    assert ckpt.maybe_save(1, state(1), {"iterator": {"position": 1}})
+    with pytest.raises(UserError):
+        ckpt.wait()
+    closed = []
+    deleter = ckpt._manager._checkpoint_deleter
+    monkeypatch.setattr(deleter, "close", lambda: closed.append("deleter"))
+    ckpt.close()  # the failure was reported: no second line
+    assert closed == ["deleter"]
+
+
 @NEVER_AWAITED
 def test_synchronous_storage_error_is_one_line(tmp_path, monkeypatch):
     save(tmp_path, [1])

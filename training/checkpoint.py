@@ -416,9 +416,19 @@ class Checkpointer:
             with self._saving(step):
                 self._manager.close()
         except UserError:
+            self._close_the_rest()
             if not reported:
                 raise
             # Orbax reports the failed save again as it closes; it was reported once already.
+
+    def _close_the_rest(self) -> None:
+        """What Orbax's CheckpointManager.close (0.12) skips when its first step, waiting for
+        the failed save, raises: its checkpointer's threads, metadata stores and deleter."""
+        manager = self._manager
+        for part in ("_checkpointer", "_non_blocking_metadata_store", "_blocking_metadata_store",
+                     "_checkpoint_deleter"):
+            with contextlib.suppress(Exception):  # each closes even if another will not
+                getattr(manager, part).close()
 
 
 # ---------------------------------------------------------------------------------------------
