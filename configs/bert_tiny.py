@@ -114,6 +114,10 @@ def get_config() -> ml_collections.ConfigDict:
     # measured on the 2-core development machine; set yours on other CPUs.
     c.perf.peak_tflops = 0.19
 
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ""             # START:COUNT: a jax.profiler trace of those steps in workdir/profile/
+    c.profile.all_processes = False  # every process traces (else process 0 only)
+
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""             # non-empty: also log to this W&B project
     return c

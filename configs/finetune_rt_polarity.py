@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.perf = ml_collections.ConfigDict()
     c.perf.peak_tflops = 0.0         # peak TFLOP/s per device for perf/mfu; 0 looks the chip up
 
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ""             # START:COUNT: a jax.profiler trace of those steps in workdir/profile/
+    c.profile.all_processes = False  # every process traces (else process 0 only)
+
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""
     return c

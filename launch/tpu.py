@@ -103,7 +103,7 @@ class Plan:
         return Step("install it on every worker", self.ssh("all", (
             f"mkdir -p {CODE_DIR} && tar -xzf ~/pretrax.tar.gz -C {CODE_DIR} && cd {CODE_DIR} && "
             f"([ -d .venv ] || python3 -m venv .venv) && .venv/bin/pip install -q -U pip && "
-            f".venv/bin/pip install -q -e . 'jax[tpu]'")))
+            f".venv/bin/pip install -q -e '.[tpu]'")))
 
     def start(self) -> Step:
         inner = (f"{shlex.join(self.command)} > {LOG} 2>&1 & echo $! > {PID}; wait $!; "

@@ -49,10 +49,11 @@ from models.hf_folder import (DEFAULT_MAX_SHARD_BYTES, DTYPES, TOKENIZER_FILES, 
                               export_tokenizer, plan_shards, safetensors_files, shard_names, staged,
                               write_json, write_safetensors, write_tokenizer)
 from models.hf_mae import MAE
+from models.hf_modernbert import MODERNBERT
 from models.hf_table import Architecture, ConversionError, Entry, Family
 from models.layers import unstack_layers
 
-FAMILIES = {"bert": BERT, "mae": MAE}  # keyed as run configs name them (`family`)
+FAMILIES = {"bert": BERT, "mae": MAE, "modernbert": MODERNBERT}  # keyed as run configs name them (`family`)
 DEFAULT_MODEL_TYPE = "bert"  # config.json files from before transformers wrote model_type
 
 

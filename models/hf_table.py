@@ -70,6 +70,9 @@ class Rule(NamedTuple):
     fixed: Callable[[Any], np.ndarray] | None = None
     # cfg -> whether the tensor exists (ViT's query bias only with qkv_bias); None: always.
     when: Callable[[Any], bool] | None = None
+    # layer indices ({"i": 3}) -> whether that layer has the tensor (ModernBERT's layer 0 has
+    # no attention norm); None: every layer.
+    at: Callable[[dict], bool] | None = None
 
 
 def axes(dims: str) -> list[list[str]]:
@@ -200,6 +203,8 @@ class Family:
             letters = sorted(set(LAYER.findall(rule.hf)))
             for index in itertools.product(*(range(depths[letter]) for letter in letters)):
                 at = dict(zip(letters, index))
+                if rule.at is not None and not rule.at(at):
+                    continue
                 ours = None
                 if rule.ours is not None:
                     keys = [at[m[1]] if (m := LAYER.fullmatch(k)) else k for k in rule.ours.split("/")]

@@ -57,10 +57,40 @@ def fold(key: jax.Array | None, i: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, *, use_bias: bool = True) -> nnx.LayerNorm:
     # Statistics in float32 whatever the compute dtype: bf16 variance loses too much.
-    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32,
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, use_bias=use_bias,
                          scale_init=ones("embed"), bias_init=zeros("embed"), rngs=rngs)
+
+
+def truncated_normal(stddev: float, cutoff: float = 2.0):
+    """N(0, stddev) cut at +-cutoff * stddev, as torch's `trunc_normal_(std=s, a=-c*s, b=c*s)`
+    (ModernBERT's init). Not jax's `truncated_normal`, which rescales so the cut samples have
+    standard deviation `stddev`."""
+    def init(key, shape, dtype=jnp.float32):
+        return (stddev * jax.random.truncated_normal(key, -cutoff, cutoff, shape)).astype(dtype)
+    return init
+
+
+def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding in the rotate-half form (GPT-NeoX, HuggingFace's
+    `apply_rotary_pos_emb`): dims i and i + H/2 rotate by angle position / base^(2i/H). Computed
+    in float32, returned in x's dtype. Positions come per token so that they can restart at
+    every document of a packed row."""
+    H = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    angles_BT1H = jnp.concatenate([angles_BTh, angles_BTh], axis=-1)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    rotated = jnp.concatenate([-x[..., H // 2:], x[..., :H // 2]], axis=-1)
+    return (x * jnp.cos(angles_BT1H) + rotated * jnp.sin(angles_BT1H)).astype(x_BTNH.dtype)
+
+
+def window_mask(T: int, half_window: int) -> jax.Array:
+    """TS bool: query t sees key s iff |t - s| <= half_window (a bidirectional sliding window of
+    2 * half_window + 1 tokens, ModernBERT's local attention)."""
+    t_T1, s_1S = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+    return jnp.abs(t_T1 - s_1S) <= half_window
 
 
 def dense(d_in, d_out, in_axes, out_axes, *, kernel_init, dtype, rngs: nnx.Rngs, axis=-1,
@@ -180,18 +210,29 @@ def attention_implementation(choice: str, dtype, dropout_active: bool) -> str:
 
 
 def dot_product_attention(q_BTNH, k_BSNH, v_BSNH, *, dtype, mask_BTS=None, dropout_rate=0.0,
-                          key=None, implementation: str = "reference") -> jax.Array:
+                          key=None, implementation: str = "reference",
+                          half_window: int | None = None) -> jax.Array:
     """softmax(q k / sqrt(H)) v with scores and softmax in float32 whatever `dtype`.
 
-    `mask_BTS` (bool, broadcastable to B T S): False = query t ignores key s. `implementation`:
-    one of ATTENTIONS; "xla" and "cudnn" are `jax.nn.dot_product_attention`'s, "reference" the
-    einsums below (the only one with attention dropout: see `attention_implementation`).
+    `mask_BTS` (bool, broadcastable to B T S): False = query t ignores key s (padding, other
+    documents of a packed row). `half_window`: a sliding window, query t sees only keys with
+    |t - s| <= half_window (`window_mask`). `implementation`: one of ATTENTIONS; "xla" and
+    "cudnn" are `jax.nn.dot_product_attention`'s, "reference" the einsums below (the only one
+    with attention dropout: see `attention_implementation`).
     """
     dropout_active = key is not None and dropout_rate > 0
     path = attention_implementation(implementation, dtype, dropout_active)
+    local_window = None
+    if half_window is not None:
+        if path == "xla":  # XLA's own windowed mask (both sides)
+            local_window = (half_window, half_window)
+        else:  # cuDNN windows only causal attention: the window joins the mask
+            window_TS = window_mask(q_BTNH.shape[1], half_window)
+            mask_BTS = window_TS[None] if mask_BTS is None else mask_BTS & window_TS
     mask_BNTS = None if mask_BTS is None else mask_BTS[:, None]
     if path != "reference":
         return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BNTS,
+                                            local_window_size=local_window,
                                             implementation=path).astype(dtype)
     H = q_BTNH.shape[-1]
     scores_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
@@ -247,10 +288,58 @@ def make_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, scan: bool):
     return create(rngs)
 
 
+class GroupedStack(nnx.Module):
+    """The scanned layout of a stack of unlike layers that repeat as a group (ModernBERT: a global
+    attention layer, then two local ones), as MaxText scans Gemma 2's local/global pairs: `head`,
+    the first layers, unrolled (layers that differ from every group, e.g. one without a norm);
+    then `groups`, one module per position j in the group whose weights stack that position's
+    layers along a `layers` axis. One lax.scan step applies a whole group."""
+
+    def __init__(self, head: list, groups: list):
+        self.head = nnx.List(head)
+        self.groups = nnx.List(groups)
+
+
+def make_grouped_stack(make_layer, num_layers: int, rngs: nnx.Rngs, *, head: int, group: int,
+                       scan: bool):
+    """`num_layers` layers, layer i from `make_layer(i, rngs)`: an nnx.List, or (scan) a
+    GroupedStack whose layers `head`, `head + group`, ... share position 0 of the group, and so
+    on; `make_layer(i, ...)` must build the same structure for every i of one position.
+    `stack_layers(tree, head=, group=)` converts one layout's weights to the other."""
+    if not scan:
+        return nnx.List([make_layer(i, rngs) for i in range(num_layers)])
+    if num_layers < head or (num_layers - head) % group:
+        raise ValueError(f"a scanned stack of {num_layers} layers needs {head} + a multiple of "
+                         f"{group} layers; set scan_layers=false or another depth")
+    count = (num_layers - head) // group
+    return GroupedStack([make_layer(i, rngs) for i in range(head)],
+                        [make_stack(partial(make_layer, head + j), count, rngs, scan=True)
+                         for j in range(group)])
+
+
 def run_stack(layers, x, *args, key, key_offset: int = 0, remat: str = "none"):
     """x -> layer_{L-1}(...layer_0(x, *args, key_0)...), key_i = fold(key, key_offset + i) in
     both layouts, so dropout (and hence the loss) is the same whichever layout holds the weights."""
     policy = REMAT_POLICIES[remat_name(remat)]
+    if isinstance(layers, GroupedStack):
+        head = len(layers.head)
+        x = run_stack(layers.head, x, *args, key=key, key_offset=key_offset, remat=remat)
+        split = [nnx.split(position) for position in layers.groups]
+        group = len(split)
+
+        def group_body(x, states_and_index):
+            states, g = states_and_index
+            for j, ((graphdef, _), state) in enumerate(zip(split, states)):
+                index = key_offset + head + g * group + j
+                x = nnx.merge(graphdef, state)(x, *args, fold(key, index))
+            return x, None
+
+        if remat_name(remat) != "none":
+            group_body = jax.checkpoint(group_body, policy=policy, prevent_cse=False)
+        states = tuple(state for _, state in split)
+        count = jax.tree.leaves(states)[0].shape[0]
+        x, _ = jax.lax.scan(group_body, x, (states, jnp.arange(count)))
+        return x
     if isinstance(layers, nnx.List):
         for i, layer in enumerate(layers):
             call = type(layer).__call__
@@ -272,31 +361,58 @@ def run_stack(layers, x, *args, key, key_offset: int = 0, remat: str = "none"):
     return x
 
 
+def _is_grouped(k, v) -> bool:
+    """A `layers` entry in GroupedStack's layout: {"head": {0: ...}, "groups": {0: stacked, ...}}."""
+    return k == "layers" and isinstance(v, Mapping) and set(v) == {"head", "groups"}
+
+
+def _grouping(tree) -> tuple[int, int] | None:
+    """(head, group) of the first GroupedStack layout in `tree`, None if it has none."""
+    if not isinstance(tree, Mapping):
+        return None
+    for k, v in tree.items():
+        if _is_grouped(k, v):
+            return len(v["head"]), len(v["groups"])
+        if (found := _grouping(v)) is not None:
+            return found
+    return None
+
+
 def _is_layer_index(k) -> bool:
     return isinstance(k, int) or (isinstance(k, str) and k.isdigit())  # Orbax restores '0'
 
 
 def is_stacked(tree) -> bool:
     """Whether a parameter tree holds a scanned stack: a `layers` entry keyed by weight names
-    rather than layer indices."""
+    (or GroupedStack's `head` and `groups`) rather than layer indices."""
     if not isinstance(tree, Mapping):  # a pure dict, or Orbax's metadata tree
         return False
     return any((k == "layers" and isinstance(v, Mapping) and v and not any(map(_is_layer_index, v)))
                or is_stacked(v) for k, v in tree.items())
 
 
-def stack_layers(tree):
+def _stacked(layers: list):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+
+
+def stack_layers(tree, *, head: int | None = None, group: int = 1):
     """Every per-layer `layers` entry ({0: {...}, 1: {...}}) of a parameter tree as one entry of
-    arrays with a leading layer axis; a stacked tree stays as it is."""
+    arrays with a leading layer axis; with `head`, in GroupedStack's layout (the first `head`
+    layers apart, then one stacked entry per position in a group of `group`). A stacked tree
+    stays as it is."""
     if not isinstance(tree, dict):
         return tree
     out = {}
     for k, v in tree.items():
         if k == "layers" and isinstance(v, dict) and v and all(map(_is_layer_index, v)):
             ordered = [v[i] for i in sorted(v, key=int)]
-            out[k] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *ordered)
+            if head is None:
+                out[k] = _stacked(ordered)
+            else:
+                out[k] = {"head": dict(enumerate(ordered[:head])),
+                          "groups": {j: _stacked(ordered[head + j::group]) for j in range(group)}}
         else:
-            out[k] = stack_layers(v)
+            out[k] = stack_layers(v, head=head, group=group)
     return out
 
 
@@ -306,7 +422,13 @@ def unstack_layers(tree):
         return tree
     out = {}
     for k, v in tree.items():
-        if k == "layers" and isinstance(v, dict) and v and not any(map(_is_layer_index, v)):
+        if _is_grouped(k, v):
+            head = {int(i): unstack_layers(x) for i, x in v["head"].items()}
+            positions = [unstack_layers({"layers": v["groups"][j]})["layers"]
+                         for j in sorted(v["groups"], key=int)]
+            out[k] = head | {len(head) + g * len(positions) + j: layer
+                             for j, stack in enumerate(positions) for g, layer in stack.items()}
+        elif k == "layers" and isinstance(v, dict) and v and not any(map(_is_layer_index, v)):
             n = jax.tree.leaves(v)[0].shape[0]
             host = jax.tree.map(np.asarray, v)  # one host copy, sliced into views
             out[k] = {i: jax.tree.map(lambda x: x[i], host) for i in range(n)}
@@ -315,6 +437,13 @@ def unstack_layers(tree):
     return out
 
 
-def in_layout(tree, scanned: bool):
-    """`tree`'s weights in the scanned (stacked) or unrolled (per-layer) layout."""
-    return stack_layers(tree) if scanned else unstack_layers(tree)
+def in_layout(tree, scanned: bool, like=None):
+    """`tree`'s weights in the scanned (stacked) or unrolled (per-layer) layout; scanned as a
+    GroupedStack where `like` (a tree in the wanted layout) is one."""
+    if not scanned:
+        return unstack_layers(tree)
+    grouping = _grouping(like)
+    if grouping is None:
+        return stack_layers(tree)
+    head, group = grouping
+    return stack_layers(unstack_layers(tree), head=head, group=group)

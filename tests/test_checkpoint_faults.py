@@ -3,6 +3,7 @@ errors while saving are one UserError line naming the step and the folder; nothi
 
 import errno
 import os
+import threading
 import time
 
 import jax
@@ -166,16 +167,28 @@ def test_read_params_and_export_report_a_damaged_checkpoint_in_one_line(tmp_path
 
 # ---- storage errors while saving ------------------------------------------------------------
 
-def failing_writes(monkeypatch, under, exc):
-    """Writes of epath (Orbax's storage layer for metadata and JSON) under `under` raise `exc`."""
+def failing_writes(monkeypatch, under, exc, slow_seconds=0.0):
+    """Writes of epath (Orbax's storage layer for metadata and JSON) under `under` raise `exc`
+    while the patch is in place. With `slow_seconds`, every write but the step's metadata first
+    waits that long and then fails only if the storage is still failing: a save whose step
+    metadata has failed while its items are still being written."""
     cls = type(epath.Path("/"))
     original = cls.write_text
+    failing = [True]
 
     def write_text(self, *args, **kwargs):
         if str(self).startswith(str(under)):
-            raise exc
+            if slow_seconds and self.name != "_CHECKPOINT_METADATA":
+                time.sleep(slow_seconds)
+            if failing[0]:
+                raise exc
         return original(self, *args, **kwargs)
     monkeypatch.setattr(cls, "write_text", write_text)
+
+    def recover():  # the storage works again, also for writes already under way
+        failing[0] = False
+        monkeypatch.undo()
+    return recover
 
 
 def check_until_raised(ckpt, seconds=30):
@@ -191,7 +204,11 @@ def test_background_save_failure_names_the_step_and_keeps_the_last_one(tmp_path,
     ckpt = Checkpointer(tmp_path, every_steps=1, keep=1)  # keep=1: step 1 is due for deletion
     assert ckpt.maybe_save(1, state(1), {"iterator": {"position": 1}})
     ckpt.wait()
-    failing_writes(monkeypatch, tmp_path / "checkpoints", OSError(errno.ENOSPC, "No space left on device"))
+    threads = set(threading.enumerate())
+    # The step's metadata fails at once while its items are still being written: Orbax's close
+    # stops at the first error, and a close that returned then left those writes running.
+    recover = failing_writes(monkeypatch, tmp_path / "checkpoints",
+                             OSError(errno.ENOSPC, "No space left on device"), slow_seconds=1.0)
     assert ckpt.maybe_save(2, state(2), {"iterator": {"position": 2}})  # the writes run on later
     with pytest.raises(UserError) as e:
         {"check": lambda: check_until_raised(ckpt), "wait": ckpt.wait,
@@ -200,8 +217,13 @@ def test_background_save_failure_names_the_step_and_keeps_the_last_one(tmp_path,
     assert "\n" not in message and "No space left on device" in message
     assert f"checkpoint step 2 to {tmp_path / 'checkpoints'} failed" in message
     assert "resume from step 1" in message
-    monkeypatch.undo()
-    ckpt.close()
+    ckpt.close()  # the run stops while the storage still fails: nothing of step 2 may write after
+    writers = [t.name for t in set(threading.enumerate()) - threads  # idle asyncio loops aside
+               if t.is_alive() and not t.name.startswith("asyncio")]
+    assert not writers, f"close returned while these threads of the failed save still run: {writers}"
+    recover()
+    time.sleep(1.5)  # a write still under way would now succeed and commit step 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
     again = Checkpointer(tmp_path, every_steps=1, keep=1)
     assert again.restore_latest(target())[0] == 1 and again.latest_step() == 1
 

@@ -33,7 +33,7 @@ def test_tpu_dry_run_v4_32(capsys):
         "# 5. install it on every worker",
         f"{ssh} --worker=all '--command=mkdir -p ~/pretrax && tar -xzf ~/pretrax.tar.gz -C "
         "~/pretrax && cd ~/pretrax && ([ -d .venv ] || python3 -m venv .venv) && .venv/bin/pip "
-        "install -q -U pip && .venv/bin/pip install -q -e . '\"'\"'jax[tpu]'\"'\"''",
+        "install -q -U pip && .venv/bin/pip install -q -e '\"'\"'.[tpu]'\"'\"''",
         "# 6. start the command on every worker",
         f"{ssh} --worker=all '--command=cd ~/pretrax && . .venv/bin/activate && rm -f "
         "~/pretrax-run.pid ~/pretrax-run.status && nohup bash -c '\"'\"'python -m pretrain "

@@ -416,19 +416,25 @@ class Checkpointer:
             with self._saving(step):
                 self._manager.close()
         except UserError:
-            self._close_the_rest()
+            _finish_closing(self._manager)
             if not reported:
                 raise
             # Orbax reports the failed save again as it closes; it was reported once already.
 
-    def _close_the_rest(self) -> None:
-        """What Orbax's CheckpointManager.close (0.12) skips when its first step, waiting for
-        the failed save, raises: its checkpointer's threads, metadata stores and deleter."""
-        manager = self._manager
-        for part in ("_checkpointer", "_non_blocking_metadata_store", "_blocking_metadata_store",
-                     "_checkpoint_deleter"):
-            with contextlib.suppress(Exception):  # each closes even if another will not
-                getattr(manager, part).close()
+
+def _finish_closing(manager: ocp.CheckpointManager) -> None:
+    """Orbax's close stops at a failed save's error before closing its checkpointer and metadata
+    stores, whose threads may still be writing that save: close them too, so that nothing is
+    written after `close` returns (a late write could still commit the step once the storage
+    recovers, after the run said to resume from the one before)."""
+    commits = getattr(getattr(manager._checkpointer, "_async_manager", None), "_commit_futures", None)
+    for write in commits or ():  # Orbax stops waiting at the first failed item; wait for them all
+        with contextlib.suppress(Exception):
+            write.result()
+    for part in ("_checkpointer", "_non_blocking_metadata_store", "_blocking_metadata_store",
+                 "_checkpoint_deleter"):
+        with contextlib.suppress(Exception):  # the same failure again, already reported
+            getattr(manager, part).close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def take_params(loaded: dict, fresh: dict, init: str, optional=()) -> tuple[dict
     float32 numpy, and the `optional` parts (e.g. "nsp", "encoder/pooler") the source lacks: those
     keep their fresh values. Any other leaf the source lacks is an error. A source of the other
     layer layout (scanned vs unrolled stack) is converted to `fresh`'s."""
-    loaded = in_layout(loaded, scanned=is_stacked(fresh))
+    loaded = in_layout(loaded, scanned=is_stacked(fresh), like=fresh)
     flat = {_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
     kept = []
 

@@ -28,6 +28,7 @@ from training.errors import UserError
 from training.metrics import MetricsWriter
 from training.plots import draw_curves
 from training.preemption import StopRequest
+from training.profiling import Profiler
 
 
 class LogWindow:
@@ -151,6 +152,7 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
     epoch = (lambda s: {"epoch": s / steps_per_epoch}) if steps_per_epoch else (lambda s: {})
     stop = StopRequest()
+    profiler = Profiler(config, workdir)  # profile.steps: a trace of a few steps
     bar = tqdm(total=total_steps, initial=start, disable=jax.process_index() != 0, unit="step",
                dynamic_ncols=True, desc=desc)
     window = LogWindow(start)  # losses average over it; throughput leaves out compiles and evals
@@ -177,7 +179,8 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
             if eval_at_start and start == 0:  # where training starts from, for comparison
                 last_eval = report_eval(0, state["params"])
             while step < total_steps and not stopping:
-                state, out = train_step(state, mesh_lib.global_batch(next(batches), mesh))
+                state, out = profiler.run_step(step + 1, lambda: train_step(
+                    state, mesh_lib.global_batch(next(batches), mesh)))
                 step += 1
                 window.add(step, out)
                 stopping = stop.should_stop(step)  # the same step on every process
@@ -221,6 +224,7 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         failed = True
         raise
     finally:
+        profiler.close()
         stop.restore()
         bar.close()
         if not (failed and jax.process_count() > 1):  # a save's commit would wait for a lost peer

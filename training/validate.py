@@ -11,6 +11,7 @@ the schedule clips it, so a short test run keeps the default warmup.
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -87,6 +88,18 @@ class Text:
 
 
 @dataclasses.dataclass(frozen=True)
+class Span:
+    """A range of steps, START:COUNT (both >= 1), or "" for none."""
+
+    def ok(self, v) -> bool:
+        return isinstance(v, str) and (v == "" or re.fullmatch(r"[1-9][0-9]{0,8}:[1-9][0-9]{0,8}", v)
+                                       is not None)
+
+    def allowed(self) -> str:
+        return "START:COUNT (3:2 is steps 3 and 4), or '' for none"
+
+
+@dataclasses.dataclass(frozen=True)
 class Choice:
     options: tuple
     noun: str  # what the value names, for the message: "unknown BERT size 'huge'"
@@ -151,6 +164,8 @@ _COMMON = {
     "distributed.shutdown_timeout_s": Int(1),
     "perf.peak_tflops": Real(0),        # 0: look the chip up
     "wandb.project": Text(),
+    "profile.steps": Span(),            # a jax.profiler trace of these steps (training/profiling.py)
+    "profile.all_processes": Bool(),
 }
 
 _PRETRAIN = {
@@ -207,8 +222,10 @@ TABLES = {
         # One source or a weighted mixture (news:0.7,task:rt_polarity:0.3): data/corpora.py
         # parses the weights and names a bad one.
         "data.source": Text(required=True, names=("news", "pydocs"),
-                            prefixes=("files:", "tfds:", "task:", "news:", "pydocs:"),
-                            meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME or "
+                            prefixes=("files:", "tfds:", "task:", "news:", "pydocs:", "parquet:",
+                                      "hf:"),
+                            meaning="news, pydocs, files:PATTERN, tfds:NAME[:SPLIT], task:NAME, "
+                                    "parquet:GLOB[:COLUMN], hf:PATH[:SPLIT][:COLUMN] or "
                                     "SOURCE:WEIGHT,SOURCE:WEIGHT,..."),
         "data.objective": Choice(OBJECTIVES, "pretraining objective"),
         "data.seed": SEED,
