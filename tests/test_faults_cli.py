@@ -161,7 +161,9 @@ def test_a_real_full_disk_ends_with_one_line_and_the_rerun_resumes_bitwise(finis
         command = [sys.executable, "-c", FILL_THE_DISK, str(disk), *cli(workdir, data_dir)[3:]]
         failed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
         # After the last progress-bar update, the whole output is one line.
-        after = failed.stderr.rsplit("\r", 1)[-1].split("\n", 1)[1].strip().splitlines()
+        lines = failed.stderr.replace("\r", "\n").splitlines()
+        last_bar = max(i for i, line in enumerate(lines) if line.startswith("pretrain:"))
+        after = [line for line in lines[last_bar + 1:] if line.strip()]
         assert failed.returncode == 2 and len(after) == 1, failed.stderr[-5000:]
         assert after[0].startswith("error: saving checkpoint step 6") and "No space left on device" in after[0]
         assert "resume from step 3" in after[0]
