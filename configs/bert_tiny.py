@@ -63,6 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.02
     c.data.max_doc_tokens = 100_000  # longer documents are split into several
     c.data.shard_documents = 2000    # documents per prepared shard (a unit of parallel work)
+    c.data.strict = False            # True: a bad JSONL line refuses the corpus; False: skipped and counted
+    c.data.max_skipped_share = 0.1   # more bad JSONL lines than this share: refused (the field name is wrong?)
     c.data.prepare_workers = 0       # tokenising processes; -1: one per CPU, 0: this process (fastest on 2 cores)
     c.data.workers = 0               # grain worker processes making batches; 0: threads only
     c.data.prefetch = 4              # batches read ahead
@@ -96,6 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_seconds = 0.0     # > 0: also save when this much wall-clock time has passed
                                          # (process 0's clock, read at each log step); 0 = off
     c.checkpoint.keep = 2
+
+    # A multi-process run: a lost process (no heartbeat this long) stops the others; processes
+    # that end wait this long for each other (training/distributed.py).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.heartbeat_timeout_s = 30
+    c.distributed.shutdown_timeout_s = 60
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 500

@@ -90,6 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_seconds = 0.0 # > 0: also save when this much wall-clock time has passed
     c.checkpoint.keep = 1
 
+    # A multi-process run: a lost process (no heartbeat this long) stops the others; processes
+    # that end wait this long for each other (training/distributed.py).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.heartbeat_timeout_s = 30
+    c.distributed.shutdown_timeout_s = 60
+
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0           # 0: once per epoch (and at the end)
     c.eval.batch_size = 0            # 0: train.batch_size

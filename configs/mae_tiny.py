@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 4
 
     base = bert_tiny.get_config()    # the shared groups, then MAE's recipe where it differs
-    for group in ("train", "optim", "mesh", "checkpoint", "eval", "perf", "wandb", "search"):
+    for group in ("train", "optim", "mesh", "checkpoint", "distributed", "eval", "perf", "wandb",
+                  "search"):
         c[group] = base[group]
     c.profile = base.profile         # profile.steps: a trace of a few steps (training/profiling.py)
     c.train.steps = 3000

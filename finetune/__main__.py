@@ -32,7 +32,8 @@ def main(argv=None) -> None:
                              str(Path(configs.__file__).with_name("finetune_rt_polarity.py")),
                              "Fine-tune a BERT encoder on a labelled task.",
                              EXTRA_ARGS + SEARCH_ARGS + list(distributed.DISTRIBUTED_ARGS))
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
+                           **distributed.timeouts(config))
     # Imported after parsing: --help stays instant.
     if args.search:
         if args.sweep or args.seeds:

@@ -6,7 +6,9 @@ Each process gets the command plus `--coordinator localhost:PORT --num_processes
 (and `--cpu_devices M` with --devices_per_process), with the coordinator on a free port. Their
 output is streamed line by line with an `[I] ` prefix. SIGTERM and SIGINT (Ctrl-C) are forwarded
 to every process (which then agree on a step, save and exit). If a process fails, the others get
---grace seconds to end on their own and are then killed. The exit status is 0 when every process
+--grace seconds to end on their own and are then killed: the default, 60 s, is longer than the
+30 s in which JAX's coordination service notices a lost process (`distributed.heartbeat_timeout_s`),
+so they stop with a line that names it. The exit status is 0 when every process
 succeeded, else the first failure's (128 + N for a process killed by signal N).
 """
 
@@ -78,12 +80,15 @@ except OSError:  # pragma: no cover
     _libc = None
 
 
+GRACE_S = 60.0
+
+
 def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
 def run(command: list[str], num_processes: int, devices_per_process: int | None = None,
-        port: int | None = None, grace: float = 30.0, out=None) -> int:
+        port: int | None = None, grace: float = GRACE_S, out=None) -> int:
     out = out if out is not None else sys.stdout.buffer
     printer = _Printer(out)
     port = port or free_port()
@@ -152,8 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--devices_per_process", type=int, default=None,
                         help="fake CPU devices per process (passed on as --cpu_devices)")
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
-    parser.add_argument("--grace", type=float, default=30.0,
-                        help="seconds the others get after one process fails (default 30)")
+    parser.add_argument("--grace", type=float, default=GRACE_S,
+                        help=f"seconds the others get after one process fails (default {GRACE_S:g})")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1:]
     if not command:

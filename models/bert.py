@@ -278,6 +278,8 @@ def _checks() -> dict:
             "data.max_doc_tokens": COUNT,
             "data.shard_documents": COUNT,
             "data.prepare_workers": Int(0, special={-1: "one per CPU"}),
+            "data.strict": Bool(),          # a bad corpus line refuses the corpus instead of skipping
+            "data.max_skipped_share": PROB,
             "data.workers": NONNEG,
             "data.prefetch": NONNEG},
         "finetune": {**model,

@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
                              "Pretrain a BERT encoder with MLM and NSP.",
                              extra_args=[INIT_ARG, *SEARCH_ARGS, *distributed.DISTRIBUTED_ARGS])
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
+                           **distributed.timeouts(config))
     from pretrain.train import search_trainer, train_and_evaluate  # after parsing: --help stays instant
     if args.search:
         from training.search import run_search

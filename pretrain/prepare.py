@@ -52,8 +52,8 @@ import numpy as np
 from etils import epath
 
 from data import records, shards
-from data.corpora import (iter_documents, open_documents, parse_sources, source_fingerprint,
-                          split_sentences)
+from data.corpora import (MAX_SKIPPED_SHARE, iter_documents, open_documents, parse_sources,
+                          source_fingerprint, split_sentences)
 from data.wheels import DataError
 from models.tokenizer import Tokenizer
 from data.examples import iter_packed_sequences, iter_pair_instances
@@ -182,7 +182,7 @@ def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: in
         shards.mark_done(final, "tokenizer", {"vocab_size": tokenizer.vocab_size})
     shards.wait_for([shards.done_path(final, "tokenizer")], f"process 0 to write {final / 'tokenizer'}")
 
-    documents = open_documents(dc.source, sources_dir)
+    documents = open_documents(dc.source, sources_dir, **_reading(dc))
     size = dc.shard_documents
     names = [f"docs-{shard:05d}" for shard in range(-(-len(documents) // size))]
 
@@ -211,6 +211,9 @@ def _tokens_stage(dc, data_dir: epath.Path, sources_dir: epath.Path, workers: in
         "repaired_non_utf8_documents", "dropped_empty_documents", "dropped_empty_sentences",
         "one_sentence_documents", "long_documents_split")},
               "vocab_size": vocab_size, "tokenizer": dc.tokenizer or "trained",
+              # bad lines of JSONL files, skipped
+              "skipped_lines": getattr(documents, "skipped", 0),
+              "first_skipped_lines": list(getattr(documents, "skipped_at", ())),
               "shards": len(names), "processes": share.count, "workers": workers,
               "seconds": round(time.perf_counter() - start, 2)}
     if report["train_documents"] == 0:
@@ -227,10 +230,16 @@ def _tokenizer_kind(dc) -> str:
     return dc.get("tokenizer_kind", "wordpiece")
 
 
+def _reading(dc) -> dict:
+    """What a bad line of a JSONL corpus does (data/corpora.py: open_documents)."""
+    return {"strict": dc.get("strict", False),
+            "max_skipped_share": dc.get("max_skipped_share", MAX_SKIPPED_SHARE)}
+
+
 def _train_texts(dc, sources, sources_dir):
     """The train documents of `sources` (what a trained WordPiece vocabulary learns from)."""
     for source in sources:
-        for i, text in enumerate(iter_documents(source, sources_dir)):
+        for i, text in enumerate(iter_documents(source, sources_dir, **_reading(dc))):
             if not _is_eval(i, dc.seed, dc.eval_fraction):
                 yield text
 
@@ -466,6 +475,8 @@ def _summary(dc, tokens_dir: epath.Path, examples_dir: epath.Path) -> str:
                                  "one_sentence_documents", "long_documents_split") if t[k]}
     if e["long_sentences_split"]:
         dropped["long_sentences_split"] = e["long_sentences_split"]
+    if t.get("skipped_lines"):  # reports written before bad lines were skipped have none
+        dropped["skipped_lines"] = f"{t['skipped_lines']} (first {t['first_skipped_lines'][0]})"
     return (f"{t['train_documents']} + {t['eval_documents']} documents, {t['sentences']} "
             f"sentences, {t['tokens']} tokens -> {e['train_examples']} train / "
             f"{e['eval_examples']} eval {dc.objective} examples of {dc.max_seq_len} tokens"
@@ -481,7 +492,7 @@ def main(argv=None) -> None:
                              "Tokenise a text source into pretraining examples (cached).",
                              extra_args=distributed.DISTRIBUTED_ARGS)
     if distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                              args.cpu_devices):
+                              args.cpu_devices, **distributed.timeouts(config)):
         import jax
         prepare(config.data, process_index=jax.process_index(), process_count=jax.process_count())
     else:

@@ -28,6 +28,17 @@ TINY_FT = {"data.max_seq_len": 32, "data.max_train_examples": 64, "data.max_eval
            "optim.lr": 1e-3}
 
 
+# The per-test limit of a slow test (the default run's is `timeout` in pyproject.toml).
+SLOW_TIMEOUT = 900
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests get SLOW_TIMEOUT unless they name a limit of their own."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
+
+
 def unmasked(batch):
     """The input ids before masking: the original ids put back at the masked positions."""
     ids = batch["input_ids"].copy()

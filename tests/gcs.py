@@ -108,9 +108,10 @@ def _forget_clients() -> None:
 
 class ReadOnlyEndpoint:
     """http://127.0.0.1:PORT that forwards reads to `upstream` and answers every write (POST,
-    PUT, PATCH, DELETE) with 403, as GCS does for a principal without storage.objects.create."""
+    PUT, PATCH, DELETE) with 403, as GCS does for a principal without storage.objects.create;
+    with `refused`, only the writes whose URL (decoded) holds that text, the others go through."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, refused: str | None = None):
         upstream = upstream.rstrip("/")
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -150,8 +151,14 @@ class ReadOnlyEndpoint:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _write(self):
+                if refused is None or refused in urllib.parse.unquote(self.path):
+                    self._refuse()
+                else:
+                    self._forward()
+
             do_GET = do_HEAD = _forward
-            do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+            do_POST = do_PUT = do_PATCH = do_DELETE = _write
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"

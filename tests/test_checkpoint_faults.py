@@ -115,6 +115,41 @@ def test_another_model_is_not_damage(tmp_path):
     assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / "checkpoints_quarantine").exists()
 
 
+# Errors that say nothing about the files: code or a library reading them differently.
+NOT_DAMAGE = {
+    "KeyError reading the arrays": (ocp.StandardCheckpointHandler, "restore"),
+    "KeyError reading the metadata": (ocp.CheckpointManager, "item_metadata"),
+}
+
+
+@pytest.mark.parametrize("where", NOT_DAMAGE)
+def test_a_restore_error_that_is_not_damage_stops_and_moves_nothing(tmp_path, capsys, monkeypatch, where):
+    save(tmp_path, [1, 2])
+    before = files(tmp_path / "checkpoints")
+    owner, name = NOT_DAMAGE[where]
+
+    def fails(*args, **kwargs):
+        raise KeyError("params")
+    monkeypatch.setattr(owner, name, fails)
+    with pytest.raises(UserError, match=r"checkpoint .*checkpoints/2 failed with KeyError: 'params'"
+                                        r".*every checkpoint was left in place") as e:
+        Checkpointer(tmp_path, 1, 3).restore_latest(target())
+    assert "\n" not in str(e.value) and capsys.readouterr().err == ""  # no "moved it" warning
+    assert files(tmp_path / "checkpoints") == before and not (tmp_path / "checkpoints_quarantine").exists()
+    monkeypatch.undo()  # the control: real damage is still set aside
+    DAMAGE["truncated array files"](tmp_path / "checkpoints" / "2")
+    assert Checkpointer(tmp_path, 1, 3).restore_latest(target())[0] == 1
+    assert (tmp_path / "checkpoints_quarantine" / "2").is_dir()
+
+
+def test_metadata_that_reads_without_params_is_not_damage(tmp_path, monkeypatch):
+    save(tmp_path, [1])
+    monkeypatch.setattr(ocp.CheckpointManager, "item_metadata", lambda self, step: {"state": {}})
+    with pytest.raises(UserError, match="has state/_METADATA but no params .*left in place"):
+        Checkpointer(tmp_path, 1, 3).restore_latest(target())
+    assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / "checkpoints_quarantine").exists()
+
+
 def test_read_params_and_export_report_a_damaged_checkpoint_in_one_line(tmp_path, capsys):
     save(tmp_path, [1, 2])
     (tmp_path / "config.json").write_text('{"model": {"size": "tiny"}, "data": {}}')
@@ -192,6 +227,20 @@ def test_background_save_failure_names_the_step_and_keeps_the_last_one(tmp_path,
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
     again = Checkpointer(tmp_path, every_steps=1, keep=1)
     assert again.restore_latest(target())[0] == 1 and again.latest_step() == 1
+
+
+def test_close_after_a_reported_failure_closes_all_of_orbax(tmp_path, monkeypatch):
+    """Orbax's close stops at its failed wait; ours still closes what comes after it."""
+    ckpt = Checkpointer(tmp_path, every_steps=1, keep=1)
+    failing_writes(monkeypatch, tmp_path / "checkpoints", OSError(errno.ENOSPC, "No space left on device"))
+    assert ckpt.maybe_save(1, state(1), {"iterator": {"position": 1}})
+    with pytest.raises(UserError):
+        ckpt.wait()
+    closed = []
+    deleter = ckpt._manager._checkpoint_deleter
+    monkeypatch.setattr(deleter, "close", lambda: closed.append("deleter"))
+    ckpt.close()  # the failure was reported: no second line
+    assert closed == ["deleter"]
 
 
 @NEVER_AWAITED

@@ -84,3 +84,46 @@ def test_every_field_of_every_config(value):
     for config_file in CONFIGS:
         for key in leaves(load_config(config_file)):
             check(config_file, [(key, value)])
+
+
+def outside(rule) -> list[str]:
+    """Values outside a field's declared range (training/validate.py's rule for it)."""
+    from training import validate as v
+    if isinstance(rule, v.Int):
+        below = min([rule.lo, *[k for k in rule.special if isinstance(k, int)]]) - 1
+        return [str(below), str(rule.hi + 1), "1.5", "abc"]
+    if isinstance(rule, v.Real):
+        values = ["nan", "abc"]
+        if np.isfinite(rule.lo):
+            values.append(repr(rule.lo if rule.lo_open else rule.lo - 1.0))
+        values.append(repr(rule.hi if rule.hi_open else rule.hi + 1.0) if np.isfinite(rule.hi) else "inf")
+        return values
+    if isinstance(rule, v.Bool):
+        return ["maybe"]
+    if isinstance(rule, v.Choice):
+        return ["no-such-choice"]
+    if isinstance(rule, v.Text) and (rule.names or rule.prefixes):
+        return ["no-such-name"]
+    if isinstance(rule, v.Text) and rule.required:
+        return [""]
+    return []  # any string
+
+
+def test_every_value_outside_a_fields_range_is_refused():
+    """Every field of every config, at values its declared rule excludes: refused, in one line
+    that names the field (the fuzz above only shows that nothing crashes)."""
+    from training.validate import table_for
+    refused = 0
+    for config_file in CONFIGS:
+        config = load_config(config_file)
+        table = table_for(config)
+        assert check(config_file, []) == "ok"  # the control: the config as it is passes
+        for key in leaves(config):
+            for value in outside(table[key]):
+                argv = ["--config", str(config_file), f"--config.{key}={value}"]
+                with pytest.raises(UserError) as e:
+                    cfg, _ = parse_cli(argv, str(config_file), "fuzz")
+                    validate(cfg)
+                assert "\n" not in str(e.value) and key.rsplit(".", 1)[-1] in str(e.value), (argv, str(e.value))
+                refused += 1
+    assert refused > 500, refused

@@ -107,7 +107,7 @@ def test_file_sources(tmp_path):
     assert load_documents(f"files:{tmp_path}/*.jsonl", tmp_path) == ["Third doc. Two sentences.", " "]
     assert len(load_documents(f"files:{tmp_path}/*", tmp_path)) == 4
     (tmp_path / "bad.jsonl").write_text('{"title": "no text"}\n')
-    with pytest.raises(DataError, match="bad.jsonl:1: expected a JSON object"):
+    with pytest.raises(DataError, match="bad.jsonl:1: no 'text' field"):
         load_documents(f"files:{tmp_path}/bad.jsonl", tmp_path)
     with pytest.raises(DataError, match="no files match"):
         load_documents(f"files:{tmp_path}/*.none", tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from etils import epath
 
-from conftest import tiny_config, tiny_flags
+from conftest import mounted_tmpfs, tiny_config, tiny_flags
 from test_checkpoint_faults import DAMAGE
 from training import loop
 from training.errors import UserError
@@ -123,3 +123,52 @@ def test_a_disk_that_fills_during_a_save_is_one_line_and_the_rerun_resumes_bitwi
     assert (workdir / "checkpoints" / "3").is_dir() and not (workdir / "lease.json").exists()
     train_and_evaluate(config(), workdir)
     assert losses(workdir) == losses(tmp_path / "full")
+
+
+# Pretraining whose disk fills at step 6, once step 3 is saved: a filler file takes the rest.
+FILL_THE_DISK = """
+import errno, os, sys, time
+from pathlib import Path
+disk = Path(sys.argv.pop(1))
+from training import loop
+add = loop.LogWindow.add
+def fill_at_6(self, step, out):
+    if step == 6:
+        deadline = time.time() + 120
+        while not (disk / "run" / "checkpoints" / "3").is_dir() and time.time() < deadline:
+            time.sleep(0.05)
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"x" * 65536)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+    return add(self, step, out)
+loop.LogWindow.add = fill_at_6
+from pretrain.__main__ import main
+main()
+"""
+
+
+@pytest.mark.slow  # two CLI runs besides the module's finished one
+def test_a_real_full_disk_ends_with_one_line_and_the_rerun_resumes_bitwise(finished, data_dir, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with mounted_tmpfs(disk, "size=64m"):
+        workdir = disk / "run"
+        command = [sys.executable, "-c", FILL_THE_DISK, str(disk), *cli(workdir, data_dir)[3:]]
+        failed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        # After the last progress-bar update, the whole output is one line.
+        lines = failed.stderr.replace("\r", "\n").splitlines()
+        last_bar = max(i for i, line in enumerate(lines) if line.startswith("pretrain:"))
+        after = [line for line in lines[last_bar + 1:] if line.strip()]
+        assert failed.returncode == 2 and len(after) == 1, failed.stderr[-5000:]
+        assert after[0].startswith("error: saving checkpoint step 6") and "No space left on device" in after[0]
+        assert "resume from step 3" in after[0]
+        assert "Traceback" not in failed.stderr + failed.stdout and "Event loop is closed" not in failed.stderr
+        (disk / "filler").unlink()
+        again = subprocess.run(cli(workdir, data_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert losses(workdir) == losses(finished)

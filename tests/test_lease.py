@@ -104,3 +104,46 @@ def test_a_run_whose_lease_was_taken_stops_at_its_next_check(tmp_path):
                 lease.check()
                 time.sleep(0.02)
     assert lease_of(tmp_path)["token"] == "theirs"  # the loser does not remove the winner's lease
+
+
+def failing_writes(monkeypatch, fail_times: list):
+    """Lease writes fail with a full disk while `fail_times` (a list of one bool) says so."""
+    from training import storage
+    write = storage.write_whole
+
+    def maybe_fails(path, data):
+        if fail_times[0]:
+            raise OSError(28, "No space left on device")
+        return write(path, data)
+    monkeypatch.setattr(storage, "write_whole", maybe_fails)
+
+
+def test_refreshes_that_keep_failing_stop_the_run(tmp_path, monkeypatch):
+    failing = [False]
+    failing_writes(monkeypatch, failing)
+    with WorkdirLease(tmp_path, refresh_s=0.05, stale_s=0.5, settle_s=0) as lease:
+        failing[0] = True
+        deadline = time.time() + 30
+        with pytest.raises(UserError) as e:
+            while time.time() < deadline:
+                lease.check()
+                time.sleep(0.02)
+    message = str(e.value)
+    assert "\n" not in message and f"cannot refresh the lease {tmp_path}/{LEASE_FILE}" in message
+    assert "refreshes in a row" in message and "No space left on device" in message
+    assert "run again to resume" in message
+
+
+def test_a_refresh_hiccup_shorter_than_half_the_expiry_is_retried(tmp_path, monkeypatch):
+    failing = [False]
+    failing_writes(monkeypatch, failing)
+    with WorkdirLease(tmp_path, refresh_s=0.05, stale_s=60, settle_s=0) as lease:
+        failing[0] = True
+        time.sleep(0.5)  # several failed refreshes, all within half of the 60 s expiry
+        failing[0] = False
+        first = lease_of(tmp_path)["refreshed"]
+        deadline = time.time() + 30
+        while lease_of(tmp_path)["refreshed"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        lease.check()  # refreshed again and still held: no stop
+        assert lease_of(tmp_path)["token"] == lease.token

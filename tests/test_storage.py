@@ -1,7 +1,6 @@
 """gs:// wherever a local path works, against a real GCS-compatible server on loopback (tests/gcs.py):
 the CLIs end to end on a bucket, and bad storage as one line, fast, with nothing lost."""
 
-import errno
 import json
 import os
 import subprocess
@@ -166,25 +165,28 @@ def test_a_local_workdir_in_a_read_only_folder_is_one_line(read_only_dir, data_d
 
 
 def test_a_failed_save_to_a_bucket_keeps_the_last_checkpoint(gcs, monkeypatch):
-    """The storage refuses step 2's save (simulated: a full disk or an exceeded quota): one line
-    naming the step and the one to resume from, and step 1 still restores from the bucket."""
-    import orbax.checkpoint as ocp
+    """The bucket refuses step 2's writes (a real server answering 403, as for lost write
+    access): one line naming the step and the one to resume from, and step 1 still restores."""
     from test_checkpoint_faults import state, target
-    workdir = gcs_path("fullsave/run")
-    ckpt = Checkpointer(workdir, every_steps=1, keep=1)  # keep=1: step 1 is due for deletion
-    assert ckpt.maybe_save(1, state(1), {"iterator": {"position": 1}})
-    ckpt.wait()
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full)
-    with pytest.raises(UserError) as e:
-        ckpt.maybe_save(2, state(2), {"iterator": {"position": 2}})
-    message = str(e.value)
-    assert "\n" not in message and "No space left on device" in message, message
-    assert f"checkpoint step 2 to {workdir}/checkpoints failed" in message and "resume from step 1" in message
+    from gcs import _forget_clients
+    workdir = gcs_path("refusedsave/run")
+    with ReadOnlyEndpoint(gcs, refused="refusedsave/run/checkpoints/2") as endpoint:
+        for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL"):
+            monkeypatch.setenv(name, endpoint.url)
+        _forget_clients()
+        ckpt = Checkpointer(workdir, every_steps=1, keep=1)  # keep=1: step 1 is due for deletion
+        assert ckpt.maybe_save(1, state(1), {"iterator": {"position": 1}})
+        ckpt.wait()
+        with pytest.raises(UserError) as e:
+            ckpt.maybe_save(2, state(2), {"iterator": {"position": 2}})
+            ckpt.wait()
+        message = str(e.value)
+        assert "\n" not in message and ("403" in message or "Forbidden" in message
+                                        or "PERMISSION_DENIED" in message), message
+        assert f"checkpoint step 2 to {workdir}/checkpoints failed" in message and "resume from step 1" in message
+        ckpt.close()
     monkeypatch.undo()
-    ckpt.close()
+    _forget_clients()
     step, restored, data = Checkpointer(workdir, 1, 1).restore_latest(target())
     assert step == 1 and data == {"iterator": {"position": 1}}
     assert float(np.asarray(restored["params"]["encoder"]["layers"][0]["w"]).ravel()[0]) == 1.0

@@ -96,3 +96,60 @@ def test_parameter_shardings_follow_rules():
         # Each device holds 1/(shards) of the weight: no replicated full copy.
         shards = np.prod([mesh.shape[a] for a in spec if a is not None])
         assert array.addressable_shards[0].data.size == array.size // shards, name
+
+
+# ---- gradients themselves: losses hardly see a gradient scaled by a constant under AdamW -----
+
+def one_step_gradients(shape, batch, grad_accum=1, scale=1.0):
+    """grad_norm and the gradients of one real train step on a mesh of `shape`. With plain SGD
+    at rate 1 the update is the gradient: params before minus params after. `scale` multiplies
+    the objective's loss (the negative control: gradients scaled, logged losses unchanged)."""
+    import dataclasses
+
+    import optax
+    mesh = mesh_of(shape)
+    tx = optax.sgd(1.0)
+    state, shardings, graphdef = create_train_state(model_fn(0.0), tx, mesh, seed=0)
+    before = jax.device_get(state["params"])
+    loss = objective().loss
+    scaled = dataclasses.replace(objective(), loss=lambda sums, norms: scale * loss(sums, norms))
+    step = jax.jit(make_train_step(graphdef, tx, scaled, seed=0, grad_accum=grad_accum),
+                   in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+    with jax.set_mesh(mesh), spmd.logical_axis_rules(mesh_lib.RULES):
+        state, out = step(state, mesh_lib.global_batch(batch, mesh))
+    grads = jax.tree.map(lambda b, a: b - a, before, jax.device_get(state["params"]))
+    return float(out["means"]["grad_norm"]), grads
+
+
+def assert_same_gradients(got, want, atol=1e-5):
+    (norm, grads), (want_norm, want_grads) = got, want
+    assert abs(norm - want_norm) <= atol, (norm, want_norm)
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(g, w, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def reference_gradients(batches):
+    norm, grads = one_step_gradients((1, 1, 1), batches[0])
+    # The tolerance can see a scaled gradient: the norm and the largest entries are far above it.
+    assert norm > 0.1 and max(float(np.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2
+    return norm, grads
+
+
+@pytest.mark.parametrize("shape, grad_accum", [
+    ((8, 1, 1), 1), ((2, 2, 2), 1), pytest.param((2, 2, 2), 2, marks=pytest.mark.slow),
+    ((2, 2, 2), 4), pytest.param((1, 1, 1), 4, marks=pytest.mark.slow)])
+def test_gradients_equal_across_meshes_and_accumulation(shape, grad_accum, batches, reference_gradients):
+    assert_same_gradients(one_step_gradients(shape, batches[0], grad_accum), reference_gradients)
+
+
+def test_a_gradient_scaled_by_4_fails_the_comparison(batches, reference_gradients):
+    """The negative control: the same step with its loss (so its gradients) scaled by 4 on a
+    mesh; its logged losses are unchanged, and the gradient comparison catches it."""
+    norm, grads = scaled = one_step_gradients((2, 2, 2), batches[0], scale=4.0)
+    assert norm == pytest.approx(4 * reference_gradients[0], rel=1e-4)
+    with pytest.raises(AssertionError):
+        assert_same_gradients(scaled, reference_gradients)
+    with pytest.raises(AssertionError):  # the gradients themselves, not only their norm
+        assert_same_gradients((reference_gradients[0], grads), reference_gradients)

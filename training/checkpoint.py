@@ -10,7 +10,8 @@ has passed since the last save. Every process must save the same steps, so the c
 Restores heal: `restore_latest` reports a step whose files cannot be read (arrays missing or cut
 short, lost metadata, a corrupt data-iterator JSON) in one line, moves it to
 `<workdir>/checkpoints_quarantine/<step>` (never deletes it) and resumes from the newest step that
-restores, the same on every process. Storage errors while saving (a full disk, permissions, a
+restores, the same on every process. Only such evidence moves a step: any other error while
+restoring (a KeyError from code that changed) stops the run with one line and moves nothing. Storage errors while saving (a full disk, permissions, a
 bucket), also those Orbax's background thread meets after training has moved on, become one
 UserError line naming the step and the folder (`maybe_save`, `check`, `wait`); the steps already
 written stay restorable. Reading one step's weights (`--init`, export) is
@@ -23,6 +24,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -33,15 +35,34 @@ from training import collectives, storage
 from training.errors import UserError
 
 
+# What Orbax 0.12 logs from its threads when a background save fails. It hands the error on
+# too, and we raise that (one UserError line for a storage error, else with its traceback).
+_ORBAX_SAVE_FAILURES = ("_SignalingThread.run() raised an exception", "background save thread",
+                        "Save Finalize thread", "Failed to write metadata")
+
+
 def _no_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    """Orbax logs a failed background save with its traceback, then hands the error on; we
-    raise it as one UserError line (or with its traceback if it is not a storage error)."""
-    if record.exc_info and "orbax" in record.pathname:
-        record.exc_info, record.exc_text = None, None
+    """Drops Orbax's log records of a failed background save, and the tracebacks of its others."""
+    if "orbax" not in record.pathname:
+        return True
+    if record.levelno >= logging.ERROR and any(s in record.getMessage() for s in _ORBAX_SAVE_FAILURES):
+        return False
+    record.exc_info, record.exc_text = None, None
     return True
 
 
+def _no_orbax_sibling_failures(record: logging.LogRecord) -> bool:
+    """When one write of a save fails, its sibling writes fail the same way and asyncio logs
+    each ("Task/Future exception was never retrieved"); the first is raised as our line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or "never retrieved" not in record.getMessage() or not storage_reason(exc):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return not ("orbax" in record.getMessage() or any("orbax" in f.filename for f in frames))
+
+
 logging.getLogger("absl").addFilter(_no_orbax_tracebacks)
+logging.getLogger("asyncio").addFilter(_no_orbax_sibling_failures)
 
 
 def _manager(directory, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
@@ -112,20 +133,28 @@ def storage_reason(e: BaseException) -> str | None:
     return damage_reason(e)
 
 
+def _closed_loop(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
 def _quiet_closed_loop() -> None:
-    """When one read fails, TensorStore's other pending reads call back into Orbax's event loop,
-    closed by then, and Python prints that RuntimeError as a traceback: drop just that one."""
-    previous = sys.unraisablehook
+    """When one read or write fails, TensorStore's other pending operations call back into
+    Orbax's event loop, closed by then, and Python prints each RuntimeError as a traceback (as
+    unraisable, or through sys.excepthook from TensorStore's threads): drop just that one."""
+    previous, previous_excepthook = sys.unraisablehook, sys.excepthook
     if getattr(previous, "pretrax_quiet", False):
         return
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed"):
+        if not _closed_loop(unraisable.exc_value):
             previous(unraisable)
 
+    def excepthook(kind, value, tb):
+        if not _closed_loop(value):
+            previous_excepthook(kind, value, tb)
+
     hook.pretrax_quiet = True
-    sys.unraisablehook = hook
+    sys.unraisablehook, sys.excepthook = hook, excepthook
 
 
 @contextlib.contextmanager
@@ -156,7 +185,12 @@ def _params_metadata(manager: ocp.CheckpointManager, step: int, where):
         except (KeyError, TypeError):  # state/_METADATA gone: Orbax gives None
             params = None
     if params is None:
-        raise _Damaged("its array metadata (state/_METADATA) is missing")
+        # Damage only on evidence: with the file there, this is code or a library reading it.
+        if not (where / "state" / "_METADATA").exists():
+            raise _Damaged("its array metadata (state/_METADATA) is missing")
+        raise UserError(f"checkpoint {where} has state/_METADATA but no params in what Orbax "
+                        f"reads from it (written by another version of the code?); it was left "
+                        f"in place: use the code that wrote it, or another --workdir")
     return params
 
 
@@ -207,12 +241,16 @@ class Checkpointer:
         self._pending: int | None = None  # the step of a background save not known to be done
         self._failed = False  # a save failed and was reported
         self._manager = _manager(self.directory, keep)  # makes the folder at the first save
+        _quiet_closed_loop()  # a failed save's pending writes call back into a closed loop
 
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()  # also when a step fails: Orbax's background threads end with it
+    def __exit__(self, exc_type, *exc) -> None:
+        # A failing multi-process run leaves at once (training/distributed.py: leave): Orbax's
+        # close would wait for peers that may be gone.
+        if exc_type is None or jax.process_count() == 1:
+            self.close()  # also when a step fails: Orbax's background threads end with it
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -261,6 +299,12 @@ class Checkpointer:
                 reason = str(e)
             except UserError as e:  # another model's checkpoint, or no access: not damage
                 refusal = e
+            except Exception as e:  # noqa: BLE001  no evidence of damage (a code or library change?)
+                refusal = UserError(f"restoring checkpoint {self.directory / str(step)} failed "
+                                    f"with {type(e).__name__}: {_line(e, 200)}; its files look "
+                                    f"intact, so every checkpoint was left in place: fix the "
+                                    f"cause (a code or library change?) and run again")
+                refusal.__cause__ = e
             if collectives.any_process(refusal is not None):
                 raise refusal or UserError(f"checkpoint {self.directory / str(step)} cannot be "
                                            f"restored on another process (see its error line)")

@@ -8,9 +8,19 @@ joins exactly that runtime. On CPU the processes talk through gloo, and `cpu_dev
 many devices per process.
 
 The trainers take the flags from `DISTRIBUTED_ARGS` (argparse specs for `parse_cli`).
+
+When one process of a run fails, the others must not wait for it: JAX's coordination service
+sees a lost process by its missing heartbeats (`heartbeat_timeout_s`, from the config group
+`distributed`) and processes that end wait at most `shutdown_timeout_s` for each other. A
+process that stops with an error leaves at once (`leave`: JAX's shutdown would wait for peers
+that may be gone); a process whose peer is lost says which one (`lost_processes`).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import threading
 
 from training.errors import UserError
 
@@ -24,6 +34,13 @@ DISTRIBUTED_ARGS = [
                            help="fake N CPU devices in this process (CPU backend only; for "
                                 "testing meshes and multi-process runs on one machine)")),
 ]
+
+# A lost process stops the job within about a minute (JAX's defaults: 100 s and 300 s).
+HEARTBEAT_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 60
+
+_joined = False  # this process is one of several in a JAX runtime
+_heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S  # as given to the runtime
 
 # Cluster environments JAX can read its runtime from (names of jax's ClusterEnv classes).
 AUTO_DETECTED = ("slurm", "gce_tpu", "gke_tpu")
@@ -67,13 +84,23 @@ def check_flags(coordinator: str | None, num_processes: int | None, process_id: 
         raise UserError(f"--cpu_devices={cpu_devices} must be at least 1")
 
 
+def timeouts(config) -> dict[str, int]:
+    """`initialize`'s timeouts from a config's `distributed` group (defaults where absent)."""
+    group = config.get("distributed") or {}
+    return {"heartbeat_timeout_s": int(group.get("heartbeat_timeout_s", HEARTBEAT_TIMEOUT_S)),
+            "shutdown_timeout_s": int(group.get("shutdown_timeout_s", SHUTDOWN_TIMEOUT_S))}
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_devices: int | None = None) -> bool:
+               process_id: int | None = None, cpu_devices: int | None = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+               shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> bool:
     """Join the multi-process runtime if there is one; True if this run is multi-process.
 
     Call before any JAX computation (or `jax.devices()`): both the runtime and the fake CPU
     device count are fixed when the backend starts.
     """
+    global _joined, _heartbeat_timeout_s
     import jax  # here, not at the top: `--help` of the CLIs stays instant
 
     check_flags(coordinator, num_processes, process_id, cpu_devices)
@@ -90,6 +117,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             return False  # a plain single-process run
         kwargs = dict(cluster_detection_method=detected[0])
         num_processes = detected[1]
+    kwargs.update(heartbeat_timeout_seconds=heartbeat_timeout_s,
+                  shutdown_timeout_seconds=shutdown_timeout_s)
     # CPU processes exchange data through gloo (the default has no cross-process collectives);
     # the option only concerns the CPU backend, so it is harmless on TPU and GPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -100,4 +129,45 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise UserError("jax.distributed must be initialized before JAX is first used; call "
                             "training.distributed.initialize() at the top of main()") from None
         raise
-    return num_processes > 1
+    _joined, _heartbeat_timeout_s = num_processes > 1, heartbeat_timeout_s
+    return _joined
+
+
+def joined() -> bool:
+    """This process is one of several (`initialize` joined a runtime)."""
+    return _joined
+
+
+def lost_processes(error: BaseException) -> list[int]:
+    """The processes of the run lost before `error`, as JAX's coordination service sees them
+    within its heartbeat timeout; [0] when the service itself (on process 0's host) is gone.
+    Empty for an error of this process's own: only a failed collective means a lost peer."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    if not isinstance(error, jax.errors.JaxRuntimeError):
+        return []  # our own failure: asking would wait for peers that wait for us
+    count, me, found = jax.process_count(), jax.process_index(), {}
+
+    def ask():  # a barrier of the live processes: it returns once the lost ones are known
+        try:
+            found["live"] = jax_distributed.global_state.client.get_live_nodes(list(range(count)))
+        except Exception as e:  # noqa: BLE001  the coordinator is gone with its host
+            found["error"] = e
+    asking = threading.Thread(target=ask, daemon=True, name="lost-processes")
+    asking.start()
+    asking.join(_heartbeat_timeout_s + 15)
+    if "live" not in found:
+        return [0] if me != 0 and "error" in found else []
+    return [i for i in range(count) if i not in found["live"] and i != me]
+
+
+def leave(code: int):
+    """End this process now with `code`, after flushing its output: JAX's shutdown at exit
+    would wait for peers that may be gone, and their collectives for us."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)

@@ -12,6 +12,10 @@ belongs to a newer process); on another host its last refresh is older than `sta
 Two runs starting within a moment of each other both write; each then reads the lease back after
 `settle_s` and only the last writer goes on. If a slow write still slips through, the loser
 finds another token at its next refresh and `check()` stops it.
+
+Refreshes that fail (a full disk, a bucket that refuses) are retried; once they have failed for
+longer than half of `stale_s` in a row, another host could soon take the workdir over, so the
+refresh thread gives up and `check()` stops the run with one line.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class WorkdirLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None  # set by the refresh thread: who took the lease
+        self._failing: str | None = None  # set by the refresh thread: refreshes keep failing
 
     # ---- the lease file --------------------------------------------------------------------
 
@@ -153,6 +158,7 @@ class WorkdirLease:
             raise UserError(self._refusal(held or {}))
 
     def _refresh_forever(self) -> None:
+        failures, last_ok = 0, time.monotonic()
         while not self._stop.wait(self.refresh_s):
             try:
                 held = self._read()
@@ -160,8 +166,14 @@ class WorkdirLease:
                     self._lost = _describe(held, time.time()) if held else "the lease file is gone"
                     return
                 self._write()
-            except OSError:
-                pass  # storage hiccup: try again at the next refresh
+                failures, last_ok = 0, time.monotonic()
+            except OSError as e:  # a storage hiccup passes; a lasting failure stops the run
+                failures += 1
+                failing_s = time.monotonic() - last_ok
+                if failures >= 2 and failing_s >= self.stale_s / 2:
+                    self._failing = (f"{failures} refreshes in a row over {failing_s:.0f} s "
+                                     f"failed, the last with: {e}")
+                    return
 
     # ---- the run ---------------------------------------------------------------------------
 
@@ -189,6 +201,11 @@ class WorkdirLease:
         """Raise a UserError if another run has taken the lease. Call on every process at the
         same steps (one small collective in multi-process runs)."""
         from training import collectives
+        if collectives.any_process(self._failing is not None):
+            failing = self._failing or "seen by process 0"
+            raise UserError(f"cannot refresh the lease {self.path} ({failing}); stopping rather "
+                            f"than running on without a claim on the workdir: fix the storage, "
+                            f"then run again to resume")
         if collectives.any_process(self._lost is not None):
             raise UserError(f"{self.workdir} was taken over by another run "
                             f"({self._lost or 'seen by process 0'}); two runs must not share a "

@@ -178,7 +178,7 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
             on_eval(step, results)
         return results
 
-    step, stopping, last_eval = start, False, {}
+    step, stopping, last_eval, failed = start, False, {}, False
     try:
         with jax.set_mesh(mesh), mesh_lib.logical_rules():
             if eval_at_start and start == 0:  # where training starts from, for comparison
@@ -195,9 +195,12 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                     host, window_steps, steps_per_sec = window.take()
                     row = objective.summarize(host["sums"], "train")
                     if not math.isfinite(row["train/loss"]):
+                        last = ckpt.latest_step()
+                        rerun = (f"rerun to resume from the last good checkpoint (step {last})"
+                                 if last is not None else
+                                 "rerun: there is no checkpoint yet, so it starts from the beginning")
                         raise UserError(f"loss became {row['train/loss']} by step {step}; lower "
-                                        f"optim.lr or raise optim.warmup_steps, then rerun to "
-                                        f"resume from the last good checkpoint")
+                                        f"optim.lr or raise optim.warmup_steps, then {rerun}")
                     row.update({f"train/{k}": float(v) / window_steps for k, v in host["means"].items()})
                     at = jax.device_put(np.int32(step - 1), NamedSharding(mesh, P()))
                     row["train/lr"] = float(jax.device_get(lr_of(at)))
@@ -222,12 +225,21 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                                                  "log_window": window.state(), **data_state()},
                                    force=(save_at_eval and evaluated) or step == total_steps or stopping):
                     metrics.flush()  # a bucket's metrics.jsonl holds every step a rerun skips
+    except BaseException:
+        failed = True
+        raise
     finally:
         profiler.close()
         stop.restore()
         bar.close()
-        ckpt.wait()
-        metrics.close()
+        if not (failed and jax.process_count() > 1):  # a save's commit would wait for a lost peer
+            ckpt.wait()
+        try:
+            metrics.close()
+        except OSError:
+            if not failed:
+                raise
+            # The run is stopping with its own line (a full disk, most likely the same cause).
     stopped = stopping and step < total_steps
     if stopped:
         print(f"{stop.reason}: stopped at step {step}, checkpoint saved in {ckpt.directory}; "

@@ -77,9 +77,23 @@ class MetricsWriter:
         elif self.enabled:
             self.flush()
         if self._tb:
-            self._tb.close()
+            _close_tensorboard(self._tb)
         if self._wandb:
             self._wandb.finish()
+
+
+def _close_tensorboard(writer) -> None:
+    """Close a tensorboardX SummaryWriter. When its last flush fails (a full disk), stop its
+    thread and mark it closed before raising: else its atexit hook fails again, with tracebacks."""
+    try:
+        writer.close()
+    except OSError:
+        for file_writer in (writer.all_writers or {}).values():
+            events = file_writer.event_writer
+            if not events._closed:
+                events._worker.stop()
+                events._closed = True
+        raise
 
 
 def read_metrics(workdir) -> list[dict]:

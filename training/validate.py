@@ -40,6 +40,8 @@ _COMMON = {
     "mesh.tensor": MESH_AXIS,
     "checkpoint.keep": COUNT,
     "checkpoint.every_seconds": Real(0),
+    "distributed.heartbeat_timeout_s": Int(1),
+    "distributed.shutdown_timeout_s": Int(1),
     "perf.peak_tflops": Real(0),        # 0: look the chip up
     "wandb.project": Text(),
     "profile.steps": Span(),            # a jax.profiler trace of these steps (training/profiling.py)
