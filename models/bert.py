@@ -19,7 +19,7 @@ from flax import nnx
 
 from infra.rules import (COUNT, DROPOUT, NONNEG, OBJECTIVES, POOLINGS, PROB, SEED, TASKS, Bool,
                          Choice, Int, Real, Text)
-from models.family import FamilySpec, register
+from models.family import FamilySpec, register, sized_config
 from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
                            layer_norm, make_stack, normal, remat_name, run_stack, tied_logits, zeros)
 
@@ -70,30 +70,9 @@ class BertConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg, *, allow=()) -> "BertConfig":
-        """The one way to build a BertConfig from a run config's `model` group or a plain dict.
-
-        Either `size` + `vocab_size` + any field overrides, or (`size` absent or empty) every
-        field spelled out. A key that is neither a field, `size`, nor in `allow` is a ValueError
-        naming it, so that a misspelt override fails instead of silently doing nothing; callers
-        whose model group carries more (fine-tuning's `pooling`) list those keys in `allow`.
-        """
-        given = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - fields - {"size"} - set(allow))
-        if unknown:
-            raise ValueError(f"unknown BERT model key(s) {', '.join(map(repr, unknown))}; "
-                             f"known: size, {', '.join(sorted(fields))}")
-        size = given.pop("size", "")
-        given = {k: v for k, v in given.items() if k in fields}
-        if not size:
-            required = [f.name for f in dataclasses.fields(cls)
-                        if f.default is dataclasses.MISSING and f.name not in given]
-            if required:
-                raise ValueError(f"a BERT model without `size` needs {', '.join(required)}")
-            return cls(**given)
-        if "vocab_size" not in given:
-            raise ValueError(f"a BERT model of size {size!r} needs vocab_size")
-        return cls.of_size(size, given.pop("vocab_size"), **given)
+        """The one way to build a BertConfig from a run config's `model` group or a plain dict
+        (models/family.py: sized_config)."""
+        return sized_config(cls, model_cfg, "BERT", allow)
 
     @property
     def head_size(self) -> int:

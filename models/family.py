@@ -62,6 +62,32 @@ class FamilySpec:
         return _attribute(module if ":" in module else module + ":setup")
 
 
+def sized_config(cls, model_cfg, noun: str, allow=()):
+    """A family's config dataclass `cls` (with `of_size(size, vocab_size, **overrides)`) from a
+    run config's `model` group or a plain dict: `size` + `vocab_size` + field overrides, or (`size`
+    absent or empty) every field spelled out. A key that is neither a field, `size`, nor in
+    `allow` is a ValueError naming it, so that a misspelt override fails instead of silently
+    doing nothing; callers whose model group carries more (fine-tuning's `pooling`) list those
+    keys in `allow`. `noun` names the family in the messages."""
+    given = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - fields - {"size"} - set(allow))
+    if unknown:
+        raise ValueError(f"unknown {noun} model key(s) {', '.join(map(repr, unknown))}; "
+                         f"known: size, {', '.join(sorted(fields))}")
+    size = given.pop("size", "")
+    given = {k: v for k, v in given.items() if k in fields}
+    if not size:
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name not in given]
+        if required:
+            raise ValueError(f"a {noun} model without `size` needs {', '.join(required)}")
+        return cls(**given)
+    if "vocab_size" not in given:
+        raise ValueError(f"a {noun} model of size {size!r} needs vocab_size")
+    return cls.of_size(size, given.pop("vocab_size"), **given)
+
+
 def register(spec: FamilySpec) -> FamilySpec:
     _SPECS[spec.name] = spec
     return spec

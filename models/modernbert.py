@@ -27,7 +27,7 @@ from flax import nnx
 from infra.rules import COUNT, Bool, Choice, Real
 from models import bert
 from models.bert import segment_mask, segment_positions
-from models.family import FamilySpec, register
+from models.family import FamilySpec, register, sized_config
 from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
                            layer_norm, make_grouped_stack, remat_name, rotary, run_stack,
                            sharded, tied_logits, truncated_normal, zeros)
@@ -98,21 +98,8 @@ class ModernBertConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg, *, allow=()) -> "ModernBertConfig":
-        """From a run config's `model` group or a plain dict: `size` + `vocab_size` + field
-        overrides, or every field spelled out; an unknown key (not in `allow`) is a ValueError."""
-        given = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - fields - {"size"} - set(allow))
-        if unknown:
-            raise ValueError(f"unknown ModernBERT model key(s) {', '.join(map(repr, unknown))}; "
-                             f"known: size, {', '.join(sorted(fields))}")
-        size = given.pop("size", "")
-        given = {k: v for k, v in given.items() if k in fields}
-        if not size:
-            return cls(**given)
-        if "vocab_size" not in given:
-            raise ValueError(f"a ModernBERT model of size {size!r} needs vocab_size")
-        return cls.of_size(size, given.pop("vocab_size"), **given)
+        """From a run config's `model` group or a plain dict (models/family.py: sized_config)."""
+        return sized_config(cls, model_cfg, "ModernBERT", allow)
 
     @property
     def head_size(self) -> int:
