@@ -29,7 +29,7 @@ import psutil
 from configs import bert_base
 from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from pretrain.bert import objective, train_flops
 from training.step import make_train_step
 from training import mesh as mesh_lib

@@ -113,7 +113,7 @@ def serial_seconds(source: str, data_dir: Path, shard_documents: int = SHARD_DOC
     """Tokens/s of what the parent process does alone: read every document, cut shards, draw
     the eval coin and pickle each shard for a worker (tokens from the news report)."""
     from data.corpora import open_documents
-    from pretrain.prepare import _is_eval
+    from data.preparation import _is_eval
 
     start = time.perf_counter()
     docs = open_documents(source, data_dir)

@@ -112,7 +112,7 @@ BETA = Real(0, 1, hi_open=True)
 MESH_AXIS = Int(1, special={-1: "all remaining devices"})
 
 # Names owned by models/layers.py (REMAT_POLICIES), finetune/tasks.py (TASKS), finetune/text.py
-# and finetune/image.py (POOLINGS) and pretrain/prepare.py (OBJECTIVES), mirrored here so that a
+# and finetune/image.py (POOLINGS) and data/preparation.py (OBJECTIVES), mirrored here so that a
 # family's checks (models/) need no trainer; kept equal by tests/test_validate.py.
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")  # models/layers.py REMAT_POLICIES

@@ -19,7 +19,7 @@ import optax
 from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
 from pretrain.setup import PretrainSetup
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from training.errors import UserError
 from training.init_source import pretrain_source, source_params
 from training.loop import Throughput

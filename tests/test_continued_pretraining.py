@@ -24,7 +24,7 @@ from models import hf, hf_cli
 from models.bert import BertForPreTraining
 from models.tokenizer import Tokenizer
 from training import init_source, run_record
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from pretrain.train import train_and_evaluate
 from training.checkpoint_reader import read_params
 from training.init_source import resolve_source, source_params

@@ -17,7 +17,7 @@ from data import records
 from data.pretraining import KEYS, PretrainingData
 from data.wheels import DataError, fetch_wheel_member
 from models.tokenizer import Tokenizer
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from conftest import tiny_config, unmasked
 
 # ---------------------------------------------------------------------------------------------

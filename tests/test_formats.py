@@ -21,7 +21,8 @@ from conftest import cli_error, tiny_flags
 from data.corpora import load_documents, parse_sources
 from data.wheels import DataError
 from gcs import BUCKET
-from pretrain.prepare import main as prepare_main, prepare
+from data.preparation import prepare
+from pretrain.prepare import main as prepare_main
 from test_prepare import data_config, done_markers, examples
 from training import storage
 

@@ -14,7 +14,7 @@ from data.pipeline import ArrayRecordSource, batch_bits
 from data.pretraining import KEYS, PretrainingData
 from data.wheels import DataError
 from pretrain import prepare as prepare_mod
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from training.errors import UserError
 
 BATCH = dict(seed=3, max_predictions=5)

@@ -26,7 +26,7 @@ from conftest import tiny_config, tiny_flags
 from data import records
 from data.corpora import load_documents
 from gcs import BUCKET
-from pretrain.prepare import prepare
+from data.preparation import prepare
 from test_distributed import assert_close, compilation_cache, env, losses, run  # noqa: F401
 from test_pipeline import _tiny_tfds
 

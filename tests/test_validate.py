@@ -13,7 +13,7 @@ from models.layers import REMAT_POLICIES
 from models.layers import ATTENTIONS
 from models.mae import SIZES as MAE_SIZES
 from pretrain.__main__ import main as pretrain_main
-from pretrain.prepare import OBJECTIVES
+from data.preparation import OBJECTIVES
 from test_config_fuzz import CONFIGS
 from infra import rules
 from models import family as families
