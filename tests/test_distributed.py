@@ -262,8 +262,11 @@ def test_slurm_with_several_tasks_is_detected(monkeypatch):
     calls = []
     monkeypatch.setattr("jax.distributed.initialize", lambda **kw: calls.append(kw))
     monkeypatch.setattr("jax.config.update", lambda *a: None)  # the backend is already up here
+    monkeypatch.setattr(distributed, "_joined", False)  # restored after: no runtime was joined
     assert distributed.initialize() is True
-    assert calls == [dict(cluster_detection_method="slurm")]
+    assert not distributed.joined()  # nothing started: an error here must not os._exit pytest
+    assert calls == [dict(cluster_detection_method="slurm", heartbeat_timeout_seconds=30,
+                          shutdown_timeout_seconds=60)]
     monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain run
     assert distributed.initialize() is False and len(calls) == 1
 

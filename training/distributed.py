@@ -134,8 +134,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def joined() -> bool:
-    """This process is one of several (`initialize` joined a runtime)."""
-    return _joined
+    """This process is one of several: `initialize` joined a runtime and JAX's client is up
+    (an `initialize` whose runtime never started, as in a test, leaves nothing to leave)."""
+    if not _joined:
+        return False
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.client is not None
 
 
 def lost_processes(error: BaseException) -> list[int]:
