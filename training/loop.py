@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from training import mesh as mesh_lib
 from training.errors import UserError
-from training.metrics import MetricsWriter
+from training.metrics import MetricsWriter, read_metrics
 from training.plots import draw_curves
 from training.preemption import StopRequest
 from training.profiling import Profiler
@@ -173,7 +173,7 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
             where = f"step {step}" + (f" (epoch {step / steps_per_epoch:.2f})" if steps_per_epoch else "")
             bar.write(f"{where}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
             metrics.flush()  # the curves read metrics.jsonl
-            draw_curves(workdir)
+            draw_curves(read_metrics(workdir), workdir)
         if on_eval is not None:
             on_eval(step, results)
         return results

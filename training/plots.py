@@ -36,10 +36,9 @@ def curve_names(rows: list[dict]) -> list[str]:
     return sorted(names, key=lambda k: k != "train/loss")
 
 
-def draw_curves(workdir, filename: str = "curves.png"):
-    """One small panel per metric; returns the file, or None before anything was logged."""
-    from training.metrics import read_metrics  # here: metrics.py imports this module
-    rows = read_metrics(workdir)
+def draw_curves(rows: list[dict], workdir, filename: str = "curves.png"):
+    """One small panel per metric of `rows` (metrics.jsonl's); returns the file, or None before
+    anything was logged."""
     names = curve_names(rows)
     if not names:
         return None
