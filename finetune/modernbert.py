@@ -20,7 +20,7 @@ from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
 from finetune.setup import FinetuneSetup
-from finetune.text import _tokenizer
+from finetune.text import _tokenizer, text_records
 from infra import storage
 from infra.errors import UserError
 from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
@@ -106,9 +106,6 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
         return {**fresh, **taken}
 
     return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
-                 model_fn=model_fn, predict=predict, depth=depth(cfg.num_layers),
-                 num_layers=cfg.num_layers, initial_params=initial_params,
-                 save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),
-                 source=dataclasses.asdict(source),
-                 results={"source": {k: getattr(source, k) for k in ("init", "kind", "path", "step")},
-                          "encoder": dataclasses.asdict(cfg)})
+                         model_fn=model_fn, predict=predict, depth=depth(cfg.num_layers),
+                         num_layers=cfg.num_layers, initial_params=initial_params,
+                         **text_records(source, tokenizer, cfg))

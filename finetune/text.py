@@ -161,9 +161,15 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
         return {**fresh, "encoder": take_params(load_encoder(source), fresh["encoder"], source.init)[0]}
 
     return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
-                 model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
-                 num_layers=bert.num_layers, initial_params=initial_params,
-                 save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),
-                 source=dataclasses.asdict(source),
-                 results={"source": {k: getattr(source, k) for k in ("init", "kind", "path", "step")},
-                          "encoder": dataclasses.asdict(bert)})
+                         model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
+                         num_layers=bert.num_layers, initial_params=initial_params,
+                         **text_records(source, tokenizer, bert))
+
+
+def text_records(source: Source, tokenizer: Tokenizer, encoder) -> dict:
+    """What a text family's setup keeps besides its model: the tokenizer saved with every
+    checkpoint, the source, and what results.json says of both (`encoder`: its config)."""
+    return dict(save_assets=lambda folder: tokenizer.save(folder / "tokenizer"),
+                source=dataclasses.asdict(source),
+                results={"source": {k: getattr(source, k) for k in ("init", "kind", "path", "step")},
+                         "encoder": dataclasses.asdict(encoder)})
