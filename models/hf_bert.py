@@ -11,7 +11,7 @@ is the exact (erf) GELU our model uses.
 """
 
 from models.bert import BertConfig
-from models.hf_table import Architecture, ConversionError, Family, Rule, dense, norm
+from models.hf_table import Architecture, Family, Rule, converted_config, dense, encoder_shape, norm
 
 BERT_RULES = (
     Rule("embed/word/embedding", "embeddings.word_embeddings.weight", "V D"),
@@ -61,26 +61,16 @@ def bert_to_hf(cfg: BertConfig) -> dict:
 
 def bert_from_hf(config: dict) -> BertConfig:
     """Our BertConfig for a BERT config.json; refuses the variants our model does not run."""
-    checks = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
-              "add_cross_attention": False}
-    for key, want in checks.items():
-        if config.get(key, want) != want:
-            raise ConversionError(f"config.json has {key}={config[key]!r}; only {want!r} is supported")
-    try:
-        return BertConfig(
-            vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
-            hidden_size=config["hidden_size"], num_heads=config["num_attention_heads"],
-            intermediate_size=config["intermediate_size"],
-            max_position=config.get("max_position_embeddings", 512),
-            type_vocab_size=config.get("type_vocab_size", 2),
-            dropout=config.get("hidden_dropout_prob", 0.1),
-            attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
-            layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-            initializer_range=config.get("initializer_range", 0.02))
-    except KeyError as e:
-        raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
-    except ValueError as e:
-        raise ConversionError(f"config.json: {e}") from None
+    supported = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
+                 "add_cross_attention": False}
+    return converted_config(config, supported, lambda: BertConfig(
+        **encoder_shape(config),
+        max_position=config.get("max_position_embeddings", 512),
+        type_vocab_size=config.get("type_vocab_size", 2),
+        dropout=config.get("hidden_dropout_prob", 0.1),
+        attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=config.get("layer_norm_eps", 1e-12),
+        initializer_range=config.get("initializer_range", 0.02)))
 
 
 BERT = Family(

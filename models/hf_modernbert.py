@@ -11,7 +11,7 @@ read. The special-token ids are written from our config: the defaults are the re
 50283), out of range for another vocabulary, where building the torch model fails.
 """
 
-from models.hf_table import Architecture, ConversionError, Family, Rule, dense, kernel
+from models.hf_table import Architecture, ConversionError, Family, Rule, converted_config, dense, encoder_shape, kernel
 from models.modernbert import ModernBertConfig
 
 
@@ -102,31 +102,21 @@ def _rope_theta(config: dict, kind: str, legacy: str, default: float) -> float:
 
 def modernbert_from_hf(config: dict) -> ModernBertConfig:
     """Our ModernBertConfig for a ModernBERT config.json; refuses variants our model does not run."""
-    for key, want in FIXED.items():
-        if config.get(key, want) != want:
-            raise ConversionError(f"config.json has {key}={config[key]!r}; only {want!r} is supported")
-    try:
-        return ModernBertConfig(
-            vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
-            hidden_size=config["hidden_size"], num_heads=config["num_attention_heads"],
-            intermediate_size=config["intermediate_size"],
-            max_position=config.get("max_position_embeddings", 8192),
-            local_window=config.get("local_attention", 128),
-            global_every=_global_every(config),
-            global_rope_base=_rope_theta(config, "full_attention", "global_rope_theta", 160_000.0),
-            local_rope_base=_rope_theta(config, "sliding_attention", "local_rope_theta", 10_000.0),
-            norm_eps=config.get("norm_eps", 1e-5),
-            dropout=config.get("mlp_dropout", 0.0),
-            attention_dropout=config.get("attention_dropout", 0.0),
-            initializer_range=config.get("initializer_range", 0.02),
-            initializer_cutoff=config.get("initializer_cutoff_factor", 2.0),
-            pad_token_id=config.get("pad_token_id", 50283),
-            cls_token_id=config.get("cls_token_id", 50281),
-            sep_token_id=config.get("sep_token_id", 50282))
-    except KeyError as e:
-        raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
-    except ValueError as e:
-        raise ConversionError(f"config.json: {e}") from None
+    return converted_config(config, FIXED, lambda: ModernBertConfig(
+        **encoder_shape(config),
+        max_position=config.get("max_position_embeddings", 8192),
+        local_window=config.get("local_attention", 128),
+        global_every=_global_every(config),
+        global_rope_base=_rope_theta(config, "full_attention", "global_rope_theta", 160_000.0),
+        local_rope_base=_rope_theta(config, "sliding_attention", "local_rope_theta", 10_000.0),
+        norm_eps=config.get("norm_eps", 1e-5),
+        dropout=config.get("mlp_dropout", 0.0),
+        attention_dropout=config.get("attention_dropout", 0.0),
+        initializer_range=config.get("initializer_range", 0.02),
+        initializer_cutoff=config.get("initializer_cutoff_factor", 2.0),
+        pad_token_id=config.get("pad_token_id", 50283),
+        cls_token_id=config.get("cls_token_id", 50281),
+        sep_token_id=config.get("sep_token_id", 50282)))
 
 
 MODERNBERT = Family(

@@ -31,6 +31,28 @@ class ConversionError(ValueError):
     """A checkpoint or parameter tree that cannot be converted; the message is one line."""
 
 
+def converted_config(config: dict, supported: dict, build: Callable[[], Any]):
+    """A family's config from a HuggingFace config.json: refuses the variants our model does not
+    run (`supported`: key -> the only value it takes), then `build()`s ours; a missing or bad
+    key is one ConversionError."""
+    for key, want in supported.items():
+        if config.get(key, want) != want:
+            raise ConversionError(f"config.json has {key}={config[key]!r}; only {want!r} is supported")
+    try:
+        return build()
+    except KeyError as e:
+        raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
+    except ValueError as e:
+        raise ConversionError(f"config.json: {e}") from None
+
+
+def encoder_shape(config: dict) -> dict:
+    """The shape fields every encoder's config.json names alike, as our configs call them."""
+    return dict(vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+                hidden_size=config["hidden_size"], num_heads=config["num_attention_heads"],
+                intermediate_size=config["intermediate_size"])
+
+
 class Layout(NamedTuple):
     """How one of our arrays (shape `ours`) is laid out in a HuggingFace state dict."""
     name: str
