@@ -67,6 +67,7 @@ def test_the_share_threshold(tmp_path):
     assert len(load_documents(f"files:{path}", tmp_path, max_skipped_share=0.25)) == 8
 
 
+@pytest.mark.slow  # a whole run: the default pytest stays under 15 minutes
 def test_the_corpus_prepares_trains_and_reports_the_skipped_lines(corpus, tmp_path, capsys):
     path, broken = corpus
     main(["--workdir", str(tmp_path / "run"), *tiny_flags(tmp_path / "data", train__steps=2,

@@ -115,6 +115,7 @@ def test_pretraining_stopped_and_rerun_continues_bitwise(pretrained):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # two whole runs: the default pytest stays under 15 minutes
 def test_continued_pretraining_starts_from_the_source_weights(data_dir, tmp_path):
     """--init of an MAE workdir (the code BERT's --init uses): the first evaluation, on the same
     eval batches, equals the source's last one; a random start (the negative control) does not."""

@@ -108,6 +108,7 @@ def losses(workdir) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
 
 
+@pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
 def test_sigterm_inside_a_log_window_then_rerun_is_bitwise(tmp_path, data_dir):
     steps = dict(**{"train.steps": 14})
 
@@ -140,6 +141,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, data_dir, ov
     assert not (workdir / "tokenizer").exists() and not (workdir / "config.json").exists()
 
 
+@pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
 def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
     phase1 = tmp_path / "phase1"
     pretrain_main(["--workdir", str(phase1), *flags(data_dir, **{"train.steps": 2})])
@@ -179,6 +181,7 @@ def ft_flags(data_dir, **overrides) -> list[str]:
             *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
+@pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
 def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir):
     import json
 
@@ -214,6 +217,7 @@ def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
     assert "holds a bert model, but this config trains the modernbert family" in err, err
 
 
+@pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
 def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, data_dir):
     import json
 

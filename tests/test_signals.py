@@ -54,8 +54,8 @@ def signal_when(command, ready_line: str, signum) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0),
-                                          pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+@pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_a_signal_during_start_up_is_one_line_and_the_rerun_starts(tmp_path, data_dir, signum, code):
     workdir = tmp_path / "run"
     stopped = signal_when(cli(workdir, data_dir, ("-c", SLOW_START), train__steps=2), "restoring", signum)

@@ -123,6 +123,8 @@ def message(key: str, value, rule) -> str:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a one-line UserError for the first value the run cannot use."""
+    if "family" in config and not _COMMON["family"].ok(config.family):  # it chooses the table
+        raise UserError(message("family", config.family, _COMMON["family"]))
     table = table_for(config)
     values = dict(_leaves(config))
     checked = table is not None
