@@ -47,15 +47,19 @@ def unmasked(batch):
     return ids
 
 
-def tiny_config(**overrides) -> ml_collections.ConfigDict:
-    c = bert_tiny.get_config()
-    for key, value in {**TINY, **overrides}.items():
+def with_fields(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """`c` with dotted fields set ({"train.steps": 3}); returns `c`."""
+    for key, value in values.items():
         *parents, leaf = key.split(".")
         node = c
         for p in parents:
             node = node[p]
         node[leaf] = value
     return c
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+    return with_fields(bert_tiny.get_config(), {**TINY, **overrides})
 
 
 def tiny_flags(data_dir, **overrides) -> list[str]:

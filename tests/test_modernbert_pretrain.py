@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import cli_error, sigterm_when
+from conftest import cli_error, sigterm_when, with_fields
 from configs import modernbert_tiny
 from models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 from pretrain.__main__ import main as pretrain_main
@@ -32,14 +32,8 @@ TINY_MB = {"data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 
 
 
 def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
-    c = modernbert_tiny.get_config()
-    for key, value in {**TINY_MB, "data.data_dir": str(data_dir), **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return with_fields(modernbert_tiny.get_config(),
+                       {**TINY_MB, "data.data_dir": str(data_dir), **overrides})
 
 
 def flags(data_dir, **overrides) -> list[str]:
