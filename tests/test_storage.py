@@ -200,3 +200,24 @@ def test_paths_keep_their_bucket_and_local_paths_their_meaning(tmp_path):
     with pytest.raises(UserError, match="cannot be written .*Not a directory"):
         (tmp_path / "file").write_text("")
         storage.check_writable(tmp_path / "file" / "run", "--workdir")
+
+
+def test_closed_bucket_metrics_upload_nothing_more(gcs, tmp_path, monkeypatch):
+    """tensorboardX's gs:// event file uploads again whenever it is closed, and its `__del__`
+    closes it: at exit, after a run whose bucket is gone, that upload retried for minutes."""
+    import gc
+    from google.cloud import storage as gcs_client
+    from tensorboardX.record_writer import GCSRecordWriter
+    from training.metrics import MetricsWriter
+    workdir = gcs_path(f"metrics-{tmp_path.name}")
+    writer = MetricsWriter(workdir)
+    writer.write(1, {"train/loss": 2.5})
+    writer.close()
+    assert read_metrics(workdir) == [{"step": 1, "train/loss": 2.5}]
+    (events,) = [o for o in gc.get_objects()
+                 if isinstance(o, GCSRecordWriter) and o.path.startswith(workdir + "/")]
+    assert events.buffer.getvalue(), "no TensorBoard events were written: nothing was tested"
+    uploads = []
+    monkeypatch.setattr(gcs_client.Blob, "upload_from_string", lambda self, **kw: uploads.append(self.name))
+    events.__del__()  # what the garbage collector does at exit
+    assert uploads == []

@@ -85,15 +85,29 @@ class MetricsWriter:
 def _close_tensorboard(writer) -> None:
     """Close a tensorboardX SummaryWriter. When its last flush fails (a full disk), stop its
     thread and mark it closed before raising: else its atexit hook fails again, with tracebacks."""
+    file_writers = list((writer.all_writers or {}).values())  # `close` forgets them
     try:
         writer.close()
     except OSError:
-        for file_writer in (writer.all_writers or {}).values():
+        for file_writer in file_writers:
             events = file_writer.event_writer
             if not events._closed:
                 events._worker.stop()
                 events._closed = True
         raise
+    finally:
+        for file_writer in file_writers:
+            _settle_bucket_file(file_writer)
+
+
+def _settle_bucket_file(file_writer) -> None:
+    """tensorboardX's gs:// event file uploads its whole buffer again on every `close`, and its
+    `__del__` closes it again: at exit, after the run, that upload retries for minutes when the
+    bucket is gone. A closed file has uploaded everything, so its later closes do nothing."""
+    events = getattr(file_writer.event_writer, "_ev_writer", None)
+    record_file = getattr(getattr(events, "_py_recordio_writer", None), "_writer", None)
+    if record_file is not None and hasattr(record_file, "blob"):  # a GCSRecordWriter
+        record_file.close = lambda: None
 
 
 def read_metrics(workdir) -> list[dict]:
