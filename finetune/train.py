@@ -86,7 +86,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
               if method.layer_decay != 1.0 else None)
     tx = make_optimizer(config.optim, total, frozen=frozen, scales=scales)
     plan = plan_state(abstract, tx, mesh)
-    target, shardings, graphdef = plan.target, plan.shardings, plan.graphdef
+    target, shardings, graphdef = dict(plan.target), dict(plan.shardings), plan.graphdef  # copies: L2-SP adds its anchor
     penalties = {}
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
