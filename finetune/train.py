@@ -61,7 +61,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                         f"{task.name} is a regression task")
 
     # ---- Family: data, model, source ---------------------------------------------------------
-    given = config.to_dict()  # config.json: as given; what the setup resolved goes to run.json
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
