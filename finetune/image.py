@@ -182,10 +182,6 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
             params["probe_mean"], params["probe_var"] = _feature_stats(model_fn, params, probe_images())
         return params
 
-    with config.unlocked():  # config.json tells the encoder that was used, field by field
-        for field, value in dataclasses.asdict(cfg).items():
-            mc[field] = value
-        dc.image_mean, dc.image_std = list(data.mean), list(data.std)
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
           f"; MAE encoder from {source.kind}" + (f" {source.path}" if source.path else ""))
     source.encoder = dataclasses.asdict(cfg)
@@ -197,6 +193,9 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
                  source=dataclasses.asdict(source),
                  results={"source": provenance, "encoder": dataclasses.asdict(cfg)},
                  fixed=lambda keys: keys[0] in ("probe_mean", "probe_var"),
+                 # run.json: the encoder used, field by field, and the images' normalisation
+                 resolved={"model": dataclasses.asdict(cfg),
+                           "data": {"image_mean": list(data.mean), "image_std": list(data.std)}},
                  mix=mixer(method.mixup_alpha, method.cutmix_alpha))
 
 

@@ -31,7 +31,9 @@ class FinetuneSetup:
     training examples (mixup, cutmix) and returns (batch, partner labels, weight of the
     originals). `save_assets(folder)`
     writes what a run folder needs besides checkpoints (a tokenizer). `source` is written to
-    run.json as the source (what a rerun and `--init` of this run read back); `results` joins results.json
+    run.json as the source (what a rerun and `--init` of this run read back), and `resolved`
+    (what the setup derived, nested like the config: the encoder's fields, image statistics) as
+    what was resolved; the setup leaves the config as given. `results` joins results.json
     (where the encoder came from, its shape).
     """
     task: Task
@@ -46,5 +48,6 @@ class FinetuneSetup:
     save_assets: Callable[[Path], None]
     source: dict
     results: dict
+    resolved: dict = dataclasses.field(default_factory=dict)
     fixed: Callable[[tuple], bool] | None = None
     mix: Callable | None = None

@@ -33,7 +33,7 @@ from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import abstract_state, create_train_state, init_params
+from training.state import abstract_params, create_train_state, init_params, plan_state
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
@@ -72,7 +72,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     eval_every = config.eval.every_steps or steps_per_epoch
 
     # ---- Method, optimizer, steps ------------------------------------------------------------
-    shapes = jax.eval_shape(lambda: init_params(family.model_fn, 0))
+    abstract = abstract_params(family.model_fn)  # the model's one abstract trace
+    shapes = abstract[1]
     if is_stacked(shapes) and (method.freeze_bottom >= 0 or method.layer_decay != 1.0):
         raise UserError("method.freeze_bottom and method.layer_decay treat each layer on its own, "
                         "which a scanned stack's stacked weights cannot; set "
@@ -84,7 +85,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     scales = (layer_scales(shapes, method.layer_decay, family.num_layers, family.depth)
               if method.layer_decay != 1.0 else None)
     tx = make_optimizer(config.optim, total, frozen=frozen, scales=scales)
-    target, shardings, graphdef = abstract_state(family.model_fn, tx, mesh)
+    plan = plan_state(abstract, tx, mesh)
+    target, shardings, graphdef = dict(plan.target), dict(plan.shardings), plan.graphdef  # copies: L2-SP adds its anchor
     penalties = {}
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
@@ -122,7 +124,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
 
     def fresh_state():
         params = family.initial_params(init_params(family.model_fn, tc.seed))  # a fresh head
-        state = create_train_state(family.model_fn, tx, mesh, tc.seed, params=params)[0]
+        state = create_train_state(family.model_fn, tx, mesh, tc.seed, params=params, plan=plan)[0]
         if "anchor" in target:
             state["anchor"] = jax.device_put(params["encoder"], shardings["anchor"])
         return state
@@ -137,7 +139,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
             # best/ is a run folder of its own: `--init WORKDIR/best` and `python -m models.hf
             # export --checkpoint WORKDIR/best` read the best dev checkpoint with its config.
             for folder in (workdir, workdir / "best"):
-                run_record.write(folder, given, config.to_dict(), "finetune", family.source)
+                run_record.write(folder, given, family.resolved, "finetune", family.source)
             family.save_assets(workdir / "best")
 
         def evaluate(params, step: int) -> dict[str, float]:
@@ -174,7 +176,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                                    family.label_names, task.predictions(logits))
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
-    results["config"] = config.to_dict()
+    results["config"] = run_record.merged(given, family.resolved)
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     summary = ", ".join(f"{split}/{task.primary}={results[split][task.primary]:.4f}"

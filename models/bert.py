@@ -272,7 +272,7 @@ SPEC = register(FamilySpec(
     name="bert", config_class=BertConfig, sizes=SIZES, size_of=size_name,
     shape_fields=("vocab_size", "max_position", "num_layers", "hidden_size", "num_heads",
                   "intermediate_size", "type_vocab_size", "layer_norm_eps", "initializer_range"),
-    pretrain="pretrain.bert", finetune="finetune.text", hf="models.hf_bert:BERT",
+    pretrain="pretrain.bert", finetune="finetune.bert", hf="models.hf_bert:BERT",
     tokenizer="wordpiece", heads=("mlm_transform", "mlm_norm", "mlm_bias", "nsp", "encoder/pooler"),
     pretrain_sources=("BertForPreTraining", "BertForMaskedLM", "BertModel"),
     checks=_checks(), cross_check=_sequence_budget))

@@ -32,7 +32,7 @@ class FamilySpec:
     config_class: type              # frozen dataclass with `from_model_config(dict)`
     sizes: dict                     # the size table: name -> shape tuple
     size_of: Callable[[Any], str]   # a config -> its `sizes` name, or "custom"
-    shape_fields: tuple[str, ...]   # the config fields a source fixes (written into config.model)
+    shape_fields: tuple[str, ...]   # the config fields a source fixes (run.json records them)
     pretrain: str | None = None     # module with `setup(config, workdir, init, explicit)` (or
     finetune: str | None = None     # "module:function"); the same for fine-tuning
     hf: str | None = None           # "module:NAME" of its models.hf_table.Family record

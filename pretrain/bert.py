@@ -20,6 +20,7 @@ from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
 from pretrain.setup import PretrainSetup
 from data.preparation import prepare
+from training import run_record
 from training.errors import UserError
 from training.init_source import pretrain_source, source_params
 from training.loop import Throughput
@@ -103,18 +104,25 @@ def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions:
 # The setup
 # ---------------------------------------------------------------------------------------------
 
-def prepared_corpus(config, workdir, *, set_vocab: bool) -> PretrainingData:
-    """The corpus prepared once (each process a share of the shards), then reused; its tokenizer
-    saved in the workdir; with `set_vocab` model.vocab_size from it."""
+def prepared_corpus(config, workdir, *, set_vocab: bool) -> tuple[PretrainingData, dict]:
+    """(the corpus prepared once (each process a share of the shards), then reused, its tokenizer
+    saved in the workdir; with `set_vocab` what it resolves: model.vocab_size from it)."""
     corpus = PretrainingData(prepare(config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count()))
     if jax.process_index() == 0:
         corpus.tokenizer.save(workdir / "tokenizer")
-    if set_vocab:
-        with config.unlocked():
-            # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
-            config.model.vocab_size = -(-corpus.tokenizer.vocab_size // 128) * 128
-    return corpus
+    # Round the vocabulary up to a multiple of 128: it shards over `tensor` and tiles well.
+    vocab = -(-corpus.tokenizer.vocab_size // 128) * 128
+    return corpus, {"model": {"vocab_size": vocab}} if set_vocab else {}
+
+
+def source_and_corpus(config, workdir, init, explicit):
+    """(the --init source, the corpus, the config as resolved, what was resolved): the text
+    families' start, the source first (nothing is written before it is checked)."""
+    source, resolved = pretrain_source(config, workdir, init, explicit)
+    corpus, vocab = prepared_corpus(run_record.view(config, resolved), workdir, set_vocab=source is None)
+    resolved = run_record.merged(resolved, vocab)
+    return source, corpus, run_record.view(config, resolved), resolved
 
 
 def masked_batches(config, corpus: PretrainingData):
@@ -131,9 +139,8 @@ def masked_batches(config, corpus: PretrainingData):
 
 
 def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> PretrainSetup:
+    source, corpus, config, resolved = source_and_corpus(config, workdir, init, explicit)
     dc, tc = config.data, config.train
-    source = pretrain_source(config, workdir, init, explicit)  # before anything is written
-    corpus = prepared_corpus(config, workdir, set_vocab=source is None)
     try:
         model_cfg = BertConfig.from_model_config(config.model)
     except ValueError as e:
@@ -146,4 +153,5 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Pre
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
     return PretrainSetup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
                          eval_batches, throughput,
-                         initial_params=None if source is None else lambda fresh: source_params(source, fresh))
+                         initial_params=None if source is None else lambda fresh: source_params(source, fresh),
+                         resolved=resolved, source=source)

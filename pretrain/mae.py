@@ -20,7 +20,7 @@ from data.images import Augment, ImagePipeline, load_images
 from data.wheels import DataError
 from models.mae import MAEConfig, MAEForPreTraining, patchify, reconstruction_sums, unpatchify
 from pretrain.setup import PretrainSetup
-from training import storage
+from training import run_record, storage
 from training.errors import UserError
 from training.init_source import pretrain_source, source_params
 from training.loop import Throughput
@@ -96,8 +96,9 @@ def model_fields(model_cfg) -> dict:
 
 
 def setup(config, workdir, init: str | None = None, explicit=()) -> PretrainSetup:
+    source, resolved = pretrain_source(config, workdir, init, set(explicit))  # before anything is written
+    config = run_record.view(config, resolved)
     dc, tc = config.data, config.train
-    source = pretrain_source(config, workdir, init, set(explicit))  # before anything is written
     try:
         cfg = MAEConfig.from_model_config(model_fields(config.model))
     except ValueError as e:
@@ -109,10 +110,9 @@ def setup(config, workdir, init: str | None = None, explicit=()) -> PretrainSetu
     if data.num_channels != cfg.num_channels:
         raise UserError(f"{data.name} has {data.num_channels}-channel images but model.num_channels="
                         f"{cfg.num_channels}; set --config.model.num_channels={data.num_channels}")
-    with config.unlocked():  # config.json: the geometry used, and the images' normalisation
-        for field in GEOMETRY:
-            config.model[field] = getattr(cfg, field)
-        dc.image_mean, dc.image_std = list(data.mean), list(data.std)
+    resolved = run_record.merged(resolved, {  # run.json: the geometry used, the images' normalisation
+        "model": {field: getattr(cfg, field) for field in GEOMETRY},
+        "data": {"image_mean": list(data.mean), "image_std": list(data.std)}})
     pipeline = ImagePipeline(data, image_size=cfg.image_size, num_patches=cfg.num_patches,
                              augment=Augment(crop_scale=(dc.crop_scale_min, 1.0), flip=dc.flip))
     share = dict(seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
@@ -122,4 +122,5 @@ def setup(config, workdir, init: str | None = None, explicit=()) -> PretrainSetu
     return PretrainSetup(lambda rngs: MAEForPreTraining(cfg, rngs), objective(cfg), train,
                  lambda: pipeline.eval_batches(tc.batch_size, config.eval.max_batches, **share),
                  throughput, pictures=pictures(cfg, data.mean, data.std),
-                 initial_params=None if source is None else lambda fresh: source_params(source, fresh))
+                 initial_params=None if source is None else lambda fresh: source_params(source, fresh),
+                 resolved=resolved, source=source)

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from models.modernbert import ModernBertConfig, ModernBertForMaskedLM
-from pretrain.bert import _nll_and_correct, masked_batches, prepared_corpus
+from pretrain.bert import _nll_and_correct, masked_batches, source_and_corpus
 from infra.errors import UserError
 from pretrain.setup import PretrainSetup
-from training.init_source import pretrain_source, source_params
+from training.init_source import source_params
 from training.loop import Throughput
 from training.perf import peak_flops_per_device
 from training.step import Objective
@@ -89,8 +89,7 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Pre
         raise UserError(f"data.objective={dc.objective!r}: ModernBERT trains on packed rows "
                         "without a sentence task; use --config.data.objective=mlm_packed")
     model_config(config)  # before anything is written
-    source = pretrain_source(config, workdir, init, explicit)  # the shape and tokenizer it fixes
-    corpus = prepared_corpus(config, workdir, set_vocab=source is None)
+    source, corpus, config, resolved = source_and_corpus(config, workdir, init, explicit)
     model_cfg = model_config(config)
     train, eval_batches = masked_batches(config, corpus)
     throughput = Throughput(
@@ -99,4 +98,5 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Pre
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
     return PretrainSetup(lambda rngs: ModernBertForMaskedLM(model_cfg, rngs), mlm_objective(), train,
                          eval_batches, throughput,
-                         initial_params=None if source is None else lambda fresh: source_params(source, fresh))
+                         initial_params=None if source is None else lambda fresh: source_params(source, fresh),
+                         resolved=resolved, source=source)

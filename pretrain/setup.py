@@ -9,7 +9,7 @@ is adding a module (e.g. `pretrain/mae.py`) that its spec names (ARCHITECTURE.md
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from flax import nnx
 
@@ -19,8 +19,10 @@ from training.step import Objective
 @dataclasses.dataclass
 class PretrainSetup:
     """What one family's `setup(config, workdir)` returns. It has already prepared its data and
-    written what the workdir needs besides checkpoints (e.g. its tokenizer), and may have set
-    derived config fields (e.g. model.vocab_size) before config.json is written.
+    written what the workdir needs besides checkpoints (e.g. its tokenizer). It leaves `config`
+    as given: `resolved` is what it derived, nested like the config (e.g. model.vocab_size, the
+    shape an `--init` source fixes), and `source` the `--init` source (None: random weights);
+    both go to run.json (training/run_record.py).
 
     `train_batches` is this process's endless iterator of local batches (numpy dicts) with grain's
     `get_state()` / `set_state()` and `close()`; `eval_batches()` yields one evaluation pass.
@@ -29,8 +31,7 @@ class PretrainSetup:
 
     `initial_params(fresh)` gives the parameters a fresh start begins from (with `--init`: SRC's
     weights, shape-checked, and `fresh` random values where SRC lacks a head), given the random
-    ones; None: the random ones. A rerun that restores a checkpoint never calls it. A family
-    that takes `--init` records SRC in `config.init` (config.json).
+    ones; None: the random ones. A rerun that restores a checkpoint never calls it.
     """
     model_fn: Callable[[nnx.Rngs], nnx.Module]
     objective: Objective
@@ -39,3 +40,5 @@ class PretrainSetup:
     throughput: Throughput
     pictures: Callable[[nnx.Module, dict], dict] | None = None
     initial_params: Callable[[dict], dict] | None = None
+    resolved: dict = dataclasses.field(default_factory=dict)
+    source: Any = None  # training.init_source.Source

@@ -10,6 +10,7 @@ with explicit shardings and donated state, evaluating, logging and checkpointing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import jax
 
 from models import family as families
@@ -21,7 +22,7 @@ from training import run_record
 from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import abstract_state, create_train_state, init_params
+from training.state import abstract_params, create_train_state, init_params, plan_state
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
@@ -49,7 +50,7 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
-    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
+    given = config.to_dict()  # config.json: as given; what the setup resolved goes to run.json
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
@@ -57,7 +58,8 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
 
     # ---- Train state: restored, or created in its shardings ---------------------------------
     tx = make_optimizer(config.optim, tc.steps)
-    target, shardings, graphdef = abstract_state(family.model_fn, tx, mesh)
+    plan = plan_state(abstract_params(family.model_fn), tx, mesh)  # the model's one abstract trace
+    target, shardings, graphdef = plan.target, plan.shardings, plan.graphdef
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(graphdef, tx, family.objective, seed=tc.seed,
                                          grad_accum=tc.grad_accum),
@@ -80,12 +82,12 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
             params = None
             if family.initial_params is not None:
                 params = family.initial_params(init_params(family.model_fn, tc.seed))
-            return create_train_state(family.model_fn, tx, mesh, tc.seed, params=params)[0]
+            return create_train_state(family.model_fn, tx, mesh, tc.seed, params=params, plan=plan)[0]
 
         state, start, resumed = restore_or_init(ckpt, target, fresh_state, family.train_batches)
         if jax.process_index() == 0:
-            resolved = config.to_dict()
-            run_record.write(workdir, given, resolved, "pretrain", resolved.get("init"))
+            source = family.source and dataclasses.asdict(family.source)
+            run_record.write(workdir, given, family.resolved, "pretrain", source)
         outcome = run(
             config, workdir, mesh=mesh, state=state, start=start, total_steps=tc.steps,
             train_step=train_step, batches=family.train_batches, ckpt=ckpt,

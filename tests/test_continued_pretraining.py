@@ -102,6 +102,8 @@ def test_hf_source_first_step_losses_equal_transformers_and_export_loads_back(
     train_and_evaluate(config, workdir, str(src))
     said = capsys.readouterr().out
     assert "weights from huggingface BertForPreTraining" in said and "every head loaded" in said
+    assert config.data.tokenizer == ""  # the config stays as given; run.json has what was resolved
+    config = run_record.view(config, json.loads((workdir / "run.json").read_text())["resolved"])
     assert config.data.tokenizer == str(src.resolve())  # the corpus was prepared with SRC's
 
     # The first batch as the loop saw it, through transformers' own model and losses.

@@ -3,6 +3,7 @@ tests/toy_family.py (one file, one spec), pretrained, stopped and resumed, fine-
 checkpoint, stopped and resumed, continued with --init and exported through its toy HuggingFace
 record. Resumed runs equal uninterrupted ones bitwise, log rows included."""
 
+import contextlib
 import json
 
 import jax
@@ -46,6 +47,21 @@ def spy_on_the_loop(monkeypatch) -> list[int]:
     return steps
 
 
+@contextlib.contextmanager
+def builds():
+    """How many times the toy model is built (traced abstractly, or initialised) meanwhile."""
+    count, init = [0], toy_family.Regressor.__init__
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        init(self, *args, **kwargs)
+    toy_family.Regressor.__init__ = counting
+    try:
+        yield count
+    finally:
+        toy_family.Regressor.__init__ = init
+
+
 def train_rows(workdir):
     return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in read_metrics(workdir)]
 
@@ -77,7 +93,9 @@ def test_pretraining_a_new_family_learns_and_resumes_bitwise(pretrained, tmp_pat
     assert pretrain(pre, tmp_path) == {"eval/loss": evals[0]}  # stopped: the start's eval only
     assert (tmp_path / "checkpoints" / "5").is_dir()
     monkeypatch.undo()
-    pretrain(pre, tmp_path)
+    with builds() as built:
+        pretrain(pre, tmp_path)
+    assert built == [1]  # a resume traces the model once, abstractly (its restore target)
     assert steps == [1, 2, 3, 4, 5]
     assert train_rows(tmp_path) == rows  # the train row of the open window too, bitwise
     assert_same_params(tmp_path, full)
@@ -86,7 +104,9 @@ def test_pretraining_a_new_family_learns_and_resumes_bitwise(pretrained, tmp_pat
 def test_fine_tuning_a_new_family_from_its_checkpoint_resumes_bitwise(pretrained, tmp_path, monkeypatch):
     source, _ = pretrained
     _, ft = configs()
-    full = finetune(ft, tmp_path / "full", str(source))
+    with builds() as built:
+        full = finetune(ft, tmp_path / "full", str(source))
+    assert built == [2]  # once abstractly (frozen masks, shardings, restore target), once initialised
     assert full["metric"] == "pearson" and full["dev"]["pearson"] > 0.5
     assert (tmp_path / "full" / "curves.png").is_file()
     np.testing.assert_array_equal(read_params(tmp_path / "full" / "best")[0]["encoder"]["kernel"].shape, (D, H))
@@ -109,11 +129,15 @@ def test_continued_with_init_starts_from_the_source_and_exports_through_its_reco
     source, last_eval = pretrained
     pre, _ = configs()
     pre.train.steps = 3
-    first = pretrain(pre, tmp_path / "continued", str(source))
+    with builds() as built:
+        first = pretrain(pre, tmp_path / "continued", str(source))
+    assert built == [2]  # a start traces the model once (shapes, shardings) and initialises it once
     rows = read_metrics(tmp_path / "continued")
     assert [r["eval/loss"] for r in rows if "eval/loss" in r][0] == last_eval["eval/loss"]  # same weights, same batch
     assert first["eval/loss"] < last_eval["eval/loss"]  # and it keeps learning
-    scratch = pretrain(pre, tmp_path / "scratch")  # the negative control: random weights
+    with builds() as built:
+        scratch = pretrain(pre, tmp_path / "scratch")  # the negative control: random weights
+    assert built == [2]
     assert [r["eval/loss"] for r in read_metrics(tmp_path / "scratch") if "eval/loss" in r][0] > 2 * last_eval["eval/loss"]
     assert scratch["eval/loss"] > first["eval/loss"]
 

@@ -18,7 +18,7 @@ from conftest import TINY_FT, cli_error, tiny_flags
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
-from finetune.text import SequenceClassifier
+from finetune.bert import SequenceClassifier
 from training.init_source import load_encoder, resolve_source
 from finetune.train import train_and_evaluate
 from models.layers import stack_layers
@@ -206,7 +206,7 @@ def test_l2sp_alpha_zero_equals_plain_fine_tuning():
     import ml_collections
     from flax.core import spmd
     from finetune.methods import frozen_mask, l2sp_penalty
-    from finetune.text import encoder_depth, predict
+    from finetune.bert import encoder_depth, predict
     from models.bert import BertConfig
     from training import mesh as mesh_lib
     from training.optim import make_optimizer

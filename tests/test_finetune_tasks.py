@@ -12,7 +12,7 @@ from flax import nnx
 
 from finetune import tasks
 from finetune.methods import frozen_mask as _frozen_mask, layer_scales as _layer_scales
-from finetune.text import SequenceClassifier, encoder_depth
+from finetune.bert import SequenceClassifier, encoder_depth
 from training.optim import make_optimizer as _make_optimizer
 from models.bert import BertConfig
 
@@ -101,7 +101,7 @@ def test_label_smoothing_loss_by_hand():
 
 
 # ---- methods: masks, layer decay, frozen optimizer state -----------------------------------
-# BERT's depths (finetune/text.py): embeddings 0, layer i at i + 1, the pooler above the layers.
+# BERT's depths (finetune/bert.py): embeddings 0, layer i at i + 1, the pooler above the layers.
 
 def frozen_mask(params, method):
     return _frozen_mask(params, method, encoder_depth(len(params["encoder"]["layers"])))

@@ -70,15 +70,16 @@ OBJECTIVE = Objective(
 
 
 def pretrain_setup(config, workdir, init, explicit):
-    source = pretrain_source(config, workdir, init, explicit)  # --init: its shape, its weights
-    cfg = SPEC.model_config(config.model)
+    source, resolved = pretrain_source(config, workdir, init, explicit)  # --init: its shape, its weights
+    cfg = SPEC.model_config({**config.model.to_dict(), **resolved.get("model", {})})
     ds = grain.MapDataset.range(256).shuffle(config.train.seed).repeat(None)
     ds = process_share(ds, config.train.batch_size, 0, 1).map(examples)
     return PretrainSetup(
         model_fn=lambda rngs: Regressor(cfg, rngs), objective=OBJECTIVE,
         train_batches=prefetching_iterator(ds), eval_batches=lambda: [examples(np.arange(1000, 1016))],
         throughput=loop.Throughput(config.train.batch_size, "examples"),
-        initial_params=None if source is None else lambda fresh: source_params(source, fresh))
+        initial_params=None if source is None else lambda fresh: source_params(source, fresh),
+        resolved=resolved, source=source)
 
 
 class Split:

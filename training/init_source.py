@@ -249,27 +249,26 @@ def check_overrides(config, explicit, source: Source, tokenizer: Tokenizer | Non
                             f"drop the flag or {instead}")
 
 
-def describe_model(config, spec: families.FamilySpec, cfg) -> None:
-    """Writes the model's shape into config.model, field by field, so that config.json tells
-    the model that was used (and `--init` of this run reads it back)."""
-    with config.unlocked():
-        name = spec.size_of(cfg)
-        config.model.size = "" if name == "custom" else name
-        for field in spec.shape_fields:
-            config.model[field] = getattr(cfg, field)
+def model_record(spec: families.FamilySpec, cfg) -> dict:
+    """The model's shape as config.model's fields (size and the spec's shape fields): what a
+    setup records in run.json, so that `--init` of the run and export read the model back."""
+    name = spec.size_of(cfg)
+    return {"size": "" if name == "custom" else name,
+            **{field: getattr(cfg, field) for field in spec.shape_fields}}
 
 
-def pretrain_source(config, workdir, init: str | None, explicit) -> Source | None:
-    """The --init source of a pretraining run (None: random weights), for any family: checked
+def pretrain_source(config, workdir, init: str | None, explicit) -> tuple[Source | None, dict]:
+    """(the --init source of a pretraining run (None: random weights), for any family, checked
     against the config (the family, flags that contradict it, the architectures its record
-    takes); sets what it fixes (the model's shape, data.tokenizer) and records it in config.init."""
+    takes); what it fixes, nested as the config (the model's shape, data.tokenizer), for the
+    setup's record)."""
     spec = families.of_config(config)
     classes = spec.pretrain_sources or (tuple(spec.hf_record().architectures) if spec.hf else ())
     usage = ("pass a pretraining workdir, one of its checkpoints/<step> folders, or a HuggingFace "
              + (" / ".join(classes) or spec.name) + " folder")
     source = run_source(workdir, init, lambda i: resolve_source(i, usage, family=spec.name))
     if source is None:
-        return None
+        return None, {}
     if source.kind == "huggingface" and source.architecture not in classes:
         raise UserError(f"--init {source.init} holds a {source.architecture}; {usage}")
     tokenizer = load_tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
@@ -279,15 +278,13 @@ def pretrain_source(config, workdir, init: str | None, explicit) -> Source | Non
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"--init {source.init}: its tokenizer has {tokenizer.vocab_size} tokens "
                         f"but its model only {cfg.vocab_size} embeddings")
-    describe_model(config, spec, cfg)
-    problem = spec.cross_check(config, "pretrain") if spec.cross_check else None
+    resolved = {"model": model_record(spec, cfg)}
+    if source.tokenizer_dir:
+        resolved["data"] = {"tokenizer": init_key(source.tokenizer_dir)}
+    problem = spec.cross_check(run_record.view(config, resolved), "pretrain") if spec.cross_check else None
     if problem:
         raise UserError(f"{problem} (the model's shape is --init {source.init}'s)")
-    with config.unlocked():
-        if source.tokenizer_dir:
-            config.data.tokenizer = init_key(source.tokenizer_dir)
-        config.init = dataclasses.asdict(source)
-    return source
+    return source, resolved
 
 
 def source_params(source: Source, fresh: dict) -> dict:

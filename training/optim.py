@@ -1,7 +1,7 @@
 """AdamW with the encoder-pretraining recipe: linear warmup, then linear or cosine decay; no decay on norms, biases.
 
 ModernBERT's recipe (Warner et al. 2024) from the same pieces, chosen by optional config fields
-that BERT's configs do not have: a 1-sqrt decay tail (`optim.decay = "1-sqrt"`), StableAdamW-style
+that the original recipe's configs do not have: a 1-sqrt decay tail (`optim.decay = "1-sqrt"`), StableAdamW-style
 per-tensor update clipping (`optim.update_clip`) and weight decay decoupled from the learning rate
 (`optim.decoupled_decay`).
 
@@ -80,7 +80,7 @@ def _scale_updates(scales) -> optax.GradientTransformation:
 
 
 def _adamw(optim_cfg, schedule) -> optax.GradientTransformation:
-    """optax.adamw unless the config asks for update clipping or decoupled decay (BERT's state
+    """optax.adamw unless the config asks for update clipping or decoupled decay (the original recipe's state
     and updates stay what they were); else the same three steps with those two changes:
 
     - `optim.update_clip` > 0 divides each tensor's Adam update by max(1, rms(update) / clip)

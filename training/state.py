@@ -5,7 +5,8 @@ Shardings come from `eval_shape` and the logical axis names on the model's weigh
 process ever holds an unsharded copy of the parameters.
 """
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,30 +47,58 @@ def state_shardings(abstract_state, param_shardings, tx: optax.GradientTransform
     return {"params": param_shardings, "opt_state": opt, "step": replicated}
 
 
-def create_train_state(model_fn, tx, mesh, seed: int, params: dict | None = None):
-    """Returns (state, shardings, graphdef). `params` (host or device) replaces the random init."""
-    graphdef, specs = graphdef_and_specs(model_fn)
-    param_shardings = shardings_of(specs, mesh)
+@dataclasses.dataclass
+class StatePlan:
+    """What a start knows before any weight exists, from one abstract trace of the model: its
+    graph definition, the train state's ShapeDtypeStructs (with shardings: a checkpoint's restore
+    target) and those shardings. `params` is the parameters' abstract tree (frozen masks, layer
+    scales). Tracing the model again for each of these is what a start would otherwise repeat."""
+    graphdef: Any
+    target: dict
+    shardings: dict
+
+    @property
+    def params(self) -> dict:
+        return self.target["params"]
+
+
+def abstract_params(model_fn):
+    """(graph definition, the parameters' ShapeDtypeStructs, their logical PartitionSpecs): the
+    model traced once, abstractly."""
+    graphdef, params = nnx.split(abstract_model(model_fn), nnx.Param)
+    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  nnx.to_pure_dict(params)), nnx.to_pure_dict(nnx.get_partition_spec(params))
+
+
+def plan_state(abstract, tx, mesh) -> StatePlan:
+    """The train state's plan from `abstract_params(model_fn)`; only the optimizer is traced."""
+    graphdef, params, specs = abstract
+    abstract_state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    shardings = state_shardings(abstract_state, shardings_of(specs, mesh), tx, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    return StatePlan(graphdef, target, shardings)
+
+
+def create_train_state(model_fn, tx, mesh, seed: int, params: dict | None = None,
+                       plan: StatePlan | None = None):
+    """Returns (state, shardings, graphdef). `params` (host or device) replaces the random init,
+    and then the model is not built again; `plan` (plan_state's) saves tracing it abstractly."""
+    plan = plan or plan_state(abstract_params(model_fn), tx, mesh)
 
     def init(params):
         if params is None:
             params = init_params(model_fn, seed)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    abstract = jax.eval_shape(init, params)
-    shardings = state_shardings(abstract, param_shardings, tx, mesh)
     if params is not None:
-        params = jax.device_put(params, param_shardings)
-    state = jax.jit(init, out_shardings=shardings)(params)
-    return state, shardings, graphdef
+        params = jax.device_put(params, plan.shardings["params"])
+    state = jax.jit(init, out_shardings=plan.shardings)(params)
+    return state, plan.shardings, plan.graphdef
 
 
 def abstract_state(model_fn, tx, mesh):
-    """ShapeDtypeStructs with shardings: the restore target for a checkpoint on this mesh."""
-    graphdef, specs = graphdef_and_specs(model_fn)
-    init = lambda: {"params": (p := init_params(model_fn, 0)), "opt_state": tx.init(p),
-                    "step": jnp.zeros((), jnp.int32)}
-    abstract = jax.eval_shape(init)
-    shardings = state_shardings(abstract, shardings_of(specs, mesh), tx, mesh)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings), shardings, graphdef
+    """(the restore target, its shardings, the graph definition); see plan_state."""
+    plan = plan_state(abstract_params(model_fn), tx, mesh)
+    return plan.target, plan.shardings, plan.graphdef
