@@ -1,6 +1,7 @@
 """The ModernBERT family for fine-tuning: transformers' ModernBertForSequenceClassification (the
 encoder, pooling of the first token or the mean of the real ones, the prediction head, dropout,
-a classifier with a bias) on the text tasks of finetune/text.py.
+a classifier with a bias), or for a token task ModernBertForTokenClassification (the same on
+every position), on the text tasks of finetune/text.py.
 
 `--init` names a ModernBERT pretraining workdir (its latest checkpoint), one checkpoint step
 folder, a fine-tuning workdir of this family, or "none" (a random encoder of `model.size`, with
@@ -16,14 +17,15 @@ import dataclasses
 import jax
 import numpy as np
 
-from data.tasks import encode, load_task, subsample
+from data.tasks import load_task, subsample
 from data.wheels import DataError
 from finetune import tasks
 from finetune.setup import FinetuneSetup
-from finetune.text import _tokenizer, text_records
+from finetune.text import TFDS_TASKS, _tokenizer, rows_encoder, text_records
 from infra import storage
 from infra.errors import UserError
-from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
+from models.modernbert import (ModernBertConfig, ModernBertForSequenceClassification,
+                               ModernBertForTokenClassification)
 from training.init_source import finetune_source, load_params, take_params
 
 FINETUNE_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layers", "attention")
@@ -73,7 +75,7 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     task = tasks.get_task(dc.task)
     source, rerun = finetune_source(workdir, init, config.family)
     try:
-        tfds = [dc.task] if dc.task.startswith("glue/") else []
+        tfds = [dc.task] if dc.task.startswith("glue/") or dc.task in TFDS_TASKS else []
         data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
     except DataError as e:
         raise UserError(str(e)) from None
@@ -85,15 +87,15 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
           f"; ModernBERT encoder of {cfg.num_layers} layers from {source.kind}"
           + (f" {source.path}" if source.path else ""))
 
-    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
-        out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
-        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
-        return out
-
+    encode_rows = rows_encoder(task, splits, tokenizer, dc.max_seq_len)
     num_outputs = data.num_outputs
-    model_fn = lambda rngs: ModernBertForSequenceClassification(
-        cfg, num_outputs, rngs, pooling=config.model.pooling,
-        classifier_dropout=config.model.classifier_dropout)
+    if task.kind == tasks.TOKEN:
+        model_fn = lambda rngs: ModernBertForTokenClassification(
+            cfg, num_outputs, rngs, classifier_dropout=config.model.classifier_dropout)
+    else:
+        model_fn = lambda rngs: ModernBertForSequenceClassification(
+            cfg, num_outputs, rngs, pooling=config.model.pooling,
+            classifier_dropout=config.model.classifier_dropout)
 
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":

@@ -1,5 +1,5 @@
 """The BERT text family for fine-tuning: where the encoder and tokenizer come from, the sequence
-classifier, and tokenised batches of single texts or pairs.
+and token classifiers, and tokenised batches of single texts, pairs or tagged words.
 
 `--init` names a pretraining workdir (its latest checkpoint), one checkpoint step folder, a
 fine-tuning workdir, a HuggingFace BERT folder, or "none" (a random encoder of `model.size`,
@@ -65,7 +65,27 @@ class SequenceClassifier(nnx.Module):
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
-def predict(model: SequenceClassifier, batch: dict, key=None) -> jax.Array:
+class TokenClassifier(nnx.Module):
+    """`encoder` and `token_classifier` (D -> C) on every position's hidden state, with dropout:
+    HuggingFace's BertForTokenClassification, parameter for parameter (its BertModel has no
+    pooler: ours is kept, unused, and export leaves it out). `token_classifier` is HF's
+    `classifier`; the name tells export which head a tree holds."""
+
+    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.token_classifier = nnx.Linear(
+            cfg.hidden_size, num_outputs, dtype=jnp.dtype(cfg.dtype),
+            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
+        self.classifier_dropout = classifier_dropout
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
+        """Logits BTC in float32. `key=None` disables dropout."""
+        x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
+        x_BTD = dropout(x_BTD, self.classifier_dropout, fold(key, 1))
+        return self.token_classifier(x_BTD).astype(jnp.float32)
+
+
+def predict(model: SequenceClassifier | TokenClassifier, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 
@@ -114,7 +134,7 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = finetune_source(workdir, init, config.family)
     try:
-        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
+        tfds = [dc.task] if dc.task.startswith("glue/") or dc.task in TFDS_TASKS else []
         data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
     except DataError as e:
         raise UserError(str(e)) from None
@@ -147,14 +167,13 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
           f"; encoder {SPEC.size_of(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
 
-    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
-        out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
-        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
-        return out
-
+    encode_rows = rows_encoder(task, splits, tokenizer, dc.max_seq_len)
     num_outputs = data.num_outputs
-    model_fn = lambda rngs: SequenceClassifier(bert, num_outputs, config.model.classifier_dropout,
-                                               rngs, pooling=config.model.pooling)
+    if task.kind == tasks.TOKEN:
+        model_fn = lambda rngs: TokenClassifier(bert, num_outputs, config.model.classifier_dropout, rngs)
+    else:
+        model_fn = lambda rngs: SequenceClassifier(bert, num_outputs, config.model.classifier_dropout,
+                                                   rngs, pooling=config.model.pooling)
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":
             return fresh
@@ -164,6 +183,22 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
                          model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
                          num_layers=bert.num_layers, initial_params=initial_params,
                          **text_records(source, tokenizer, bert))
+
+
+TFDS_TASKS = ("conll2003",)  # besides glue/NAME: what a bucket's data_dir must mirror down
+
+
+def rows_encoder(task, splits: dict, tokenizer: Tokenizer, max_len: int):
+    """`encode(split, rows, positions)` of a text family: the kind's encoding of those rows (a
+    token task's words and tags, data/conll.py), else data/tasks.py's texts and labels."""
+    kind = tasks.kind_module(task)
+    encode_split = kind.encode if kind is not None else encode
+
+    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
+        out = encode_split(splits[split].take(rows), tokenizer, max_len)
+        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
+        return out
+    return encode_rows
 
 
 def text_records(source: Source, tokenizer: Tokenizer, encoder) -> dict:

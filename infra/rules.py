@@ -120,5 +120,7 @@ OBJECTIVES = ("nsp", "sop", "mlm_packed")
 DECAYS = ("linear", "cosine", "constant", "1-sqrt")
 POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
-         "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
+         "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli",
+         "wnut_tweets", "conll2003")
+TEXT_TASK_PREFIXES = ("conll:",)  # conll:DIR, the user's CoNLL files
 IMAGE_TASKS = ("mnist",)
