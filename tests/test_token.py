@@ -2,6 +2,8 @@
 alignment, the loss and per-word predictions, seqeval's entity scores on hand-counted cases, and
 parity of the BERT and ModernBERT token classifiers with transformers' in both directions."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +18,11 @@ from finetune import token
 from finetune.__main__ import main as finetune_main
 from finetune.tasks import TOKEN, get_task
 from finetune.text import TokenClassifier
-from models import hf
+from models import hf, hf_cli
 from models.bert import BertConfig
 from models.modernbert import ModernBertConfig, ModernBertForTokenClassification
 from models.tokenizer import Tokenizer
-from tests.conftest import cli_error
+from conftest import TINY_FT, cli_error
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -228,7 +230,11 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# ModernBERT's (4 layers, a window) takes ~20 s a direction: the slow suite's.
+PARITY = [pytest.param("bert"), pytest.param("modernbert", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family", PARITY)
 def test_export_parity(family, tmp_path):
     cfg, architecture, make, call = FAMILIES[family]
     with nnx.use_eager_sharding(False):
@@ -248,7 +254,7 @@ def test_export_parity(family, tmp_path):
     assert arch == architecture and "pooler" not in back["encoder"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PARITY)
 def test_import_parity(family, tmp_path):
     cfg, architecture, make, call = FAMILIES[family]
     torch.manual_seed(0)
@@ -278,3 +284,46 @@ def test_import_parity(family, tmp_path):
     diff = np.abs(ours - _hf_logits(model, ids, mask))[mask == 1].max()
     print(f"\n[{family}] import: token logits max |diff| {diff:.3g}")
     assert diff < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: fine-tune, predictions per word, export, transformers reads the same tags
+# ---------------------------------------------------------------------------------------------
+
+CONFIGS = {"bert": "configs/finetune_wnut_tweets.py",
+           "modernbert": "configs/finetune_modernbert_reuters_r8.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CONFIGS)
+def test_finetune_predict_export(family, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    flags = {**TINY_FT, "data.task": "wnut_tweets", "data.data_dir": str(data_dir),
+             "data.vocab_size": 512, "train.steps": 8, "optim.lr": 3e-3}
+    finetune_main(["--config", CONFIGS[family], "--init", "none", "--workdir", str(workdir),
+                   *(f"--config.{k}={v}" for k, v in flags.items())])
+    results = json.loads((workdir / "results.json").read_text())
+    rows = [line.split("\t") for line in (workdir / "predictions_test.conll").read_text().split("\n")]
+    gold, pred, words = [[]], [[]], [[]]
+    for row in rows:
+        if row == [""]:
+            gold.append([]), pred.append([]), words.append([])
+        else:
+            words[-1].append(row[0]), gold[-1].append(row[1]), pred[-1].append(row[2])
+    gold, pred, words = ([s for s in x if s] for x in (gold, pred, words))
+    assert len(gold) == 32 and results["test"]["f1"] == pytest.approx(seqeval.f1_score(gold, pred))
+    assert results["test"]["accuracy"] == pytest.approx(seqeval.accuracy_score(gold, pred))
+
+    data = load_task("wnut_tweets", data_dir)
+    names = data.label_names
+    out = tmp_path / "hf"
+    hf_cli.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out),
+                 "--labels", ",".join(names)])
+    model = transformers.AutoModelForTokenClassification.from_pretrained(out).eval()
+    assert model.config.id2label[1] == names[1]
+    tokenizer = Tokenizer.load(workdir / "best" / "tokenizer")
+    split = TokenSplit(words, [np.array([names.index(t) for t in g]) for g in gold], np.arange(len(words)))
+    batch = encode_words(split, tokenizer, TINY_FT["data.max_seq_len"])
+    logits = _hf_logits(model, batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64))
+    again = token.word_predictions(logits, batch["labels"], [len(w) for w in words], names.index("O"))
+    assert [[names[t] for t in p] for p in again] == pred
