@@ -264,8 +264,7 @@ def _checks() -> dict:
         "finetune": {**model,
             "model.classifier_dropout": DROPOUT,
             "model.pooling": Choice(POOLINGS, "pooling"),
-            "data.task": Text(required=True, names=TASKS, prefixes=TEXT_TASK_PREFIXES,
-                              meaning=f"one of {', '.join(TASKS)}, or conll:DIR")},
+            "data.task": Choice(TASKS, "task", prefixes=TEXT_TASK_PREFIXES)},
     }
 
 
