@@ -14,6 +14,7 @@ into padded int32 arrays. Names:
   glue/cola ... glue/wnli   the nine GLUE tasks through `tfds.data_source` (no TensorFlow) from
                   a data dir prepared in array_record format; dev is the official validation
                   split (validation_matched for MNLI) and test labels are hidden (-1).
+  wnut_tweets, conll2003, conll:DIR   a tag per word: data/conll.py.
 
 The fixed splits never depend on the training seed: every seed of a sweep sees the same data.
 """
@@ -60,7 +61,8 @@ GLUE_LABELS = {"cola": ["unacceptable", "acceptable"], "sst2": ["negative", "pos
                "qnli": ["entailment", "not_entailment"], "rte": ["entailment", "not_entailment"],
                "wnli": ["not_entailment", "entailment"]}
 
-NAMES = ("rt_polarity", "reuters_r8", "newsgroups20", *(f"glue/{t}" for t in GLUE))
+NAMES = ("rt_polarity", "reuters_r8", "newsgroups20", *(f"glue/{t}" for t in GLUE),
+         "wnut_tweets", "conll2003", "conll:DIR")
 
 _SPLIT_SEED = 0x7A5C  # fixed: the dev/test carve-outs never depend on the training seed
 
@@ -104,8 +106,13 @@ class LabelledData:
         return self.splits["train"].text_b is not None
 
 
-def load_task(name: str, data_dir: str | Path) -> LabelledData:
+def load_task(name: str, data_dir: str | Path):
+    """A LabelledData, or for a token task (wnut_tweets, conll2003, conll:DIR) data/conll.py's
+    TokenData."""
     data_dir = Path(data_dir).expanduser()
+    if name in ("wnut_tweets", "conll2003") or name.startswith("conll:"):
+        from data.conll import load_token_task  # it reads this module's split seed
+        return load_token_task(name, data_dir)
     if name == "rt_polarity":
         return rt_polarity(data_dir)
     if name in _ORANGE_FILES:

@@ -1,4 +1,5 @@
-"""The BERT family for fine-tuning: the sequence classifier on the text tasks of finetune/text.py.
+"""The BERT family for fine-tuning: the sequence and token classifiers on the text tasks of
+finetune/text.py.
 
 `--init` names a pretraining workdir (its latest checkpoint), one checkpoint step folder, a
 fine-tuning workdir, a HuggingFace BERT folder, or "none" (finetune/text.py's text setup, which
@@ -46,7 +47,27 @@ class SequenceClassifier(nnx.Module):
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
-def predict(model: SequenceClassifier, batch: dict, key=None) -> jax.Array:
+class TokenClassifier(nnx.Module):
+    """`encoder` and `token_classifier` (D -> C) on every position's hidden state, with dropout:
+    HuggingFace's BertForTokenClassification, parameter for parameter (its BertModel has no
+    pooler: ours is kept, unused, and export leaves it out). `token_classifier` is HF's
+    `classifier`; the name tells export which head a tree holds."""
+
+    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.token_classifier = nnx.Linear(
+            cfg.hidden_size, num_outputs, dtype=jnp.dtype(cfg.dtype),
+            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
+        self.classifier_dropout = classifier_dropout
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
+        """Logits BTC in float32. `key=None` disables dropout."""
+        x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
+        x_BTD = dropout(x_BTD, self.classifier_dropout, fold(key, 1))
+        return self.token_classifier(x_BTD).astype(jnp.float32)
+
+
+def predict(model: SequenceClassifier | TokenClassifier, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 
@@ -64,7 +85,8 @@ def encoder_depth(num_layers: int):
 CLASSIFIER = text.Classifier(
     model=lambda cfg, outputs, mc, rngs: SequenceClassifier(cfg, outputs, mc.classifier_dropout, rngs,
                                                             pooling=mc.pooling),
-    predict=predict, depth=encoder_depth)
+    predict=predict, depth=encoder_depth,
+    token_model=lambda cfg, outputs, mc, rngs: TokenClassifier(cfg, outputs, mc.classifier_dropout, rngs))
 
 
 def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:

@@ -1,6 +1,7 @@
 """The ModernBERT family for fine-tuning: transformers' ModernBertForSequenceClassification (the
 encoder, pooling of the first token or the mean of the real ones, the prediction head, dropout,
-a classifier with a bias) on the text tasks of finetune/text.py.
+a classifier with a bias), or for a token task ModernBertForTokenClassification (the same on
+every position), on the text tasks of finetune/text.py.
 
 `--init` names a ModernBERT pretraining workdir (its latest checkpoint), one checkpoint step
 folder, a fine-tuning workdir of this family, or "none" (finetune/text.py). A pretraining
@@ -15,7 +16,7 @@ import jax
 from finetune import text
 from finetune.setup import FinetuneSetup
 from infra.errors import UserError
-from models.modernbert import ModernBertForSequenceClassification
+from models.modernbert import ModernBertForSequenceClassification, ModernBertForTokenClassification
 from training.init_source import load_params, take_params
 
 
@@ -47,7 +48,9 @@ def take(source, fresh: dict) -> dict:
 CLASSIFIER = text.Classifier(
     model=lambda cfg, outputs, mc, rngs: ModernBertForSequenceClassification(
         cfg, outputs, rngs, pooling=mc.pooling, classifier_dropout=mc.classifier_dropout),
-    predict=predict, depth=depth, take=take)
+    predict=predict, depth=depth, take=take,
+    token_model=lambda cfg, outputs, mc, rngs: ModernBertForTokenClassification(
+        cfg, outputs, rngs, classifier_dropout=mc.classifier_dropout))
 
 
 def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:

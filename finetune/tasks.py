@@ -1,7 +1,9 @@
 """Fine-tuning tasks: the registry, the objective on a head's outputs, and the official metrics.
 
-A task is one of three kinds: single-example classification, pair classification, or regression
-(one score per example or pair). Its data comes from `data/tasks.py`; here live what every
+A task is one of four kinds: single-example classification, pair classification, regression
+(one score per example or pair), or token classification (a tag per word). Kinds with more than
+one label per example live in a module of their own (`KINDS`: its objective, scoring and
+predictions; finetune/token.py). Its data comes from `data/tasks.py`; here live what every
 family's trainer needs to train and score it. Metrics are computed on the host with numpy from
 the gathered predictions, never inside jit, so they are the textbook (and GLUE) definitions.
 """
@@ -9,6 +11,7 @@ the gathered predictions, never inside jit, so they are the textbook (and GLUE) 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +21,17 @@ import scipy.stats
 
 from training.step import Objective
 
-SINGLE, PAIR, REGRESSION = "single", "pair", "regression"
+SINGLE, PAIR, REGRESSION, TOKEN = "single", "pair", "regression", "token"
+# kind -> the module with objective(task, predict, label_smoothing, mix), score(task, family,
+# split, outputs) and write_predictions(workdir, family, split, outputs)
+KINDS = {TOKEN: "finetune.token"}
+TOKEN_METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level (seqeval), then words
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                 # SINGLE | PAIR | REGRESSION
+    kind: str                 # SINGLE | PAIR | REGRESSION | TOKEN
     metrics: tuple[str, ...]  # official first; metrics[0] picks the best dev checkpoint
 
     @property
@@ -60,15 +67,24 @@ TASKS = {t.name: t for t in [
     Task("glue/qnli", PAIR, ("accuracy",)),
     Task("glue/rte", PAIR, ("accuracy",)),
     Task("glue/wnli", PAIR, ("accuracy",)),
+    Task("wnut_tweets", TOKEN, TOKEN_METRICS),  # data/conll.py
+    Task("conll2003", TOKEN, TOKEN_METRICS),
 ]}
 
 
 def get_task(name: str) -> Task:
     if name.startswith("tfds:") and len(name) > len("tfds:"):  # any TFDS image classification set
         return Task(name, SINGLE, ("accuracy", "macro_f1"))
+    if name.startswith("conll:") and len(name) > len("conll:"):  # the user's CoNLL files
+        return Task(name, TOKEN, TOKEN_METRICS)
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def kind_module(task: Task):
+    """The module of a kind with more than one label per example (None for the others)."""
+    return importlib.import_module(KINDS[task.kind]) if task.kind in KINDS else None
 
 
 # ---------------------------------------------------------------------------------------------

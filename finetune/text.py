@@ -1,5 +1,5 @@
 """Fine-tuning any text family: where the encoder and tokenizer come from, and tokenised batches
-of single texts or pairs, for the family's sequence classifier.
+of single texts, pairs or tagged words, for the family's sequence or token classifier.
 
 `--init` names a pretraining workdir (its latest checkpoint), one checkpoint step folder, a
 fine-tuning workdir, a HuggingFace folder of the family's, or "none" (a random encoder of
@@ -37,14 +37,22 @@ RUN_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layers", "
 
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-    """A text family's sequence classifier. `model(encoder config, outputs, config.model, rngs)`
-    builds it (params `{"encoder": ..., head}`); `predict(model, batch, key)` gives its BC
-    output; `depth(num_layers)` its parameters' depths (finetune/methods.py); `take(source,
-    fresh)` the parameters a source gives it (default: the encoder, the head fresh)."""
+    """A text family's classifiers. `model(encoder config, outputs, config.model, rngs)` builds
+    the sequence classifier (params `{"encoder": ..., head}`), `token_model` the token classifier
+    (the same arguments, outputs on every position); `predict(model, batch, key)` gives either's
+    output; `depth(num_layers)` their parameters' depths (finetune/methods.py); `take(source,
+    fresh)` the parameters a source gives them (default: the encoder, the head fresh)."""
     model: Callable
     predict: Callable
     depth: Callable[[int], Callable[[tuple], int]]
     take: Callable[[Source, dict], dict] | None = None
+    token_model: Callable | None = None
+
+    def builder(self, task: tasks.Task, family: str) -> Callable:
+        build = self.token_model if task.kind == tasks.TOKEN else self.model
+        if build is None:
+            raise UserError(f"the {family} family has no model for {task.kind} tasks like {task.name}")
+        return build
 
 
 def take_encoder(source: Source, fresh: dict) -> dict:
@@ -105,7 +113,7 @@ def setup(config, workdir, init: str, explicit: set, classifier: Classifier) -> 
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = finetune_source(workdir, init, spec.name)
     try:
-        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
+        tfds = [dc.task] if dc.task.startswith("glue/") or dc.task in TFDS_TASKS else []
         data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
     except DataError as e:
         raise UserError(str(e)) from None
@@ -120,15 +128,11 @@ def setup(config, workdir, init: str, explicit: set, classifier: Classifier) -> 
           f"; {spec.name} encoder {spec.size_of(cfg)} of {cfg.num_layers} layers from {source.kind}"
           + (f" {source.path}" if source.path else ""))
 
-    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
-        out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
-        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
-        return out
-
-    num_outputs, mc = data.num_outputs, config.model
+    num_outputs, mc, build = data.num_outputs, config.model, classifier.builder(task, spec.name)
     take = classifier.take or take_encoder
-    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
-                         model_fn=lambda rngs: classifier.model(cfg, num_outputs, mc, rngs),
+    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names,
+                         encode=rows_encoder(task, splits, tokenizer, dc.max_seq_len),
+                         model_fn=lambda rngs: build(cfg, num_outputs, mc, rngs),
                          predict=classifier.predict, depth=classifier.depth(cfg.num_layers),
                          num_layers=cfg.num_layers,
                          initial_params=lambda fresh: fresh if source.kind == "none" else take(source, fresh),
@@ -138,3 +142,19 @@ def setup(config, workdir, init: str, explicit: set, classifier: Classifier) -> 
                                   "encoder": dataclasses.asdict(cfg)},
                          # run.json: the encoder used, field by field (an export reads it back)
                          resolved={"model": {**dataclasses.asdict(cfg), **model_record(spec, cfg)}})
+
+
+TFDS_TASKS = ("conll2003",)  # besides glue/NAME: what a bucket's data_dir must mirror down
+
+
+def rows_encoder(task, splits: dict, tokenizer: Tokenizer, max_len: int):
+    """`encode(split, rows, positions)` of a text family: the kind's encoding of those rows (a
+    token task's words and tags, data/conll.py), else data/tasks.py's texts and labels."""
+    kind = tasks.kind_module(task)
+    encode_split = kind.encode if kind is not None else encode
+
+    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
+        out = encode_split(splits[split].take(rows), tokenizer, max_len)
+        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
+        return out
+    return encode_rows

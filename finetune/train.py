@@ -6,7 +6,8 @@ and where the encoder comes from, then trains with the method in `config.method`
 fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing) on
 training/loop.py. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
 at the end scores that checkpoint on dev and test into `results.json` and
-`predictions_<split>.tsv`. A stopped run (SIGTERM, Ctrl-C) saves and resumes bitwise on rerun.
+`predictions_<split>.tsv` (a token task: `predictions_<split>.conll`). A stopped run (SIGTERM,
+Ctrl-C) saves and resumes bitwise on rerun.
 
 Frozen parameters get zero updates (training/optim.py) and the step passes them through
 untouched (training/step.py): they stay bitwise equal to the source.
@@ -91,7 +92,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
-    objective = tasks.objective(task, family.predict, method.label_smoothing, family.mix)
+    kind = tasks.kind_module(task)  # None: one label per example, scored here
+    objective = (kind or tasks).objective(task, family.predict, method.label_smoothing, family.mix)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
                                          frozen=frozen, penalties=penalties),
@@ -113,6 +115,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         data = family.splits[split]
         if not data.labelled:
             return {}, logits
+        if kind is not None:
+            return kind.score(task, family, split, logits), logits
         labels = np.asarray(data.labels, np.float32 if task.regression else np.int64)
         return {**task.evaluate(labels, task.predictions(logits)),
                 "loss": tasks.mean_loss(task, logits, labels)}, logits
@@ -171,7 +175,9 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         for split in [s for s in family.splits if s != "train"]:
             scores, logits = score(params, split)
             results[split] = scores or None  # None: labels hidden (GLUE test)
-            if jax.process_index() == 0:
+            if jax.process_index() == 0 and kind is not None:
+                kind.write_predictions(workdir, family, split, logits)
+            elif jax.process_index() == 0:
                 _write_predictions(workdir / f"predictions_{split}.tsv", family.splits[split], task,
                                    family.label_names, task.predictions(logits))
     results["examples"] = {name: len(s) for name, s in family.splits.items()}

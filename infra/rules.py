@@ -94,12 +94,14 @@ class Span:
 class Choice:
     options: tuple
     noun: str  # what the value names, for the message: "unknown BERT size 'huge'"
+    prefixes: tuple = ()  # also PREFIX + a non-empty rest ("conll:" for conll:DIR)
 
     def ok(self, v) -> bool:
-        return isinstance(v, str) and v in self.options
+        return isinstance(v, str) and (v in self.options or any(
+            v.startswith(p) and len(v) > len(p) for p in self.prefixes))
 
     def allowed(self) -> str:
-        return "choose one of: " + ", ".join(self.options)
+        return "choose one of: " + ", ".join((*self.options, *(f"{p}..." for p in self.prefixes)))
 
 
 COUNT = Int(1)                      # steps, sizes, batch sizes
@@ -120,5 +122,7 @@ OBJECTIVES = ("nsp", "sop", "mlm_packed")
 DECAYS = ("linear", "cosine", "constant", "1-sqrt")
 POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
-         "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
+         "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli",
+         "wnut_tweets", "conll2003")
+TEXT_TASK_PREFIXES = ("conll:",)  # conll:DIR, the user's CoNLL files
 IMAGE_TASKS = ("mnist",)

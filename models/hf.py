@@ -182,7 +182,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
             raise ConversionError(f"params have no {arch.labels} of shape (C,) to export as {architecture}")
         num_labels = leaf.shape[0]
     table = name_table(architecture, cfg, num_labels)
-    leaves = _check_params(unstack_layers(params), table, architecture)
+    leaves = _check_params(_without(unstack_layers(params), family, arch), table, architecture)
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels,
                        **(config_extra or {}))
     if tokenizer is not None and family.image_processor is not None:
@@ -294,6 +294,22 @@ def _lookup(tree, keys: tuple):
 def _slash(keys) -> str:
     """Our path as the messages spell it: encoder/layers/0/query/kernel."""
     return "/".join(map(str, keys))
+
+
+def _without(params: dict, family, arch) -> dict:
+    """`params` less the base-model weights `arch` lacks (BertForTokenClassification's pooler)."""
+    for rule in (r for r in family.rules if r.hf in arch.lacks and r.ours is not None):
+        *path, leaf = (family.ours, *rule.ours.split("/"))
+        node = _lookup(params, tuple(path))
+        if isinstance(node, dict) and leaf in node:
+            params = _replaced(params, tuple(path), {k: v for k, v in node.items() if k != leaf})
+    return params
+
+
+def _replaced(tree: dict, keys: tuple, value) -> dict:
+    if not keys:
+        return value
+    return {**tree, keys[0]: _replaced(tree[keys[0]], keys[1:], value)}
 
 
 def _check_params(params: dict, table: list[Entry], architecture: str) -> list:

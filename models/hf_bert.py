@@ -1,5 +1,5 @@
 """BERT's HuggingFace record: `BertModel`, `BertForPreTraining`, `BertForMaskedLM`,
-`BertForSequenceClassification`.
+`BertForSequenceClassification`, `BertForTokenClassification`.
 
 Our `encoder/...` is HuggingFace's `BertModel`, kept under `bert.` in the task models. Facts
 checked on transformers 5.23: `save_pretrained` writes no `cls.predictions.decoder.{weight,bias}`:
@@ -34,6 +34,7 @@ MLM_HEAD = (
     *norm("mlm_norm", "cls.predictions.transform.LayerNorm"),
     Rule("mlm_bias", "cls.predictions.bias", "V"),
 )
+POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 MLM_TIED = (("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
             ("cls.predictions.decoder.bias", "cls.predictions.bias"))
 
@@ -82,11 +83,15 @@ BERT = Family(
         "BertForSequenceClassification": Architecture(
             tuple(dense("classifier", "classifier", "D", "C")), "bert.", marker="classifier",
             labels="classifier/bias"),
+        # Its BertModel has no pooler; ours is left out on export.
+        "BertForTokenClassification": Architecture(
+            tuple(dense("token_classifier", "classifier", "D", "C")), "bert.",
+            marker="token_classifier", labels="token_classifier/bias", lacks=POOLER),
         "BertForPreTraining": Architecture((*MLM_HEAD, *dense("nsp", "cls.seq_relationship", "D", "2")),
                                            "bert.", marker="nsp", tied=MLM_TIED),
         # No marker: a tree with an MLM head has the NSP head too, so export infers the above.
         "BertForMaskedLM": Architecture(MLM_HEAD, "bert.", tied=MLM_TIED,
-                                        lacks=("pooler.dense.weight", "pooler.dense.bias")),
+                                        lacks=POOLER),
         "BertModel": Architecture(),
     },
     prefix="bert.",

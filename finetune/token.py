@@ -1,0 +1,115 @@
+"""The `token` kind of task: a tag for every word (named entities), on any text family.
+
+The head gives logits BTC at every position; a word's first sub-token carries its tag and every
+other position the label -1 (data/conll.py), ignored in the loss and in prediction, as the BERT
+paper does. The loss is the mean cross-entropy over the labelled tokens of the global batch.
+Predictions are read back per word (a word cut off by data.max_seq_len is predicted O) and
+scored at the entity level exactly as `seqeval` does (its default, conlleval-compatible mode:
+an I- tag after O or another type opens an entity, so IOB1, IOB2 and IOBES all read right),
+plus the accuracy over words. `predictions_<split>.conll` holds word, gold tag, predicted tag.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from seqeval import metrics as seqeval
+
+from data.conll import encode_words as encode  # words -> sub-tokens, a tag at each first one
+from training.step import Objective
+
+
+def loss_sums(logits_BTC, labels_BT, weights_B, label_smoothing: float = 0.0) -> dict:
+    """{"loss", "correct", "count"} summed over the labelled tokens of rows with weight 1."""
+    w_BT = ((labels_BT >= 0) & (weights_B[:, None] > 0)).astype(jnp.float32)
+    labels_BT = jnp.maximum(labels_BT, 0).astype(jnp.int32)
+    if label_smoothing:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels_BT, logits_BTC.shape[-1]), label_smoothing)
+        nll_BT = optax.softmax_cross_entropy(logits_BTC, targets)
+    else:
+        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTC, labels_BT)
+    correct_BT = (jnp.argmax(logits_BTC, axis=-1) == labels_BT).astype(jnp.float32)
+    return {"loss": jnp.sum(nll_BT * w_BT), "correct": jnp.sum(correct_BT * w_BT), "count": jnp.sum(w_BT)}
+
+
+def objective(task, predict, label_smoothing: float = 0.0, mix=None) -> Objective:
+    """`predict(model, batch, key)` gives logits BTC; the batch has `labels` BT and `weights` B."""
+    if mix is not None:
+        raise ValueError(f"{task.name}: mixing examples has no meaning for token tags")
+
+    def sums(model, batch, key):
+        return loss_sums(predict(model, batch, key), batch["labels"], batch["weights"], label_smoothing)
+
+    def normalisers(batch):
+        tokens = (batch["labels"] >= 0) & (batch["weights"][:, None] > 0)
+        return {"count": jnp.maximum(jnp.sum(tokens.astype(jnp.float32)), 1.0)}
+
+    def summarize(sums, prefix):
+        count = max(float(sums["count"]), 1.0)
+        return {f"{prefix}/loss": float(sums["loss"]) / count,
+                f"{prefix}/token_accuracy": float(sums["correct"]) / count}
+
+    return Objective(sums, normalisers, lambda sums, norm: sums["loss"] / norm["count"], summarize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-word predictions and entity-level metrics (host, numpy)
+# ---------------------------------------------------------------------------------------------
+
+def word_predictions(logits_NTC: np.ndarray, labels_NT: np.ndarray, num_words: list[int],
+                     outside: int) -> list[np.ndarray]:
+    """Each sentence's predicted tag ids, one per word: the argmax at its first sub-token (where
+    labels_NT >= 0, in word order); `outside` (O) for words cut off by the sequence length."""
+    out = []
+    for logits_TC, labels_T, n in zip(logits_NTC, labels_NT, num_words):
+        first = np.nonzero(labels_T >= 0)[0]
+        preds = np.full(n, outside, np.int64)
+        preds[:len(first)] = np.argmax(logits_TC[first], axis=-1)
+        out.append(preds)
+    return out
+
+
+def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    """Entity precision, recall and F1 and word accuracy, as seqeval computes them."""
+    with warnings.catch_warnings():  # no predicted (or gold) entity: seqeval warns and gives 0
+        warnings.simplefilter("ignore")
+        return {"f1": float(seqeval.f1_score(gold, predicted)),
+                "precision": float(seqeval.precision_score(gold, predicted)),
+                "recall": float(seqeval.recall_score(gold, predicted)),
+                "accuracy": float(seqeval.accuracy_score(gold, predicted))}
+
+
+def _predicted(family, split: str, logits_NTC: np.ndarray) -> tuple[list, np.ndarray]:
+    data = family.splits[split]
+    rows = np.arange(len(data))
+    labels_NT = family.encode(split, rows, rows)["labels"]
+    outside = family.label_names.index("O")
+    return word_predictions(logits_NTC, labels_NT, [len(w) for w in data.words], outside), labels_NT
+
+
+def score(task, family, split: str, logits_NTC: np.ndarray) -> dict[str, float]:
+    """The task's metrics on one split from the head's gathered outputs, and the mean loss over
+    its labelled tokens (as the train loss, without smoothing)."""
+    predicted, labels_NT = _predicted(family, split, logits_NTC)
+    names = family.label_names
+    gold = [[names[t] for t in tags] for tags in family.splits[split].tags]
+    scores = entity_scores(gold, [[names[t] for t in p] for p in predicted])
+    sums = loss_sums(jnp.asarray(logits_NTC), jnp.asarray(labels_NT),
+                     jnp.ones(len(labels_NT), jnp.float32))
+    return {**{m: scores[m] for m in task.metrics},
+            "loss": float(sums["loss"]) / max(float(sums["count"]), 1.0)}
+
+
+def write_predictions(workdir, family, split: str, logits_NTC: np.ndarray) -> None:
+    """predictions_<split>.conll: word, gold tag, predicted tag a line; a blank line between
+    sentences (the format data.task=conll:DIR reads, and conlleval's)."""
+    predicted, _ = _predicted(family, split, logits_NTC)
+    data, names = family.splits[split], family.label_names
+    lines = []
+    for words, tags, preds in zip(data.words, data.tags, predicted):
+        lines += [f"{w}\t{names[t]}\t{names[p]}" for w, t, p in zip(words, tags, preds)] + [""]
+    (workdir / f"predictions_{split}.conll").write_text("\n".join(lines), encoding="utf-8")
