@@ -218,7 +218,7 @@ def glue_task(config: str, data_dir: Path) -> LabelledData:
         try:
             source = tfds.data_source(name, split=theirs, data_dir=str(data_dir), download=False)
         except Exception as e:  # noqa: BLE001  tfds raises several types; each means "not readable"
-            raise DataError(_glue_missing(name, data_dir, e)) from None
+            raise DataError(tfds_missing(name, data_dir, e)) from None
         records = [source[i] for i in range(len(source))]
         text = lambda r, f: r[f].decode("utf-8") if isinstance(r[f], bytes) else str(r[f])
         label_type = np.float32 if config == "stsb" else np.int64
@@ -229,7 +229,7 @@ def glue_task(config: str, data_dir: Path) -> LabelledData:
     return LabelledData(name, GLUE_LABELS[config], splits)
 
 
-def _glue_missing(name: str, data_dir: Path, error: Exception) -> str:
+def tfds_missing(name: str, data_dir: Path, error: Exception) -> str:
     import tensorflow_datasets as tfds
     how = (f"prepare it once on a machine with network access: `tfds build {name.split('/')[0]} "
            f"--config {name.split('/')[1]} --data_dir {data_dir} --file_format array_record`, then "

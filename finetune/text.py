@@ -65,7 +65,24 @@ class SequenceClassifier(nnx.Module):
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
-def predict(model: SequenceClassifier, batch: dict, key=None) -> jax.Array:
+class QuestionAnswering(nnx.Module):
+    """`encoder` (BertEncoder) and `qa_outputs` (D -> 2: a start and an end logit at every
+    position): HuggingFace's BertForQuestionAnswering, whose BertModel has no pooler (ours keeps
+    it unused, so that any BERT source loads; the export leaves it out)."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.qa_outputs = nnx.Linear(
+            cfg.hidden_size, 2, dtype=jnp.dtype(cfg.dtype),
+            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
+        """float32 start and end logits BT2."""
+        x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=key)
+        return self.qa_outputs(x_BTD).astype(jnp.float32)
+
+
+def predict(model: SequenceClassifier | QuestionAnswering, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 

@@ -182,7 +182,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
             raise ConversionError(f"params have no {arch.labels} of shape (C,) to export as {architecture}")
         num_labels = leaf.shape[0]
     table = name_table(architecture, cfg, num_labels)
-    leaves = _check_params(unstack_layers(params), table, architecture)
+    leaves = _check_params(_without_lacked(unstack_layers(params), family, arch), table, architecture)
     config = hf_config(cfg, architecture, dtype=dtype, id2label=id2label, num_labels=num_labels,
                        **(config_extra or {}))
     if tokenizer is not None and family.image_processor is not None:
@@ -274,6 +274,26 @@ def fold_probe_norm(params: dict) -> dict:
     folded = {"kernel": (kernel_DC * scale_D[:, None]).astype(np.float32),
               "bias": (bias_C - (np.asarray(params["probe_mean"], np.float64) * scale_D) @ kernel_DC).astype(np.float32)}
     return {**{k: v for k, v in params.items() if k not in ("probe_mean", "probe_var")}, "classifier": folded}
+
+
+def _without_lacked(params: dict, family: Family, arch: Architecture) -> dict:
+    """`params` without the base-model weights the architecture has not (BertForQuestionAnswering
+    builds its BertModel without the pooler our encoder always has)."""
+    lacked = {(family.ours, *r.ours.split("/")) for r in family.rules if r.hf in arch.lacks}
+    if not lacked:
+        return params
+
+    def keep(node, path):
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if (*path, str(k)) not in lacked:
+                v = keep(v, (*path, str(k)))
+                if not (isinstance(v, dict) and not v):  # a group left empty goes too
+                    out[k] = v
+        return out
+    return keep(params, ())
 
 
 def _lookup(tree, keys: tuple):

@@ -1,5 +1,5 @@
 """BERT's HuggingFace record: `BertModel`, `BertForPreTraining`, `BertForMaskedLM`,
-`BertForSequenceClassification`.
+`BertForSequenceClassification`, `BertForQuestionAnswering`.
 
 Our `encoder/...` is HuggingFace's `BertModel`, kept under `bert.` in the task models. Facts
 checked on transformers 5.23: `save_pretrained` writes no `cls.predictions.decoder.{weight,bias}`:
@@ -82,6 +82,10 @@ BERT = Family(
         "BertForSequenceClassification": Architecture(
             tuple(dense("classifier", "classifier", "D", "C")), "bert.", marker="classifier",
             labels="classifier/bias"),
+        # BertModel without the pooler, a start and an end logit at every position.
+        "BertForQuestionAnswering": Architecture(
+            tuple(dense("qa_outputs", "qa_outputs", "D", "2")), "bert.", marker="qa_outputs",
+            lacks=("pooler.dense.weight", "pooler.dense.bias")),
         "BertForPreTraining": Architecture((*MLM_HEAD, *dense("nsp", "cls.seq_relationship", "D", "2")),
                                            "bert.", marker="nsp", tied=MLM_TIED),
         # No marker: a tree with an MLM head has the NSP head too, so export infers the above.

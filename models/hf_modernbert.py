@@ -1,5 +1,5 @@
 """ModernBERT's HuggingFace record: `ModernBertModel`, `ModernBertForMaskedLM`,
-`ModernBertForSequenceClassification` (transformers 5.25).
+`ModernBertForSequenceClassification`, `ModernBertForQuestionAnswering` (transformers 5.25).
 
 Our `encoder/...` is `ModernBertModel`, kept under `model.` in the task models. Our fused
 kernels are HF's fused weights transposed: `qkv` (D, 3, N, H) is `Wqkv` (3D, D) with q, k, v
@@ -129,6 +129,10 @@ MODERNBERT = Family(
         "ModernBertForSequenceClassification": Architecture(
             (*PREDICTION_HEAD, *dense("classifier", "classifier", "D", "C")), "model.",
             marker="classifier", labels="classifier/bias"),
+        # The prediction head on every position, then `classifier` to a start and an end logit.
+        "ModernBertForQuestionAnswering": Architecture(
+            (*PREDICTION_HEAD, *dense("qa_outputs", "classifier", "D", "2")), "model.",
+            marker="qa_outputs"),
         "ModernBertForMaskedLM": Architecture(
             (*PREDICTION_HEAD, Rule("decoder_bias", "decoder.bias", "V")), "model.",
             marker="decoder_bias",
