@@ -115,11 +115,13 @@ def load_task(name: str, data_dir: str | Path) -> LabelledData:
     raise DataError(f"unknown task {name!r}; choose one of: {', '.join(NAMES)}")
 
 
-def subsample(split: Split, n: int, seed: int = _SPLIT_SEED) -> Split:
-    """The first `n` examples of a fixed shuffle (all of them when n <= 0 or n >= len)."""
+def subsample(split: Split | list, n: int, seed: int = _SPLIT_SEED) -> Split | list:
+    """The first `n` examples of a fixed shuffle (all of them when n <= 0 or n >= len), in
+    order; a Split or a list of examples (data/squad.py's questions)."""
     if n <= 0 or n >= len(split):
         return split
-    return split.take(np.sort(np.random.default_rng([seed, n]).permutation(len(split))[:n]))
+    rows = np.sort(np.random.default_rng([seed, n]).permutation(len(split))[:n])
+    return [split[i] for i in rows] if isinstance(split, list) else split.take(rows)
 
 
 # ---------------------------------------------------------------------------------------------

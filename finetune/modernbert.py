@@ -1,6 +1,7 @@
 """The ModernBERT family for fine-tuning: transformers' ModernBertForSequenceClassification (the
 encoder, pooling of the first token or the mean of the real ones, the prediction head, dropout,
-a classifier with a bias) on the text tasks of finetune/text.py.
+a classifier with a bias) on the text tasks of finetune/text.py, and its
+ModernBertForQuestionAnswering on span tasks (finetune/span.py).
 
 `--init` names a ModernBERT pretraining workdir (its latest checkpoint), one checkpoint step
 folder, a fine-tuning workdir of this family, or "none" (a random encoder of `model.size`, with
@@ -14,16 +15,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
-from data.tasks import encode, load_task, subsample
-from data.wheels import DataError
-from finetune import tasks
+from finetune import span, tasks
 from finetune.setup import FinetuneSetup
-from finetune.text import _tokenizer, text_records
-from infra import storage
+from finetune.text import _tokenizer, classification_parts, load_labelled, text_records
 from infra.errors import UserError
-from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
+from models.modernbert import (ModernBertConfig, ModernBertForQuestionAnswering,
+                               ModernBertForSequenceClassification)
 from training.init_source import finetune_source, load_params, take_params
 
 FINETUNE_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layers", "attention")
@@ -72,28 +70,25 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     dc = config.data
     task = tasks.get_task(dc.task)
     source, rerun = finetune_source(workdir, init, config.family)
-    try:
-        tfds = [dc.task] if dc.task.startswith("glue/") else []
-        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
-    except DataError as e:
-        raise UserError(str(e)) from None
-    splits = {name: subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
-              for name, s in data.splits.items()}
-    tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
+    if task.kind == tasks.SPAN:
+        questions, v2 = span.load(config)
+        tokenizer = _tokenizer(config, source, span.tokenizer_texts(questions), workdir, rerun)
+    else:
+        data, splits = load_labelled(task, dc)
+        tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
     cfg = encoder_config(config, source, tokenizer)
-    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
+    if task.kind == tasks.SPAN:
+        parts = span.setup_parts(config, questions, v2, tokenizer)
+        model_fn = lambda rngs: ModernBertForQuestionAnswering(
+            cfg, rngs, classifier_dropout=config.model.classifier_dropout)
+    else:
+        parts = classification_parts(task, data, splits, tokenizer, dc.max_seq_len)
+        model_fn = lambda rngs: ModernBertForSequenceClassification(
+            cfg, data.num_outputs, rngs, pooling=config.model.pooling,
+            classifier_dropout=config.model.classifier_dropout)
+    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in parts["splits"].items()) +
           f"; ModernBERT encoder of {cfg.num_layers} layers from {source.kind}"
           + (f" {source.path}" if source.path else ""))
-
-    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
-        out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
-        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
-        return out
-
-    num_outputs = data.num_outputs
-    model_fn = lambda rngs: ModernBertForSequenceClassification(
-        cfg, num_outputs, rngs, pooling=config.model.pooling,
-        classifier_dropout=config.model.classifier_dropout)
 
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":
@@ -105,7 +100,6 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
             raise UserError(f"checkpoint {source.path} has no encoder parameters")
         return {**fresh, **taken}
 
-    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
-                         model_fn=model_fn, predict=predict, depth=depth(cfg.num_layers),
-                         num_layers=cfg.num_layers, initial_params=initial_params,
+    return FinetuneSetup(task=task, model_fn=model_fn, predict=predict, depth=depth(cfg.num_layers),
+                         num_layers=cfg.num_layers, initial_params=initial_params, **parts,
                          **text_records(source, tokenizer, cfg))

@@ -32,7 +32,9 @@ class FinetuneSetup:
     originals). `save_assets(folder)`
     writes what a run folder needs besides checkpoints (a tokenizer). `source` is written to
     run.json as the source (what a rerun and `--init` of this run read back); `results` joins results.json
-    (where the encoder came from, its shape).
+    (where the encoder came from, its shape). A task whose splits are not one label per row
+    (span: a question's windows) gives `score(split, outputs) -> (metrics, predictions)` and
+    `write_predictions(workdir, split, predictions)`.
     """
     task: Task
     splits: dict
@@ -48,3 +50,5 @@ class FinetuneSetup:
     results: dict
     fixed: Callable[[tuple], bool] | None = None
     mix: Callable | None = None
+    score: Callable[[str, "np.ndarray"], tuple[dict, object]] | None = None
+    write_predictions: Callable[[Path, str, object], None] | None = None

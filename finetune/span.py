@@ -10,9 +10,10 @@ the answer. The no-answer score is the lowest [CLS] start + end over the windows
 answers "" where it beats the best candidate by more than a threshold, the one that maximises
 F1 on dev (the official v2 script's `best_f1`).
 
-Exact match and F1 are the official evaluate-v2.0 script's (equal to v1.1's for non-empty
-answers): lower case, punctuation and the articles a/an/the removed, whitespace collapsed, the
-best over the gold answers, as percentages.
+Exact match and F1 are the official evaluate-v1.1 script's: lower case, punctuation and the
+articles a/an/the removed, whitespace collapsed, the best over the gold answers, as percentages;
+v2's impossible questions score 1 for an empty answer (evaluate-v2.0; its answerable questions
+score as v1.1's, but for a gold answer that normalises to nothing, which v2 drops).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from data.squad import TFDS_NAMES, Windows, load_squad
+from data.tasks import Split, subsample
+from data.wheels import DataError
+from infra import storage
+from infra.errors import UserError
 from training.step import Objective
 
 METRICS = ("f1", "exact_match")
@@ -48,8 +54,6 @@ def exact_match(prediction: str, gold: str) -> float:
 
 def f1(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not pred or not ref:  # a no-answer on either side scores 1 only if both are empty
-        return float(pred == ref)
     same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
     if same == 0:
         return 0.0
@@ -58,9 +62,11 @@ def f1(prediction: str, gold: str) -> float:
 
 
 def question_scores(prediction: str, answers) -> tuple[float, float]:
-    """(exact match, F1) of one prediction: the best over the gold answers ("" if impossible)."""
-    golds = [a for a in answers if normalize_answer(a)] or [""]
-    return max(exact_match(prediction, g) for g in golds), max(f1(prediction, g) for g in golds)
+    """(exact match, F1) of one prediction, the best over the gold answers (v1.1's definitions);
+    an impossible question (no answers) scores 1 for an empty prediction, else 0 (v2's)."""
+    if not answers:
+        return (float(not normalize_answer(prediction)),) * 2
+    return max(exact_match(prediction, g) for g in answers), max(f1(prediction, g) for g in answers)
 
 
 def squad_scores(predictions: dict[str, str], questions) -> dict[str, float]:
@@ -167,3 +173,46 @@ def objective(predict) -> Objective:
     return Objective(sums, lambda batch: {"count": jnp.maximum(jnp.sum(batch["weights"]), 1.0)},
                      lambda sums, norm: sums["loss"] / norm["count"], summarize)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# What a text family's setup takes from this kind
+# ---------------------------------------------------------------------------------------------
+
+def load(config) -> tuple[dict, bool]:
+    """The task's questions per split (subsampled as data.max_*_examples say) and whether it is
+    SQuAD v2; bad data is one UserError."""
+    dc = config.data
+    tfds = [dc.task] if dc.task in TFDS_NAMES else []
+    try:
+        questions, v2 = load_squad(dc.task, storage.local_data_dir(dc.data_dir, tfds))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    return {name: subsample(qs, dc.max_train_examples if name == "train" else dc.max_eval_examples)
+            for name, qs in questions.items()}, v2
+
+
+def tokenizer_texts(questions: dict) -> Split:
+    """The train questions and their contexts, once each: what --init none trains a vocabulary on."""
+    texts = list(dict.fromkeys(t for q in questions["train"] for t in (q.context, q.question)))
+    return Split(texts, None, np.zeros(len(texts), np.int64), np.arange(len(texts)))
+
+
+def setup_parts(config, questions: dict, v2: bool, tokenizer) -> dict:
+    """FinetuneSetup's data fields for a span task: windows as the splits, their encoding, and
+    scoring and predictions by question."""
+    dc = config.data
+    try:
+        windows = {name: Windows(qs, tokenizer, dc.max_seq_len, dc.doc_stride, dc.max_query_len)
+                   for name, qs in questions.items()}
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+    def score(split: str, outputs: np.ndarray):
+        return evaluate(windows[split], outputs, n_best=dc.n_best, max_answer_len=dc.max_answer_len,
+                        v2=v2)
+
+    return dict(splits=windows, label_names=None, score=score,
+                encode=lambda split, rows, positions: windows[split].encode(rows),
+                write_predictions=lambda workdir, split, answers: write_predictions(
+                    workdir / f"predictions_{split}.json", answers))

@@ -1,7 +1,8 @@
 """Fine-tuning tasks: the registry, the objective on a head's outputs, and the official metrics.
 
-A task is one of three kinds: single-example classification, pair classification, or regression
-(one score per example or pair). Its data comes from `data/tasks.py`; here live what every
+A task is one of four kinds: single-example classification, pair classification, regression
+(one score per example or pair), or extractive question answering (`span`: a start and an end in
+a context, finetune/span.py, which supplies that kind's objective, decoding and metrics). Its data comes from `data/tasks.py`; here live what every
 family's trainer needs to train and score it. Metrics are computed on the host with numpy from
 the gathered predictions, never inside jit, so they are the textbook (and GLUE) definitions.
 """
@@ -16,15 +17,17 @@ import numpy as np
 import optax
 import scipy.stats
 
+from data import squad
+from finetune import span
 from training.step import Objective
 
-SINGLE, PAIR, REGRESSION = "single", "pair", "regression"
+SINGLE, PAIR, REGRESSION, SPAN = "single", "pair", "regression", "span"
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                 # SINGLE | PAIR | REGRESSION
+    kind: str                 # SINGLE | PAIR | REGRESSION | SPAN
     metrics: tuple[str, ...]  # official first; metrics[0] picks the best dev checkpoint
 
     @property
@@ -66,8 +69,11 @@ TASKS = {t.name: t for t in [
 def get_task(name: str) -> Task:
     if name.startswith("tfds:") and len(name) > len("tfds:"):  # any TFDS image classification set
         return Task(name, SINGLE, ("accuracy", "macro_f1"))
+    if (name.startswith("squad:") and len(name) > len("squad:")) or name in squad.TFDS_NAMES:
+        return Task(name, SPAN, span.METRICS)  # a folder of SQuAD-format files, or TFDS squad
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, "
+                       f"{', '.join(squad.TFDS_NAMES)}, squad:DIR")
     return TASKS[name]
 
 
@@ -106,7 +112,10 @@ def mean_loss(task: Task, logits_BC: np.ndarray, labels_B: np.ndarray) -> float:
 def objective(task: Task, predict, label_smoothing: float = 0.0, mix=None) -> Objective:
     """The fine-tuning objective of any family: `predict(model, batch, key)` gives the head's
     outputs BC; the batch has `labels` and `weights` (0 on padding rows). With `mix` (training
-    only), the loss is lam x the loss on the labels + (1 - lam) x the loss on the partners'."""
+    only), the loss is lam x the loss on the labels + (1 - lam) x the loss on the partners'.
+    A span task's is finetune/span.py's."""
+    if task.kind == SPAN:
+        return span.objective(predict)
 
     def sums(model, batch, key):
         if mix is None or key is None:

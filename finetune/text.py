@@ -18,7 +18,7 @@ from flax import nnx
 
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
-from finetune import tasks
+from finetune import span, tasks
 from finetune.setup import FinetuneSetup
 from models.bert import SPEC, BertConfig, BertEncoder
 from models.hf import FINETUNE_MODEL_KEYS
@@ -130,16 +130,12 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
     if config.model.pooling not in POOLINGS:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = finetune_source(workdir, init, config.family)
-    try:
-        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
-        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
-    except DataError as e:
-        raise UserError(str(e)) from None
-    assert task.regression == (data.label_names is None), task
-    assert task.kind == tasks.REGRESSION or (task.kind == tasks.PAIR) == data.pair, task
-    splits = {name: subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
-              for name, s in data.splits.items()}
-    tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
+    if task.kind == tasks.SPAN:
+        questions, v2 = span.load(config)
+        tokenizer = _tokenizer(config, source, span.tokenizer_texts(questions), workdir, rerun)
+    else:
+        data, splits = load_labelled(task, dc)
+        tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
     check_overrides(config, explicit, source, tokenizer)
     if source.kind == "none":
         vocab = config.model.vocab_size or -(-tokenizer.vocab_size // 128) * 128
@@ -161,26 +157,46 @@ def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:
         raise UserError(f"data.max_seq_len={dc.max_seq_len} exceeds the encoder's {bert.max_position} "
                         f"positions")
     describe_model(config, SPEC, bert)
-    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
+    if task.kind == tasks.SPAN:
+        parts = span.setup_parts(config, questions, v2, tokenizer)
+        model_fn = lambda rngs: QuestionAnswering(bert, rngs)
+    else:
+        parts = classification_parts(task, data, splits, tokenizer, dc.max_seq_len)
+        model_fn = lambda rngs: SequenceClassifier(bert, data.num_outputs, config.model.classifier_dropout,
+                                                   rngs, pooling=config.model.pooling)
+    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in parts["splits"].items()) +
           f"; encoder {SPEC.size_of(bert)} from {source.kind}" + (f" {source.path}" if source.path else ""))
 
-    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
-        out = encode(splits[split].take(rows), tokenizer, dc.max_seq_len)
-        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
-        return out
-
-    num_outputs = data.num_outputs
-    model_fn = lambda rngs: SequenceClassifier(bert, num_outputs, config.model.classifier_dropout,
-                                               rngs, pooling=config.model.pooling)
     def initial_params(fresh: dict) -> dict:
         if source.kind == "none":
             return fresh
         return {**fresh, "encoder": take_params(load_encoder(source), fresh["encoder"], source.init)[0]}
 
-    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names, encode=encode_rows,
-                         model_fn=model_fn, predict=predict, depth=encoder_depth(bert.num_layers),
-                         num_layers=bert.num_layers, initial_params=initial_params,
-                         **text_records(source, tokenizer, bert))
+    return FinetuneSetup(task=task, model_fn=model_fn, predict=predict,
+                         depth=encoder_depth(bert.num_layers), num_layers=bert.num_layers,
+                         initial_params=initial_params, **parts, **text_records(source, tokenizer, bert))
+
+
+def load_labelled(task, dc) -> tuple:
+    """A classification or regression task's data and its (subsampled) splits; one line if bad."""
+    try:
+        tfds = [dc.task] if dc.task.startswith("glue/") else []  # GLUE is TFDS: glue/NAME
+        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    assert task.regression == (data.label_names is None), task
+    assert task.kind == tasks.REGRESSION or (task.kind == tasks.PAIR) == data.pair, task
+    return data, {name: subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
+                  for name, s in data.splits.items()}
+
+
+def classification_parts(task, data, splits: dict, tokenizer, max_len: int) -> dict:
+    """FinetuneSetup's data fields for one label per example: the splits and their encoding."""
+    def encode_rows(split: str, rows: np.ndarray, positions: np.ndarray) -> dict:
+        out = encode(splits[split].take(rows), tokenizer, max_len)
+        out["labels"] = out["labels"].astype(np.float32 if task.regression else np.int32)
+        return out
+    return dict(splits=splits, label_names=data.label_names, encode=encode_rows)
 
 
 def text_records(source: Source, tokenizer: Tokenizer, encoder) -> dict:

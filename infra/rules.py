@@ -122,3 +122,4 @@ POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
          "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
 IMAGE_TASKS = ("mnist",)
+SQUAD_TASKS = ("squad/v1.1", "squad/v2.0")  # data/squad.py TFDS_NAMES; and squad:DIR
