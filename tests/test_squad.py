@@ -221,29 +221,26 @@ def test_bad_answer_start_is_one_line_and_writes_nothing(capsys, tmp_path, data_
 
 
 SHORT_RUN = {"data.max_seq_len": 128, "data.doc_stride": 80, "data.max_query_len": 16,
-             "train.steps": 120, "train.batch_size": 8,
+             "data.vocab_size": 1000, "train.steps": 80, "train.batch_size": 8,
              "train.log_every": 20, "eval.every_steps": 40, "optim.lr": 2e-3,
              "model.dropout": 0.0, "model.attention_dropout": 0.0, "checkpoint.every_steps": 0}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
-def test_short_fine_tune_decodes_the_answers_of_later_windows(family, squad_windows, tmp_path, data_dir):
-    """Fine-tuned on the hand-made dev questions (train = dev, so that a short run can learn
-    them), a random encoder of either family decodes every answer string from the second or the
-    third window of its context."""
+def test_short_fine_tune_decodes_the_answers_of_later_windows(family, tmp_path, data_dir):
+    """Fine-tuned on the hand-made train questions (as dev too, so that a short run can learn
+    them), a random encoder of either family decodes every answer string, most of them from a
+    later window of its context (the dev questions' are all in the second and third, above)."""
     from configs import finetune_modernbert_reuters_r8, finetune_squad
     from conftest import with_fields
     from finetune.train import train_and_evaluate
     folder = tmp_path / "squad"
     folder.mkdir()
     for split in ("train", "dev"):
-        shutil.copy(SQUAD / "dev.json", folder / f"{split}.json")
+        shutil.copy(SQUAD / "train.json", folder / f"{split}.json")
     c = (finetune_squad if family == "bert" else finetune_modernbert_reuters_r8).get_config()
-    _, tokenizer, _ = squad_windows  # the windows of the tests above
-    tokenizer.save(tmp_path / "tokenizer")
-    with_fields(c, {**SHORT_RUN, "data.task": f"squad:{folder}", "data.data_dir": str(data_dir),
-                    "data.tokenizer": str(tmp_path / "tokenizer")})
+    with_fields(c, {**SHORT_RUN, "data.task": f"squad:{folder}", "data.data_dir": str(data_dir)})
     workdir = tmp_path / "run"
     results = train_and_evaluate(c, workdir, "none")
     answers = json.loads((workdir / "predictions_dev.json").read_text())
@@ -251,9 +248,10 @@ def test_short_fine_tune_decodes_the_answers_of_later_windows(family, squad_wind
     print(f"\n[{family}] dev {results['dev']}")
     assert all(span.question_scores(answers[q.id], q.answers)[0] == 1.0 for q in questions), answers
     assert results["dev"]["exact_match"] == results["dev"]["f1"] == 100.0
-    # Each answer was first whole in the second or the third window of its context.
+    # Where each answer is first whole: past the first window for six of the nine.
     windows = Windows(questions, Tokenizer.load(workdir / "tokenizer"), 128, 80, 16)
     first = {}
     for w in np.nonzero(windows.labels[:, 0] > 0)[0]:
         first.setdefault(int(windows.index[w]), int(w - np.argmax(windows.index == windows.index[w])))
-    assert sorted(first) == list(range(len(questions))) and set(first.values()) == {1, 2}
+    assert sorted(first) == list(range(len(questions)))
+    assert sum(k >= 1 for k in first.values()) >= 6, first
