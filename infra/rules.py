@@ -94,12 +94,14 @@ class Span:
 class Choice:
     options: tuple
     noun: str  # what the value names, for the message: "unknown BERT size 'huge'"
+    prefixes: tuple = ()  # also a prefixed form: "squad:" takes squad:DIR
 
     def ok(self, v) -> bool:
-        return isinstance(v, str) and v in self.options
+        return isinstance(v, str) and (v in self.options or any(
+            v.startswith(p) and len(v) > len(p) for p in self.prefixes))
 
     def allowed(self) -> str:
-        return "choose one of: " + ", ".join(self.options)
+        return "choose one of: " + ", ".join((*self.options, *(f"{p}..." for p in self.prefixes)))
 
 
 COUNT = Int(1)                      # steps, sizes, batch sizes

@@ -264,8 +264,7 @@ def _checks() -> dict:
         "finetune": {**model,
             "model.classifier_dropout": DROPOUT,
             "model.pooling": Choice(POOLINGS, "pooling"),
-            "data.task": Text(required=True, names=TASKS + SQUAD_TASKS, prefixes=("squad:",),
-                              meaning=f"one of {', '.join(TASKS + SQUAD_TASKS)}, or squad:DIR"),
+            "data.task": Choice(TASKS + SQUAD_TASKS, "task", prefixes=("squad:",)),
             # Span tasks (finetune/span.py): the windows of a long context and the answer search.
             "data.doc_stride": COUNT,
             "data.max_query_len": COUNT,
