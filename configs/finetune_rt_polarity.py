@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_seq_len = 64
     c.data.max_train_examples = 0    # >0: a fixed subset of the train split (same for all seeds)
     c.data.max_eval_examples = 0     # >0: the first examples of a fixed shuffle of dev and test
+    # Span tasks only (squad:DIR, squad/v1.1, squad/v2.0; configs/finetune_squad.py):
+    c.data.doc_stride = 128          # a long context's windows start this many tokens apart
+    c.data.max_query_len = 64        # question tokens kept
+    c.data.max_answer_len = 30       # tokens in a decoded answer, at most
+    c.data.n_best = 20               # start and end candidates per window
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 3.0

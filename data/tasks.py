@@ -122,11 +122,13 @@ def load_task(name: str, data_dir: str | Path):
     raise DataError(f"unknown task {name!r}; choose one of: {', '.join(NAMES)}")
 
 
-def subsample(split: Split, n: int, seed: int = _SPLIT_SEED) -> Split:
-    """The first `n` examples of a fixed shuffle (all of them when n <= 0 or n >= len)."""
+def subsample(split: Split | list, n: int, seed: int = _SPLIT_SEED) -> Split | list:
+    """The first `n` examples of a fixed shuffle (all of them when n <= 0 or n >= len), in
+    order; a Split or a list of examples (data/squad.py's questions)."""
     if n <= 0 or n >= len(split):
         return split
-    return split.take(np.sort(np.random.default_rng([seed, n]).permutation(len(split))[:n]))
+    rows = np.sort(np.random.default_rng([seed, n]).permutation(len(split))[:n])
+    return [split[i] for i in rows] if isinstance(split, list) else split.take(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +227,7 @@ def glue_task(config: str, data_dir: Path) -> LabelledData:
         try:
             source = tfds.data_source(name, split=theirs, data_dir=str(data_dir), download=False)
         except Exception as e:  # noqa: BLE001  tfds raises several types; each means "not readable"
-            raise DataError(_glue_missing(name, data_dir, e)) from None
+            raise DataError(tfds_missing(name, data_dir, e)) from None
         records = [source[i] for i in range(len(source))]
         text = lambda r, f: r[f].decode("utf-8") if isinstance(r[f], bytes) else str(r[f])
         label_type = np.float32 if config == "stsb" else np.int64
@@ -236,7 +238,7 @@ def glue_task(config: str, data_dir: Path) -> LabelledData:
     return LabelledData(name, GLUE_LABELS[config], splits)
 
 
-def _glue_missing(name: str, data_dir: Path, error: Exception) -> str:
+def tfds_missing(name: str, data_dir: Path, error: Exception) -> str:
     import tensorflow_datasets as tfds
     how = (f"prepare it once on a machine with network access: `tfds build {name.split('/')[0]} "
            f"--config {name.split('/')[1]} --data_dir {data_dir} --file_format array_record`, then "

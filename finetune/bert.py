@@ -1,5 +1,5 @@
-"""The BERT family for fine-tuning: the sequence and token classifiers on the text tasks of
-finetune/text.py.
+"""The BERT family for fine-tuning: the sequence and token classifiers and the extractive QA
+model on the text tasks of finetune/text.py.
 
 `--init` names a pretraining workdir (its latest checkpoint), one checkpoint step folder, a
 fine-tuning workdir, a HuggingFace BERT folder, or "none" (finetune/text.py's text setup, which
@@ -67,7 +67,25 @@ class TokenClassifier(nnx.Module):
         return self.token_classifier(x_BTD).astype(jnp.float32)
 
 
-def predict(model: SequenceClassifier | TokenClassifier, batch: dict, key=None) -> jax.Array:
+class QuestionAnswering(nnx.Module):
+    """`encoder` (BertEncoder) and `qa_outputs` (D -> 2: a start and an end logit at every
+    position): HuggingFace's BertForQuestionAnswering, whose BertModel has no pooler (ours keeps
+    it unused, so that any BERT source loads; the export leaves it out)."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.encoder = BertEncoder(cfg, rngs)
+        self.qa_outputs = nnx.Linear(
+            cfg.hidden_size, 2, dtype=jnp.dtype(cfg.dtype),
+            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
+        """float32 start and end logits BT2."""
+        x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=key)
+        return self.qa_outputs(x_BTD).astype(jnp.float32)
+
+
+def predict(model: SequenceClassifier | TokenClassifier | QuestionAnswering, batch: dict,
+            key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 
@@ -86,7 +104,8 @@ CLASSIFIER = text.Classifier(
     model=lambda cfg, outputs, mc, rngs: SequenceClassifier(cfg, outputs, mc.classifier_dropout, rngs,
                                                             pooling=mc.pooling),
     predict=predict, depth=encoder_depth,
-    token_model=lambda cfg, outputs, mc, rngs: TokenClassifier(cfg, outputs, mc.classifier_dropout, rngs))
+    token_model=lambda cfg, outputs, mc, rngs: TokenClassifier(cfg, outputs, mc.classifier_dropout, rngs),
+    span_model=lambda cfg, outputs, mc, rngs: QuestionAnswering(cfg, rngs))
 
 
 def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:

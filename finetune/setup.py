@@ -34,7 +34,9 @@ class FinetuneSetup:
     run.json as the source (what a rerun and `--init` of this run read back), and `resolved`
     (what the setup derived, nested like the config: the encoder's fields, image statistics) as
     what was resolved; the setup leaves the config as given. `results` joins results.json
-    (where the encoder came from, its shape).
+    (where the encoder came from, its shape). A task whose splits are not one label per row
+    (token: tags per word; span: a question's windows) gives `score(split, outputs) ->
+    (metrics, predictions)` and `write_predictions(workdir, split, predictions)`.
     """
     task: Task
     splits: dict
@@ -51,3 +53,5 @@ class FinetuneSetup:
     resolved: dict = dataclasses.field(default_factory=dict)
     fixed: Callable[[tuple], bool] | None = None
     mix: Callable | None = None
+    score: Callable[[str, "np.ndarray"], tuple[dict, object]] | None = None
+    write_predictions: Callable[[Path, str, object], None] | None = None

@@ -1,9 +1,11 @@
 """Fine-tuning tasks: the registry, the objective on a head's outputs, and the official metrics.
 
 A task is one of four kinds: single-example classification, pair classification, regression
-(one score per example or pair), or token classification (a tag per word). Kinds with more than
-one label per example live in a module of their own (`KINDS`: its objective, scoring and
-predictions; finetune/token.py). Its data comes from `data/tasks.py`; here live what every
+(one score per example or pair), token classification (a tag per word), or extractive
+question answering (`span`: a start and an end in a context). Kinds with more than one
+label per example live in a module of their own (`KINDS`: finetune/token.py, finetune/span.py,
+with the kind's objective, encoding, decoding and metrics). Its data comes from
+`data/tasks.py`; here live what every
 family's trainer needs to train and score it. Metrics are computed on the host with numpy from
 the gathered predictions, never inside jit, so they are the textbook (and GLUE) definitions.
 """
@@ -19,19 +21,21 @@ import numpy as np
 import optax
 import scipy.stats
 
+from data import squad
+from finetune import span
 from training.step import Objective
 
-SINGLE, PAIR, REGRESSION, TOKEN = "single", "pair", "regression", "token"
-# kind -> the module with objective(task, predict, label_smoothing, mix), score(task, family,
-# split, outputs) and write_predictions(workdir, family, split, outputs)
-KINDS = {TOKEN: "finetune.token"}
+SINGLE, PAIR, REGRESSION, TOKEN, SPAN = "single", "pair", "regression", "token", "span"
+# kind -> the module with its objective(task, predict, label_smoothing, mix); a text family's
+# setup takes the kind's encoding and scoring from it (finetune/text.py)
+KINDS = {TOKEN: "finetune.token", SPAN: "finetune.span"}
 TOKEN_METRICS = ("f1", "precision", "recall", "accuracy")  # entity-level (seqeval), then words
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                 # SINGLE | PAIR | REGRESSION | TOKEN
+    kind: str                 # SINGLE | PAIR | REGRESSION | TOKEN | SPAN
     metrics: tuple[str, ...]  # official first; metrics[0] picks the best dev checkpoint
 
     @property
@@ -77,8 +81,11 @@ def get_task(name: str) -> Task:
         return Task(name, SINGLE, ("accuracy", "macro_f1"))
     if name.startswith("conll:") and len(name) > len("conll:"):  # the user's CoNLL files
         return Task(name, TOKEN, TOKEN_METRICS)
+    if (name.startswith("squad:") and len(name) > len("squad:")) or name in squad.TFDS_NAMES:
+        return Task(name, SPAN, span.METRICS)  # a folder of SQuAD-format files, or TFDS squad
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, "
+                       f"{', '.join(squad.TFDS_NAMES)}, squad:DIR")
     return TASKS[name]
 
 
@@ -122,7 +129,8 @@ def mean_loss(task: Task, logits_BC: np.ndarray, labels_B: np.ndarray) -> float:
 def objective(task: Task, predict, label_smoothing: float = 0.0, mix=None) -> Objective:
     """The fine-tuning objective of any family: `predict(model, batch, key)` gives the head's
     outputs BC; the batch has `labels` and `weights` (0 on padding rows). With `mix` (training
-    only), the loss is lam x the loss on the labels + (1 - lam) x the loss on the partners'."""
+    only), the loss is lam x the loss on the labels + (1 - lam) x the loss on the partners'.
+    A token or span task's is its kind module's (KINDS)."""
 
     def sums(model, batch, key):
         if mix is None or key is None:

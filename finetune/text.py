@@ -13,6 +13,7 @@ finetune/bert.py, finetune/modernbert.py.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 from data.tasks import encode, load_task, subsample
 from data.wheels import DataError
-from finetune import tasks
+from finetune import span, tasks, token
 from finetune.setup import FinetuneSetup
 from models import family as families
 from models.hf import FINETUNE_MODEL_KEYS
@@ -39,7 +40,7 @@ RUN_FIELDS = ("dropout", "attention_dropout", "dtype", "remat", "scan_layers", "
 class Classifier:
     """A text family's classifiers. `model(encoder config, outputs, config.model, rngs)` builds
     the sequence classifier (params `{"encoder": ..., head}`), `token_model` the token classifier
-    (the same arguments, outputs on every position); `predict(model, batch, key)` gives either's
+    and `span_model` the extractive QA model (the same arguments, outputs on every position); `predict(model, batch, key)` gives either's
     output; `depth(num_layers)` their parameters' depths (finetune/methods.py); `take(source,
     fresh)` the parameters a source gives them (default: the encoder, the head fresh)."""
     model: Callable
@@ -47,9 +48,10 @@ class Classifier:
     depth: Callable[[int], Callable[[tuple], int]]
     take: Callable[[Source, dict], dict] | None = None
     token_model: Callable | None = None
+    span_model: Callable | None = None
 
     def builder(self, task: tasks.Task, family: str) -> Callable:
-        build = self.token_model if task.kind == tasks.TOKEN else self.model
+        build = {tasks.TOKEN: self.token_model, tasks.SPAN: self.span_model}.get(task.kind, self.model)
         if build is None:
             raise UserError(f"the {family} family has no model for {task.kind} tasks like {task.name}")
         return build
@@ -112,26 +114,23 @@ def setup(config, workdir, init: str, explicit: set, classifier: Classifier) -> 
     if config.model.pooling not in POOLINGS:
         raise UserError(f"model.pooling={config.model.pooling!r}; choose one of: {', '.join(POOLINGS)}")
     source, rerun = finetune_source(workdir, init, spec.name)
-    try:
-        tfds = [dc.task] if dc.task.startswith("glue/") or dc.task in TFDS_TASKS else []
-        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
-    except DataError as e:
-        raise UserError(str(e)) from None
-    assert task.regression == (data.label_names is None), task
-    assert task.kind == tasks.REGRESSION or (task.kind == tasks.PAIR) == data.pair, task
-    splits = {name: subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
-              for name, s in data.splits.items()}
-    tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
+    if task.kind == tasks.SPAN:
+        questions, v2 = span.load(config)
+        tokenizer = _tokenizer(config, source, span.tokenizer_texts(questions), workdir, rerun)
+        parts, num_outputs = span.setup_parts(config, questions, v2, tokenizer), 2
+    else:
+        data, splits = load_labelled(task, dc)
+        tokenizer = _tokenizer(config, source, splits["train"], workdir, rerun)
+        parts, num_outputs = labelled_parts(task, data, splits, tokenizer, dc.max_seq_len), data.num_outputs
     check_overrides(config, explicit, source, tokenizer)
     cfg = encoder_config(config, spec, source, tokenizer)
-    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in splits.items()) +
+    print(f"{task.name}: " + ", ".join(f"{len(s)} {n}" for n, s in parts["splits"].items()) +
           f"; {spec.name} encoder {spec.size_of(cfg)} of {cfg.num_layers} layers from {source.kind}"
           + (f" {source.path}" if source.path else ""))
 
-    num_outputs, mc, build = data.num_outputs, config.model, classifier.builder(task, spec.name)
+    mc, build = config.model, classifier.builder(task, spec.name)
     take = classifier.take or take_encoder
-    return FinetuneSetup(task=task, splits=splits, label_names=data.label_names,
-                         encode=rows_encoder(task, splits, tokenizer, dc.max_seq_len),
+    return FinetuneSetup(task=task, **parts,
                          model_fn=lambda rngs: build(cfg, num_outputs, mc, rngs),
                          predict=classifier.predict, depth=classifier.depth(cfg.num_layers),
                          num_layers=cfg.num_layers,
@@ -142,6 +141,32 @@ def setup(config, workdir, init: str, explicit: set, classifier: Classifier) -> 
                                   "encoder": dataclasses.asdict(cfg)},
                          # run.json: the encoder used, field by field (an export reads it back)
                          resolved={"model": {**dataclasses.asdict(cfg), **model_record(spec, cfg)}})
+
+
+def load_labelled(task, dc) -> tuple:
+    """A labelled task's data and its (subsampled) splits; one line if bad."""
+    try:
+        tfds = [dc.task] if dc.task.startswith("glue/") or dc.task in TFDS_TASKS else []
+        data = load_task(dc.task, storage.local_data_dir(dc.data_dir, tfds))
+    except DataError as e:
+        raise UserError(str(e)) from None
+    assert task.regression == (data.label_names is None), task
+    assert task.kind == tasks.REGRESSION or (task.kind == tasks.PAIR) == data.pair, task
+    return data, {name: subsample(s, dc.max_train_examples if name == "train" else dc.max_eval_examples)
+                  for name, s in data.splits.items()}
+
+
+def labelled_parts(task, data, splits: dict, tokenizer, max_len: int) -> dict:
+    """FinetuneSetup's data fields for labelled rows: the splits and their encoding, and for a
+    token task its scoring and per-word predictions (finetune/token.py)."""
+    parts = dict(splits=splits, label_names=data.label_names,
+                 encode=rows_encoder(task, splits, tokenizer, max_len))
+    if task.kind == tasks.TOKEN:
+        view = types.SimpleNamespace(**parts)  # what finetune/token.py reads of a setup
+        parts.update(score=lambda split, out: (token.score(task, view, split, out), out),
+                     write_predictions=lambda workdir, split, out: token.write_predictions(
+                         workdir, view, split, out))
+    return parts
 
 
 TFDS_TASKS = ("conll2003",)  # besides glue/NAME: what a bucket's data_dir must mirror down

@@ -57,9 +57,9 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         task = tasks.get_task(config.data.task)
     except KeyError as e:
         raise UserError(e.args[0]) from None
-    if task.regression and method.label_smoothing:
+    if task.kind in (tasks.REGRESSION, tasks.SPAN) and method.label_smoothing:
         raise UserError(f"method.label_smoothing={method.label_smoothing} applies to classification; "
-                        f"{task.name} is a regression task")
+                        f"{task.name} is a {task.kind} task")
 
     # ---- Family: data, model, source ---------------------------------------------------------
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
@@ -110,16 +110,17 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                    for b in labelled.eval_batches(n, encode, eval_batch, **share)]
         return np.concatenate(outputs)[:n]
 
-    def score(params, split: str) -> tuple[dict[str, float], np.ndarray]:
+    def score(params, split: str) -> tuple[dict[str, float], object]:
+        """The split's metrics ({} where its labels are hidden) and its predictions."""
         logits = predict(params, split)
+        if family.score is not None:
+            return family.score(split, logits)
         data = family.splits[split]
         if not data.labelled:
-            return {}, logits
-        if kind is not None:
-            return kind.score(task, family, split, logits), logits
+            return {}, task.predictions(logits)
         labels = np.asarray(data.labels, np.float32 if task.regression else np.int64)
         return {**task.evaluate(labels, task.predictions(logits)),
-                "loss": tasks.mean_loss(task, logits, labels)}, logits
+                "loss": tasks.mean_loss(task, logits, labels)}, task.predictions(logits)
 
     # ---- Train state, then the loop ------------------------------------------------------------
     train_batches = labelled.train_iterator(
@@ -173,13 +174,13 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                "steps_per_epoch": steps_per_epoch}
     with jax.set_mesh(mesh), mesh_lib.logical_rules():
         for split in [s for s in family.splits if s != "train"]:
-            scores, logits = score(params, split)
+            scores, predictions = score(params, split)
             results[split] = scores or None  # None: labels hidden (GLUE test)
-            if jax.process_index() == 0 and kind is not None:
-                kind.write_predictions(workdir, family, split, logits)
+            if jax.process_index() == 0 and family.write_predictions is not None:
+                family.write_predictions(workdir, split, predictions)
             elif jax.process_index() == 0:
                 _write_predictions(workdir / f"predictions_{split}.tsv", family.splits[split], task,
-                                   family.label_names, task.predictions(logits))
+                                   family.label_names, predictions)
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
     results["config"] = run_record.merged(given, family.resolved)

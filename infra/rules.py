@@ -124,5 +124,6 @@ POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
          "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli",
          "wnut_tweets", "conll2003")
-TEXT_TASK_PREFIXES = ("conll:",)  # conll:DIR, the user's CoNLL files
+TEXT_TASK_PREFIXES = ("conll:", "squad:")  # conll:DIR and squad:DIR, the user's files
 IMAGE_TASKS = ("mnist",)
+SQUAD_TASKS = ("squad/v1.1", "squad/v2.0")  # data/squad.py TFDS_NAMES; and squad:DIR

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infra.rules import (COUNT, DROPOUT, NONNEG, OBJECTIVES, POOLINGS, PROB, SEED, TASKS,
-                         TEXT_TASK_PREFIXES, Bool, Choice, Int, Real, Text)
+from infra.rules import (COUNT, DROPOUT, NONNEG, OBJECTIVES, POOLINGS, PROB, SEED, SQUAD_TASKS,
+                         TASKS, TEXT_TASK_PREFIXES, Bool, Choice, Int, Real, Text)
 from models.family import FamilySpec, register, sized_config
 from models.layers import (ATTENTIONS, constrain, dense, dot_product_attention, dropout, fold,
                            layer_norm, make_stack, normal, remat_name, run_stack, tied_logits, zeros)
@@ -264,7 +264,12 @@ def _checks() -> dict:
         "finetune": {**model,
             "model.classifier_dropout": DROPOUT,
             "model.pooling": Choice(POOLINGS, "pooling"),
-            "data.task": Choice(TASKS, "task", prefixes=TEXT_TASK_PREFIXES)},
+            "data.task": Choice(TASKS + SQUAD_TASKS, "task", prefixes=TEXT_TASK_PREFIXES),
+            # Span tasks (finetune/span.py): the windows of a long context and the answer search.
+            "data.doc_stride": COUNT,
+            "data.max_query_len": COUNT,
+            "data.max_answer_len": COUNT,
+            "data.n_best": COUNT},
     }
 
 

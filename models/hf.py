@@ -297,7 +297,7 @@ def _slash(keys) -> str:
 
 
 def _without(params: dict, family, arch) -> dict:
-    """`params` less the base-model weights `arch` lacks (BertForTokenClassification's pooler)."""
+    """`params` less the base-model weights `arch` lacks (the pooler of BertForTokenClassification and BertForQuestionAnswering)."""
     for rule in (r for r in family.rules if r.hf in arch.lacks and r.ours is not None):
         *path, leaf = (family.ours, *rule.ours.split("/"))
         node = _lookup(params, tuple(path))

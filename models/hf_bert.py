@@ -1,5 +1,5 @@
 """BERT's HuggingFace record: `BertModel`, `BertForPreTraining`, `BertForMaskedLM`,
-`BertForSequenceClassification`, `BertForTokenClassification`.
+`BertForSequenceClassification`, `BertForTokenClassification`, `BertForQuestionAnswering`.
 
 Our `encoder/...` is HuggingFace's `BertModel`, kept under `bert.` in the task models. Facts
 checked on transformers 5.23: `save_pretrained` writes no `cls.predictions.decoder.{weight,bias}`:
@@ -87,6 +87,10 @@ BERT = Family(
         "BertForTokenClassification": Architecture(
             tuple(dense("token_classifier", "classifier", "D", "C")), "bert.",
             marker="token_classifier", labels="token_classifier/bias", lacks=POOLER),
+        # BertModel without the pooler, a start and an end logit at every position.
+        "BertForQuestionAnswering": Architecture(
+            tuple(dense("qa_outputs", "qa_outputs", "D", "2")), "bert.", marker="qa_outputs",
+            lacks=POOLER),
         "BertForPreTraining": Architecture((*MLM_HEAD, *dense("nsp", "cls.seq_relationship", "D", "2")),
                                            "bert.", marker="nsp", tied=MLM_TIED),
         # No marker: a tree with an MLM head has the NSP head too, so export infers the above.

@@ -1,5 +1,6 @@
 """ModernBERT's HuggingFace record: `ModernBertModel`, `ModernBertForMaskedLM`,
-`ModernBertForSequenceClassification`, `ModernBertForTokenClassification` (transformers 5.25).
+`ModernBertForSequenceClassification`, `ModernBertForTokenClassification`,
+`ModernBertForQuestionAnswering` (transformers 5.25).
 
 Our `encoder/...` is `ModernBertModel`, kept under `model.` in the task models. Our fused
 kernels are HF's fused weights transposed: `qkv` (D, 3, N, H) is `Wqkv` (3D, D) with q, k, v
@@ -132,6 +133,10 @@ MODERNBERT = Family(
         "ModernBertForTokenClassification": Architecture(
             (*PREDICTION_HEAD, *dense("token_classifier", "classifier", "D", "C")), "model.",
             marker="token_classifier", labels="token_classifier/bias"),
+        # The prediction head on every position, then `classifier` to a start and an end logit.
+        "ModernBertForQuestionAnswering": Architecture(
+            (*PREDICTION_HEAD, *dense("qa_outputs", "classifier", "D", "2")), "model.",
+            marker="qa_outputs"),
         "ModernBertForMaskedLM": Architecture(
             (*PREDICTION_HEAD, Rule("decoder_bias", "decoder.bias", "V")), "model.",
             marker="decoder_bias",

@@ -274,6 +274,24 @@ class ModernBertForTokenClassification(nnx.Module):
         return self.token_classifier(h_BTD).astype(jnp.float32)
 
 
+class ModernBertForQuestionAnswering(nnx.Module):
+    """HF's class: the prediction head on every position -> dropout -> a start and an end logit
+    (our `qa_outputs`, HF's `classifier`)."""
+
+    def __init__(self, cfg: ModernBertConfig, rngs: nnx.Rngs, *, classifier_dropout: float = 0.0):
+        self.encoder = ModernBertEncoder(cfg, rngs)
+        self.head = PredictionHead(cfg, rngs)
+        self.qa_outputs = _dense(cfg, cfg.hidden_size, 2, ["embed"], [None], rngs,
+                                 std=cfg.hidden_size ** -0.5, use_bias=True)
+        self.classifier_dropout = classifier_dropout
+
+    def __call__(self, input_ids, attention_mask, *, key=None):
+        """float32 start and end logits BT2."""
+        h_BTD = self.head(self.encoder(input_ids, attention_mask, key=fold(key, 0)))
+        h_BTD = dropout(h_BTD, self.classifier_dropout, fold(key, 1))
+        return self.qa_outputs(h_BTD).astype(jnp.float32)
+
+
 # The family spec (models/family.py): its HuggingFace record today; its setups when they exist.
 def size_name(cfg: ModernBertConfig) -> str:
     """The SIZES name of a shape, or "custom"."""

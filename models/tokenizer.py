@@ -175,6 +175,12 @@ class Tokenizer:
         """Token ids of many texts at once (Rust, multi-threaded), without special tokens."""
         return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+        """Token ids of each text and each token's [start, end) characters in it (T, 2), without
+        special tokens: where an extractive answer's tokens lie in the text."""
+        return [(e.ids, np.asarray(e.offsets, np.int64).reshape(-1, 2))
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode_pair(self, a: str, b: str | None, max_len: int) -> tuple[list[int], list[int]]:
         """`[CLS] a [SEP] b [SEP]` ids and token types; the longer side is cut to fit max_len."""
         ids_a, ids_b = self.encode(a), (self.encode(b) if b is not None else [])
