@@ -26,6 +26,7 @@ from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
 from training import mesh as mesh_lib
+from training import pruning
 from training import storage
 from training.checkpoint import Checkpointer
 from training import run_record
@@ -33,7 +34,7 @@ from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import abstract_state, create_train_state, init_params
+from training.state import abstract_state, create_train_state, graphdef_and_specs, init_params
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
@@ -89,10 +90,15 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
+    prune = pruning.pruner(method, graphdef_and_specs(family.model_fn)[1], total)
+    if prune is not None:  # the masks live in the state, so a resumed run keeps them
+        shardings["masks"] = prune.mask_shardings(shardings["params"])
+        target["masks"] = {k: jax.ShapeDtypeStruct(m.shape, bool, sharding=shardings["masks"][k])
+                           for k, m in prune.init_masks(shapes).items()}
     objective = tasks.objective(task, family.predict, method.label_smoothing, family.mix)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
-                                         frozen=frozen, penalties=penalties),
+                                         frozen=frozen, penalties=penalties, pruner=prune),
                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                          donate_argnums=0)
     predict_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.predict(model, batch, None)),
@@ -125,6 +131,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         state = create_train_state(family.model_fn, tx, mesh, tc.seed, params=params)[0]
         if "anchor" in target:
             state["anchor"] = jax.device_put(params["encoder"], shardings["anchor"])
+        if prune is not None:
+            state["masks"] = jax.device_put(prune.init_masks(shapes), shardings["masks"])
         return state
 
     with contextlib.closing(train_batches), \
@@ -142,7 +150,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
 
         def evaluate(params, step: int) -> dict[str, float]:
             dev, _ = score(params, "dev")
-            if _better(dev[task.primary], progress["best"] and progress["best"][task.primary]):
+            final = prune is None or step >= prune.end  # best dev only at the final sparsity
+            if final and _better(dev[task.primary], progress["best"] and progress["best"][task.primary]):
                 progress["best_step"], progress["best"] = step, dev
                 best_ckpt.maybe_save(step, {"params": params}, {"dev": dev}, force=True)
             return {f"dev/{k}": v for k, v in dev.items()}
@@ -174,6 +183,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                                    family.label_names, task.predictions(logits))
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
+    if prune is not None:
+        results["pruning"] = {**prune.record(), **pruning.report(prune.axes, jax.tree.map(mesh_lib.to_host, params))}
     results["config"] = config.to_dict()
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
