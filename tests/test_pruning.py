@@ -3,6 +3,11 @@ hand, exact per-matrix counts, whole heads by norm in every family's layout, wei
 zero through AdamW (with the control that shows they would not), and the CLI's one-line refusal."""
 
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import cli_error
+from conftest import cli_error, sigterm_when
 from finetune.__main__ import main
 from finetune.image import ImageClassifier
 from finetune.text import SequenceClassifier
@@ -18,8 +23,13 @@ from models.bert import BertConfig
 from models.mae import MAEConfig
 from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification
 from training import pruning
+from test_finetune import ft_flags
+from training.checkpoint_reader import read_params
+from training.metrics import read_metrics
 from training.step import Objective, make_train_step
 from training.state import graphdef_and_specs, init_params
+
+REPO = Path(__file__).resolve().parents[1]
 
 BERT = lambda **kw: (lambda r: SequenceClassifier(BertConfig.of_size("tiny", 128, max_position=16, **kw), 3, 0.0, r))
 FAMILIES = {
@@ -155,3 +165,97 @@ def test_bad_ramp_and_frozen_encoder_are_refused():
     assert pruning.pruner(method(), specs, 20) is None
 
 
+
+
+# ---- end to end: the CLI, SIGTERM during the ramp, export ------------------------------------
+
+RAMP = dict(train__steps=32, eval__every_steps=8, data__max_train_examples=128, method__sparsity=0.8,
+            method__prune_heads=0.5, method__prune_start=4, method__prune_end=20, method__prune_every=4)
+
+
+def state_of(workdir) -> dict:
+    """The newest checkpoint's whole state (params, masks, optimizer) as host arrays."""
+    import orbax.checkpoint as ocp
+    step = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    return ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory, data_dir):
+    """Fine-tuning from a random encoder with both kinds of pruning, through the CLI: the
+    uninterrupted reference."""
+    workdir = tmp_path_factory.mktemp("pruned")
+    proc = subprocess.run(cli(workdir, data_dir, **RAMP), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return workdir, json.loads((workdir / "results.json").read_text())
+
+
+def cli(workdir, data_dir, **extra):
+    return [sys.executable, "-m", "finetune", "--config", "configs/finetune_rt_polarity.py", "--init", "none",
+            "--workdir", str(workdir), *ft_flags(data_dir, **extra)]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_ramp_then_rerun_gives_bitwise_masks_and_weights(pruned_run, data_dir, tmp_path):
+    reference, results = pruned_run
+    assert results["best_step"] >= RAMP["method__prune_end"]  # best dev only at the final sparsity
+    workdir = tmp_path / "stopped"
+    # --init none trains a tokenizer, which can differ between two runs: take the reference's.
+    fixed = dict(RAMP, data__tokenizer=reference / "tokenizer")
+    reached = lambda: max((m["step"] for m in read_metrics(workdir)), default=0) >= 9
+    _, out = sigterm_when(cli(workdir, data_dir, **fixed), reached)
+    stopped_at = int(out.split("stopped at step ")[1].split(",")[0])
+    assert RAMP["method__prune_start"] < stopped_at < RAMP["method__prune_end"], out
+    assert 0 < (state_of(workdir)["step"]) < RAMP["method__prune_end"]
+    again = subprocess.run(cli(workdir, data_dir, **fixed), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    ours, theirs = state_of(workdir), state_of(reference)
+    for part in ("masks", "params", "opt_state"):
+        a, b = jax.tree.leaves(ours[part]), jax.tree.leaves(theirs[part])
+        assert len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)), part
+    assert json.loads((workdir / "results.json").read_text())["pruning"] == results["pruning"]
+
+
+@pytest.mark.slow
+def test_pruned_export_is_dense_with_exact_zeros_and_transformers_logits(pruned_run, tmp_path):
+    import torch
+    import transformers
+    from flax import nnx
+    from data.tasks import Split, encode
+    from models import hf_cli
+    from models.tokenizer import Tokenizer
+    from training.state import abstract_model
+
+    workdir, results = pruned_run
+    params, _ = read_params(workdir / "best")
+    w = flat(params)
+    report = results["pruning"]
+    assert report["sparsity_per_matrix"]["encoder/layers/0/mlp_in/kernel"] == pytest.approx(0.8, abs=1e-3)
+    assert report["sparsity_per_matrix"]["encoder/layers/1/query/bias"] == 0.5  # one of two heads
+    for k, s in report["sparsity_per_matrix"].items():
+        assert np.mean(w[k] == 0) == s and s >= 0.5, k
+    out = tmp_path / "hf"
+    hf_cli.main(["export", "--checkpoint", str(workdir / "best"), "--out", str(out), "--labels", "rotten,fresh"])
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    sd = {k: v.numpy() for k, v in theirs.state_dict().items()}
+    # Our kernels are (in..., out...); torch's Linear weights are (out, in).
+    as_torch = lambda kernel, n_in: kernel.reshape(int(np.prod(kernel.shape[:n_in])), -1).T
+    for i in range(2):
+        ours_of = lambda name, n_in=1: as_torch(w[f"encoder/layers/{i}/{name}/kernel"], n_in)
+        pairs = {f"attention.self.{q}.weight": ours_of(q) for q in ("query", "key", "value")}
+        pairs.update({"attention.output.dense.weight": ours_of("attn_out", 2),
+                      "intermediate.dense.weight": ours_of("mlp_in"), "output.dense.weight": ours_of("mlp_out")})
+        for name, ours in pairs.items():
+            hf_w = sd[f"bert.encoder.layer.{i}.{name}"]
+            assert hf_w.dtype == np.float32 and hf_w.shape == ours.shape
+            np.testing.assert_array_equal(hf_w == 0, ours == 0, err_msg=name)  # the same zeros
+            assert np.mean(hf_w == 0) >= 0.5, name
+    cfg = BertConfig(**results["encoder"])
+    model = nnx.merge(nnx.graphdef(abstract_model(lambda r: SequenceClassifier(cfg, 2, 0.1, r))), params)
+    texts = ["A three-hour cinema master class.", "So muddled, repetitive and ragged.", "Meh."]
+    batch = encode(Split(texts, None, np.zeros(3), np.arange(3)), Tokenizer.load(workdir / "tokenizer"), 32)
+    ours = np.asarray(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]))
+    with torch.no_grad():
+        logits = theirs(**{k: torch.tensor(batch[k]).long() for k in
+                           ("input_ids", "token_type_ids", "attention_mask")}).logits.numpy()
+    np.testing.assert_allclose(logits, ours, atol=1e-5)
