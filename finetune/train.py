@@ -3,8 +3,9 @@
 `train_and_evaluate(config, workdir, init)` asks the family named by `config.family`
 (its spec, models/family.py) for the task's data, the model (the source's encoder and a fresh head)
 and where the encoder comes from, then trains with the method in `config.method` (full
-fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing) on
-training/loop.py. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
+fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing,
+magnitude and head pruning from training/pruning.py) on training/loop.py. A pruned run picks its
+best dev checkpoint only once the final sparsity is reached. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
 at the end scores that checkpoint on dev and test into `results.json` and
 `predictions_<split>.tsv`. A stopped run (SIGTERM, Ctrl-C) saves and resumes bitwise on rerun.
 
