@@ -84,6 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.label_smoothing = 0.0
     c.method.mixup_alpha = 0.0       # image families only (finetune/image.py)
     c.method.cutmix_alpha = 0.0
+    # Magnitude pruning (training/pruning.py): the encoder's layer matrices reach `sparsity` and
+    # each attention block loses `prune_heads` of its heads (lowest weight norm), on Zhu & Gupta's
+    # cubic ramp from step prune_start to prune_end, new masks every prune_every steps.
+    c.method.sparsity = 0.0          # in [0, 1): the share of each matrix's weights set to zero
+    c.method.prune_heads = 0.0       # in [0, 1): the share of each layer's heads removed whole
+    c.method.prune_start = 0
+    c.method.prune_end = -1          # -1: at two thirds of the run (the rest recovers)
+    c.method.prune_every = 10
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -3,8 +3,9 @@
 `train_and_evaluate(config, workdir, init)` asks the family named by `config.family`
 (its spec, models/family.py) for the task's data, the model (the source's encoder and a fresh head)
 and where the encoder comes from, then trains with the method in `config.method` (full
-fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing) on
-training/loop.py. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
+fine-tuning, frozen encoder or bottom layers, L2-SP, layer-wise LR decay, label smoothing,
+magnitude and head pruning from training/pruning.py) on training/loop.py. A pruned run picks its
+best dev checkpoint only once the final sparsity is reached. It evaluates on dev every epoch, keeps the best dev checkpoint in `best/`, and
 at the end scores that checkpoint on dev and test into `results.json` and
 `predictions_<split>.tsv` (a token task: `predictions_<split>.conll`). A stopped run (SIGTERM,
 Ctrl-C) saves and resumes bitwise on rerun.
@@ -27,6 +28,7 @@ from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
 from training import mesh as mesh_lib
+from training import pruning
 from training import storage
 from training.checkpoint import Checkpointer
 from training import run_record
@@ -92,11 +94,16 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
+    prune = pruning.pruner(method, abstract[2], total)
+    if prune is not None:  # the masks live in the state, so a resumed run keeps them
+        shardings["masks"] = prune.mask_shardings(shardings["params"])
+        target["masks"] = {k: jax.ShapeDtypeStruct(m.shape, bool, sharding=shardings["masks"][k])
+                           for k, m in prune.init_masks(shapes).items()}
     kind = tasks.kind_module(task)  # None: one label per example, scored here
     objective = (kind or tasks).objective(task, family.predict, method.label_smoothing, family.mix)
     batch_sharding = mesh_lib.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
-                                         frozen=frozen, penalties=penalties),
+                                         frozen=frozen, penalties=penalties, pruner=prune),
                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                          donate_argnums=0)
     predict_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.predict(model, batch, None)),
@@ -132,6 +139,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         state = create_train_state(family.model_fn, tx, mesh, tc.seed, params=params, plan=plan)[0]
         if "anchor" in target:
             state["anchor"] = jax.device_put(params["encoder"], shardings["anchor"])
+        if prune is not None:
+            state["masks"] = jax.device_put(prune.init_masks(shapes), shardings["masks"])
         return state
 
     with contextlib.closing(train_batches), \
@@ -149,7 +158,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
 
         def evaluate(params, step: int) -> dict[str, float]:
             dev, _ = score(params, "dev")
-            if _better(dev[task.primary], progress["best"] and progress["best"][task.primary]):
+            final = prune is None or step >= prune.end  # best dev only at the final sparsity
+            if final and _better(dev[task.primary], progress["best"] and progress["best"][task.primary]):
                 progress["best_step"], progress["best"] = step, dev
                 best_ckpt.maybe_save(step, {"params": params}, {"dev": dev}, force=True)
             return {f"dev/{k}": v for k, v in dev.items()}
@@ -183,6 +193,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                                    family.label_names, predictions)
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
+    if prune is not None:
+        results["pruning"] = {**prune.record(), **pruning.report(prune.axes, jax.tree.map(mesh_lib.to_host, params))}
     results["config"] = run_record.merged(given, family.resolved)
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -49,13 +49,15 @@ def microbatches(batch: dict, grad_accum: int) -> dict:
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objective, *,
                     seed: int, grad_accum: int = 1, frozen=None,
-                    penalties: dict[str, Callable] | None = None):
+                    penalties: dict[str, Callable] | None = None, pruner=None):
     """One optimizer update over the global batch, split into `grad_accum` microbatches.
 
     `frozen`: a tree of bools like the params; frozen weights get no gradient and are passed
     through bitwise (pair it with an optimizer that gives them zero updates).
     `penalties`: name -> f(params, state) -> scalar, added to the loss once per step (e.g. L2-SP
     against an anchor kept in the state); each value is reported under its name.
+    `pruner` (training/pruning.py): masks in `state["masks"]` zero the pruned weights' gradients
+    before the optimizer and the weights after the update, and are redrawn on its schedule.
     Dropout keys derive from (seed, step, microbatch), so a resumed run replays exactly.
     """
     penalties = penalties or {}
@@ -89,12 +91,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objec
         for name, penalty in penalties.items():
             means[name], g = jax.value_and_grad(penalty)(state["params"], state)
             grads = jax.tree.map(jnp.add, grads, g)
+        if pruner is not None:
+            grads = pruner.apply(state["masks"], grads)
         means["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         if frozen is not None:  # as they were, not w + 0 (which turns -0.0 into 0.0)
             params = jax.tree.map(lambda f, new, old: old if f else new, frozen, params, state["params"])
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        if pruner is not None:
+            new_state = pruner.update(new_state)
         return new_state, {"sums": sums, "means": means}
 
     return train_step

@@ -70,6 +70,11 @@ _FINETUNE = {
     "method.label_smoothing": Real(0, 1, hi_open=True),
     "method.mixup_alpha": RATE,         # 0: off (image families)
     "method.cutmix_alpha": RATE,
+    "method.sparsity": Real(0, 1, hi_open=True),     # training/pruning.py
+    "method.prune_heads": Real(0, 1, hi_open=True),
+    "method.prune_start": NONNEG,
+    "method.prune_end": Int(0, special={-1: "two thirds of the run"}),
+    "method.prune_every": COUNT,
     "checkpoint.every_steps": NONNEG,   # 0: at every evaluation
     "eval.every_steps": NONNEG,         # 0: once per epoch
     "eval.batch_size": NONNEG,          # 0: train.batch_size
