@@ -79,6 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.label_smoothing = 0.0
     c.method.mixup_alpha = 0.0       # image families only (finetune/image.py)
     c.method.cutmix_alpha = 0.0
+    c.method.quantize = "none"       # int8: quantisation-aware fine-tuning (qwix, straight-through)
+    c.method.quantize_after = "none"  # int8: also score the best checkpoint's int8 weights
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -122,3 +122,4 @@ POOLINGS = ("cls", "mean")
 TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", "glue/mrpc",
          "glue/qqp", "glue/stsb", "glue/mnli", "glue/qnli", "glue/rte", "glue/wnli")
 IMAGE_TASKS = ("mnist",)
+QUANTIZE = ("none", "int8")  # models/quantize.py QTYPES, and none
