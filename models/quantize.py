@@ -16,6 +16,7 @@ which qwix does not intercept, so quantisation-aware training leaves them in flo
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -44,14 +45,22 @@ def qat_model(model: nnx.Module, qtype: str) -> nnx.Module:
     (faster on XLA:CPU) in which qwix cannot find the kernel parameter: the quantised model's
     layers call `jax.lax.dot_general` itself, which qwix intercepts. The params are unchanged
     (no new variables for weight-only quantisation), so checkpoints stay ordinary float ones."""
-    for _, module in model.iter_modules():
-        if isinstance(module, nnx.LinearGeneral) and module.dot_general is layers.projection:
-            module.dot_general = jax.lax.dot_general
-    # dot_general only: attention's einsums multiply activations, which stay in float.
+    use_lax_dot_general(model)
+    # dot_general only: attention's einsums multiply activations, which stay in float. The
+    # backward pass reuses the quantised weights (qwix's default with a float backward is the
+    # float ones), so the gradient is exactly straight-through: d loss(Q(W)) / dW = loss'(Q(W)).
     rules = [qwix.QtRule(module_path=".*", op_names=("dot_general",),
-                         weight_qtype=QTYPES[check_qtype(qtype)])]
+                         weight_qtype=QTYPES[check_qtype(qtype)],
+                         additional_qt_config={"use_original_residuals": False})]
     # No example call: weight-only fake quantisation creates no state (skip_nnx_init).
     return qwix.quantize_model(model, qwix.QtProvider(rules), skip_nnx_init=True)
+
+
+def use_lax_dot_general(model: nnx.Module) -> None:
+    """Point every dense layer of `model` at `jax.lax.dot_general`, the op qwix intercepts."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.LinearGeneral) and module.dot_general is layers.projection:
+            module.dot_general = jax.lax.dot_general
 
 
 def weight_channels(model: nnx.Module) -> dict[tuple, tuple[tuple[int, ...], int]]:
@@ -59,7 +68,7 @@ def weight_channels(model: nnx.Module) -> dict[tuple, tuple[tuple[int, ...], int
     -> (its channel axes, one scale per index along them; the weight's rank): a dense kernel's
     output axes, an embedding's rows. Biases, norms and the other params stay float."""
     channels = {}
-    for path, module in model.iter_modules():
+    for path, module in nnx.iter_modules(model):
         path = tuple(str(k) for k in path)
         if isinstance(module, nnx.LinearGeneral):  # kernel: (in dims..., out dims...)
             ndim = len(module.in_features) + len(module.out_features)
@@ -116,9 +125,45 @@ def model_bytes(params: dict, quantised: dict | None = None) -> int:
     return total
 
 
-def quantize_rows(array: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(array: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A HuggingFace weight (out, in...) or embedding table (rows, dims) as (integers, float32
-    scales of shape (out, 1...)): one scale per output channel, as `quantize_params` gives the
-    same weight in our layout."""
+    scales of shape (out, 1...), the dequantised float32 weight): one scale per output channel,
+    as `quantize_params` gives the same weight in our layout."""
     q = qwix.quantize(jnp.asarray(array, jnp.float32), QTYPES[check_qtype(qtype)], channelwise_axes=(0,))
-    return np.asarray(q.qvalue), np.asarray(q.scale, np.float32)
+    return np.asarray(q.qvalue), np.asarray(q.scale, np.float32), np.asarray(qwix.dequantize(q))
+
+
+class HfQuantizer:
+    """The hooks of `models.hf.export_params` for a quantised export: every weight matrix and
+    embedding table (a 2-D or larger `*.weight`) is written dequantised to model.safetensors,
+    which transformers loads as it is, and as integers with its scales (`NAME.scale`, float32,
+    one per output channel) beside the float tensors left as they were (biases, norms, fixed
+    tables) to model.int8.safetensors; quantization.json says how and what each weighs."""
+
+    def __init__(self, qtype: str):
+        self.qtype = check_qtype(qtype)
+        self.tensors: dict[str, np.ndarray] = {}
+        self.float32_bytes = 0
+
+    def transform(self, name: str, array: np.ndarray) -> np.ndarray:
+        self.float32_bytes += array.size * 4
+        if array.ndim < 2 or not name.endswith("weight") or not np.issubdtype(array.dtype, np.floating):
+            self.tensors[name] = np.asarray(array, np.float32)
+            return array
+        self.tensors[name], self.tensors[f"{name}.scale"], dequantised = quantize_rows(array, self.qtype)
+        return dequantised.astype(array.dtype)
+
+    @property
+    def bytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values())
+
+    def extra(self, folder) -> None:
+        from safetensors.numpy import save_file
+        save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()},
+                  str(folder / "model.int8.safetensors"), metadata={"format": "pretrax-int8"})
+        summary = {"dtype": self.qtype, "scheme": "symmetric absmax, one float32 scale per output "
+                   "channel (row); weight = integers * scale", "library": f"qwix {qwix.__version__}",
+                   "weights": sum(k.endswith(".scale") for k in self.tensors),
+                   "float32_bytes": self.float32_bytes, "bytes": self.bytes,
+                   "ratio": self.bytes / self.float32_bytes}
+        (folder / "quantization.json").write_text(json.dumps(summary, indent=1) + "\n")
