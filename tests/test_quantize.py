@@ -15,9 +15,10 @@ from conftest import cli_error
 from finetune.text import SequenceClassifier
 from models import quantize
 from models.bert import BertConfig
-from training.state import abstract_model, init_params
+from training.state import abstract_model
 
-CFG = BertConfig.of_size("tiny", vocab_size=96, dropout=0.0, attention_dropout=0.0)
+CFG = BertConfig(vocab_size=64, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                 max_position=16, dropout=0.0, attention_dropout=0.0)
 CLASSES = 3
 
 
@@ -25,7 +26,7 @@ def classifier(rngs):
     return SequenceClassifier(CFG, CLASSES, 0.0, rngs)
 
 
-def inputs(seed=0, batch=4, seq=12):
+def inputs(seed=0, batch=4, seq=8):
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (batch, seq)), jnp.int32)
     return ids, jnp.zeros_like(ids), jnp.ones_like(ids)
@@ -35,7 +36,9 @@ def inputs(seed=0, batch=4, seq=12):
 def trained():
     """A classifier whose weights are far from init (scaled so that rounding shows in logits),
     its params and their int8 version."""
-    params = jax.tree.map(lambda p: p * 3.0, init_params(classifier, 0))
+    with nnx.use_eager_sharding(False):
+        model = classifier(nnx.Rngs(0))
+    params = jax.tree.map(lambda p: p * 3.0, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     channels = quantize.weight_channels(abstract_model(classifier))
     quantised = quantize.quantize_params(params, channels, "int8")
     return params, channels, quantised
@@ -118,14 +121,11 @@ def test_qat_gradients_flow_straight_through(trained):
     # Straight-through: d loss(Q(W)) / dW is the float gradient taken at Q(W).
     g_ste = jax.grad(lambda p: loss(classifier, p))(dense_only)
     g_float = jax.grad(lambda p: loss(classifier, p))(params)  # negative control: at W, not Q(W)
-    first = ("encoder", "layers", "0", "query", "kernel")
-    assert np.abs(np.asarray(_at(g_qat, first)) - np.asarray(_at(g_float, first))).max() > 1e-4
-    for path in quantised:
-        if path[-1] != "kernel":
-            continue
-        a, b = np.asarray(_at(g_qat, path)), np.asarray(_at(g_ste, path))
-        assert np.abs(a).max() > 0, path
-        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=str(path))
+    kernels = [path for path in quantised if path[-1] == "kernel"]
+    for path in kernels:
+        assert np.abs(np.asarray(_at(g_qat, path))).max() > 0, path
+    gap = lambda g: max(float(np.abs(np.asarray(_at(g_qat, p)) - np.asarray(_at(g, p))).max()) for p in kernels)
+    assert gap(g_ste) < 1e-6 and gap(g_float) > 20 * gap(g_ste), (gap(g_ste), gap(g_float))
 
 
 def test_bytes_are_about_a_quarter(trained):
@@ -147,3 +147,54 @@ def test_unknown_quantisation_type_is_one_line_and_writes_nothing(capsys, tmp_pa
                                              "--workdir", str(workdir), "--config.method.quantize=int3"])
     assert "unknown quantisation type 'int3' for method.quantize" in line and "int8" in line
     assert not out.exists() and not workdir.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_finetune_int8_results_and_quantized_export_load_in_transformers(data_dir, tmp_path):
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+    from configs import finetune_rt_polarity
+    from conftest import TINY_FT, with_fields
+    from data.tasks import Split, encode
+    from finetune.quantize import post_training
+    from finetune.train import train_and_evaluate
+    from models import hf_cli
+    from models.tokenizer import Tokenizer
+    from training.checkpoint_reader import read_params
+
+    config = with_fields(finetune_rt_polarity.get_config(),
+                         {**TINY_FT, "data.data_dir": str(data_dir), "method.quantize_after": "int8"})
+    results = train_and_evaluate(config, tmp_path / "ft", "none")
+    record = results["quantized"]
+    assert record["dtype"] == "int8" and 0.25 < record["bytes"] / record["float32_bytes"] < 0.3
+    assert set(record["test"]) == set(results["test"])
+
+    out = tmp_path / "hf"
+    hf_cli.main(["quantize", "--checkpoint", str(tmp_path / "ft" / "best"), "--out", str(out)])
+    summary = json.loads((out / "quantization.json").read_text())
+    assert summary["dtype"] == "int8" and 0.25 < summary["ratio"] < 0.3
+    floats, ints = load_file(out / "model.safetensors"), load_file(out / "model.int8.safetensors")
+    quantised = [k for k in floats if f"{k}.scale" in ints]
+    assert "bert.embeddings.word_embeddings.weight" in quantised and "classifier.weight" in quantised
+    for name in floats:
+        if name in quantised:
+            assert ints[name].dtype == np.int8
+            np.testing.assert_array_equal(floats[name], ints[name] * ints[f"{name}.scale"])
+        else:
+            np.testing.assert_array_equal(floats[name], ints[name])
+
+    # transformers on the dequantised export = our model on our int8 weights
+    model_fn = lambda r: SequenceClassifier(BertConfig(**results["encoder"]), 2, 0.1, r)
+    params = read_params(tmp_path / "ft" / "best")[0]
+    deq, _ = post_training(model_fn, params, "int8")
+    texts = ["A three-hour cinema master class.", "So muddled, repetitive and ragged."]
+    batch = encode(Split(texts, None, np.zeros(2), np.arange(2)), Tokenizer.load(tmp_path / "ft" / "tokenizer"), 32)
+    keys = ("input_ids", "token_type_ids", "attention_mask")
+    ours = np.asarray(with_params(model_fn, deq)(*(batch[k] for k in keys)))
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = theirs(**{k: torch.tensor(batch[k]).long() for k in keys}).logits.numpy()
+    np.testing.assert_allclose(logits, ours, atol=1e-5)
+    floating = np.asarray(with_params(model_fn, params)(*(batch[k] for k in keys)))
+    assert np.abs(floating - ours).max() > 1e-6  # the export is not the float model
