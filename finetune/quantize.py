@@ -51,4 +51,5 @@ def post_training(model_fn, params: dict, qtype: str) -> tuple[dict, dict]:
               "bytes": quantize.model_bytes(host, quantised)}
     record["ratio"] = record["bytes"] / record["float32_bytes"]
     deq = quantize.dequantize(host, quantised)
-    return jax.tree.map(lambda d, p: jax.device_put(d, p.sharding), deq, params), record
+    place = lambda d, p: jax.device_put(d, p.sharding) if isinstance(p, jax.Array) else d
+    return jax.tree.map(place, deq, params), record

@@ -153,7 +153,7 @@ def infer_architecture(params: dict, family: str = families.DEFAULT) -> str:
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                   id2label=None, tokenizer=None, image_stats=None,
-                  config_extra: dict | None = None, transform=None, extra=None) -> Path:
+                  config_extra: dict | None = None, transform=None, write_more=None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
     (or shards + model.safetensors.index.json past `max_shard_bytes`); for a text family with
     `tokenizer` (a folder or a vocab.txt) also the tokenizer files; for an image family with
@@ -169,7 +169,7 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     at a time. The folder appears whole or not at all; an existing one is replaced only if it
     is empty or holds nothing but a previous export. `transform(name, array)` changes each
     HuggingFace tensor before it is written (the quantised export's dequantised weights) and
-    `extra(folder)` writes more files into the folder before it appears.
+    `write_more(folder)` writes more files into the folder before it appears.
     """
     family, arch = architecture_of(architecture)
     if dtype not in DTYPES:
@@ -215,15 +215,15 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
             write_tokenizer(tokenizer, tmp, None, cfg.max_position, cfg.vocab_size)
         if preprocessor is not None:
             write_json(tmp / "preprocessor_config.json", preprocessor)
-        if extra is not None:
-            extra(tmp)
+        if write_more is not None:
+            write_more(tmp)
     return Path(out_dir)
 
 
 def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = None,
                architecture: str | None = None, dtype: str = "float32",
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
-               tokenizer=None, transform=None, extra=None) -> tuple[Path, str]:
+               tokenizer=None, transform=None, write_more=None) -> tuple[Path, str]:
     """Export a training run's `params` as `export_params` does, with everything else taken from
     the run's config.json (`run_config`): `family` (a family name; the default family when absent, as in
     runs from before it was written), `model` (the family's model group; a fine-tuning run's,
@@ -267,7 +267,7 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
     out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
                         image_stats=image_stats, config_extra=provenance, transform=transform,
-                        extra=extra)
+                        write_more=write_more)
     return out, architecture
 
 

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
             params, run_config, out, kind=kind, architecture=args.architecture,
             dtype=args.dtype, max_shard_bytes=args.max_shard_size,
             id2label=args.labels.split(",") if args.labels else None, tokenizer=tokenizer_dir,
-            transform=quantizer and quantizer.transform, extra=quantizer and quantizer.extra)
+            transform=quantizer and quantizer.transform, write_more=quantizer and quantizer.write_more)
         processor = (out / "preprocessor_config.json").is_file()
         if storage.is_remote(args.out):
             storage.upload(out, args.out, replace=True)

@@ -157,7 +157,7 @@ class HfQuantizer:
     def bytes(self) -> int:
         return sum(a.nbytes for a in self.tensors.values())
 
-    def extra(self, folder) -> None:
+    def write_more(self, folder) -> None:
         from safetensors.numpy import save_file
         save_file({k: np.ascontiguousarray(v) for k, v in self.tensors.items()},
                   str(folder / "model.int8.safetensors"), metadata={"format": "pretrax-int8"})
