@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.prune_start = 0
     c.method.prune_end = -1          # -1: at two thirds of the run (the rest recovers)
     c.method.prune_every = 10
+    c.method.quantize = "none"       # int8: quantisation-aware fine-tuning (qwix, straight-through)
+    c.method.quantize_after = "none"  # int8: also score the best checkpoint's int8 weights
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

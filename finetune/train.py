@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from data import labelled
-from finetune import tasks
+from finetune import quantize, tasks
 from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
@@ -36,7 +36,8 @@ from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import abstract_params, create_train_state, init_params, plan_state
+from training.state import (abstract_params, create_train_state, graphdef_and_specs, init_params,
+                            plan_state)
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
@@ -66,6 +67,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     # ---- Family: data, model, source ---------------------------------------------------------
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
+    float_model_fn = family.model_fn
+    family.model_fn = quantize.training_model_fn(family.model_fn, method)  # method.quantize
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     eval_batch = config.eval.batch_size or tc.batch_size
@@ -110,16 +113,16 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                            in_shardings=(shardings["params"], batch_sharding))
     share = dict(process_index=jax.process_index(), process_count=jax.process_count())
 
-    def predict(params, split: str) -> np.ndarray:
+    def predict(params, split: str, step=predict_step) -> np.ndarray:
         n = len(family.splits[split])
         encode = lambda rows, positions: family.encode(split, rows, positions)
-        outputs = [mesh_lib.to_host(predict_step(params, mesh_lib.global_batch(b, mesh)))
+        outputs = [mesh_lib.to_host(step(params, mesh_lib.global_batch(b, mesh)))
                    for b in labelled.eval_batches(n, encode, eval_batch, **share)]
         return np.concatenate(outputs)[:n]
 
-    def score(params, split: str) -> tuple[dict[str, float], object]:
+    def score(params, split: str, step=predict_step) -> tuple[dict[str, float], object]:
         """The split's metrics ({} where its labels are hidden) and its predictions."""
-        logits = predict(params, split)
+        logits = predict(params, split, step)
         if family.score is not None:
             return family.score(split, logits)
         data = family.splits[split]
@@ -191,6 +194,13 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
             elif jax.process_index() == 0:
                 _write_predictions(workdir / f"predictions_{split}.tsv", family.splits[split], task,
                                    family.label_names, predictions)
+        if qtype := quantize.qtype(method):  # the int8 weights, scored by the same eval
+            qparams, results["quantized"] = quantize.post_training(float_model_fn, params, qtype)
+            float_step = jax.jit(make_eval_step(graphdef_and_specs(float_model_fn)[0],
+                                                lambda model, batch: family.predict(model, batch, None)),
+                                 in_shardings=(shardings["params"], batch_sharding))
+            for split in [s for s in family.splits if s != "train"]:
+                results["quantized"][split] = score(qparams, split, float_step)[0] or None
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
     if prune is not None:

@@ -127,3 +127,4 @@ TASKS = ("rt_polarity", "reuters_r8", "newsgroups20", "glue/cola", "glue/sst2", 
 TEXT_TASK_PREFIXES = ("conll:", "squad:")  # conll:DIR and squad:DIR, the user's files
 IMAGE_TASKS = ("mnist",)
 SQUAD_TASKS = ("squad/v1.1", "squad/v2.0")  # data/squad.py TFDS_NAMES; and squad:DIR
+QUANTIZE = ("none", "int8")  # models/quantize.py QTYPES, and none

@@ -153,7 +153,7 @@ def infer_architecture(params: dict, family: str = families.DEFAULT) -> str:
 def export_params(params: dict, cfg, out_dir, *, architecture: str,
                   dtype: str = "float32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                   id2label=None, tokenizer=None, image_stats=None,
-                  config_extra: dict | None = None) -> Path:
+                  config_extra: dict | None = None, transform=None, write_more=None) -> Path:
     """Write `params` as a HuggingFace `architecture` folder: config.json and model.safetensors
     (or shards + model.safetensors.index.json past `max_shard_bytes`); for a text family with
     `tokenizer` (a folder or a vocab.txt) also the tokenizer files; for an image family with
@@ -167,7 +167,9 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
     Top-level entries the architecture does not use are dropped (export `BertModel` from a
     pretraining tree); everything under the ones it uses must be mapped. Leaves go to host one
     at a time. The folder appears whole or not at all; an existing one is replaced only if it
-    is empty or holds nothing but a previous export.
+    is empty or holds nothing but a previous export. `transform(name, array)` changes each
+    HuggingFace tensor before it is written (the quantised export's dequantised weights) and
+    `write_more(folder)` writes more files into the folder before it appears.
     """
     family, arch = architecture_of(architecture)
     if dtype not in DTYPES:
@@ -199,6 +201,8 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
         for name, rows in zip(shard_names(len(shards)), shards):
             specs = [(table[r].name, table[r].hf_shape) for r in rows]
             arrays = (_hf_array(leaves[r], table[r], cfg, np_dtype) for r in rows)
+            if transform is not None:
+                arrays = (transform(n, a) for (n, _), a in zip(specs, arrays))
             write_safetensors(tmp / name, specs, arrays, st_dtype, np_dtype)
             weight_map.update({hf: name for hf, _ in specs})
         if len(shards) > 1:
@@ -211,13 +215,15 @@ def export_params(params: dict, cfg, out_dir, *, architecture: str,
             write_tokenizer(tokenizer, tmp, None, cfg.max_position, cfg.vocab_size)
         if preprocessor is not None:
             write_json(tmp / "preprocessor_config.json", preprocessor)
+        if write_more is not None:
+            write_more(tmp)
     return Path(out_dir)
 
 
 def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = None,
                architecture: str | None = None, dtype: str = "float32",
                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, id2label=None,
-               tokenizer=None) -> tuple[Path, str]:
+               tokenizer=None, transform=None, write_more=None) -> tuple[Path, str]:
     """Export a training run's `params` as `export_params` does, with everything else taken from
     the run's config.json (`run_config`): `family` (a family name; the default family when absent, as in
     runs from before it was written), `model` (the family's model group; a fine-tuning run's,
@@ -260,7 +266,8 @@ def export_run(params: dict, run_config: dict, out_dir, *, kind: str | None = No
     provenance = {"pretrax_init": {k: init.get(k) for k in ("init", "kind", "path", "step")}} if init else None
     out = export_params(params, cfg, out_dir, architecture=architecture, dtype=dtype,
                         max_shard_bytes=max_shard_bytes, id2label=id2label, tokenizer=tokenizer,
-                        image_stats=image_stats, config_extra=provenance)
+                        image_stats=image_stats, config_extra=provenance, transform=transform,
+                        write_more=write_more)
     return out, architecture
 
 

@@ -42,7 +42,8 @@ TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "spec
 # Everything an export (with its tokenizer or image processor) writes; a folder holding only these is replaceable.
 EXPORT_FILES = re.compile(r"^(config\.json|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|"
                           r"model\.safetensors\.index\.json|vocab\.txt|tokenizer\.json|"
-                          r"tokenizer_config\.json|special_tokens_map\.json|preprocessor_config\.json)$")
+                          r"tokenizer_config\.json|special_tokens_map\.json|preprocessor_config\.json|"
+                          r"model\.int8\.safetensors|quantization\.json)$")  # + `quantize`'s
 
 
 # =============================================================================================

@@ -12,6 +12,7 @@ from models.bert import SIZES
 from models.layers import REMAT_POLICIES
 from models.layers import ATTENTIONS
 from models.mae import SIZES as MAE_SIZES
+from models.quantize import QTYPES
 from pretrain.__main__ import main as pretrain_main
 from data.preparation import OBJECTIVES
 from test_config_fuzz import CONFIGS
@@ -136,6 +137,7 @@ def test_choice_lists_match_their_owners():
     assert set(rules.TASKS + rules.IMAGE_TASKS) == set(TASKS)
     assert rules.POOLINGS == tuple(POOLINGS) == tuple(IMAGE_POOLINGS)
     assert rules.OBJECTIVES == tuple(OBJECTIVES)
+    assert rules.QUANTIZE == ("none", *QTYPES)
     assert {"news", "pydocs"} == set(bert["pretrain"]["data.source"].names) == {
         s for s in SOURCES if ":" not in s}
 

@@ -13,7 +13,7 @@ import ml_collections
 
 from infra.errors import UserError
 from infra.rules import (BETA, COUNT, DECAYS, DROPOUT, DTYPES, MESH_AXIS, NONNEG, PROB, RATE, SEED,  # noqa: F401
-                         REMATS, Bool, Choice, Int, Real, Span, Text)
+                         QUANTIZE, REMATS, Bool, Choice, Int, Real, Span, Text)
 from models import family as families
 
 # What every run has, whatever its trainer and family.
@@ -75,6 +75,8 @@ _FINETUNE = {
     "method.prune_start": NONNEG,
     "method.prune_end": Int(0, special={-1: "two thirds of the run"}),
     "method.prune_every": COUNT,
+    "method.quantize": Choice(QUANTIZE, "quantisation type"),        # quantisation-aware
+    "method.quantize_after": Choice(QUANTIZE, "quantisation type"),  # post-training
     "checkpoint.every_steps": NONNEG,   # 0: at every evaluation
     "eval.every_steps": NONNEG,         # 0: once per epoch
     "eval.batch_size": NONNEG,          # 0: train.batch_size

@@ -1,0 +1,55 @@
+"""Quantisation in fine-tuning (models/quantize.py has the numerics): `method.quantize` trains
+quantisation-aware, `method.quantize_after` quantises the best checkpoint post-training; either
+way the run ends by scoring the int8 weights with our own eval and recording dtype and bytes.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from models import quantize
+from training.errors import UserError
+from training.state import abstract_model
+
+
+def check(method) -> None:
+    """One line for an unknown type, before anything is written."""
+    for field in ("quantize", "quantize_after"):
+        value = method.get(field, "none")
+        if value != "none":
+            try:
+                quantize.check_qtype(value)
+            except UserError as e:
+                raise UserError(f"method.{field}: {e}") from None
+
+
+def training_model_fn(model_fn, method):
+    """The model the step trains: with method.quantize, one whose weights are fake-quantised
+    (straight-through) in every forward pass, train and eval alike."""
+    if method.get("quantize", "none") == "none":
+        return model_fn
+    return lambda rngs: quantize.qat_model(model_fn(rngs), method.quantize)
+
+
+def qtype(method) -> str | None:
+    """The type the run's final weights are quantised to (QAT's, else the post-training one)."""
+    for field in ("quantize", "quantize_after"):
+        if method.get(field, "none") != "none":
+            return method[field]
+    return None
+
+
+def post_training(model_fn, params: dict, qtype: str) -> tuple[dict, dict]:
+    """(params with every weight replaced by its int8 value dequantised, what results.json
+    records: dtype, float32 and quantised bytes)."""
+    channels = quantize.weight_channels(abstract_model(model_fn))
+    host = jax.tree.map(lambda x: jax.device_get(x), params)
+    quantised = quantize.quantize_params(host, channels, qtype)
+    record = {"dtype": qtype, "weights": len(quantised),
+              "float32_bytes": quantize.model_bytes(host),
+              "bytes": quantize.model_bytes(host, quantised)}
+    record["ratio"] = record["bytes"] / record["float32_bytes"]
+    deq = quantize.dequantize(host, quantised)
+    place = lambda d, p: jax.device_put(d, p.sharding) if isinstance(p, jax.Array) else d
+    return jax.tree.map(place, deq, params), record
