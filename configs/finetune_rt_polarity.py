@@ -79,6 +79,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.label_smoothing = 0.0
     c.method.mixup_alpha = 0.0       # image families only (finetune/image.py)
     c.method.cutmix_alpha = 0.0
+    c.method.distill_from = ""       # a fine-tuned teacher (finetune/distill.py); "": no distillation
+    c.method.distill_temperature = 2.0
+    c.method.distill_alpha = 0.5     # alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE
+    c.method.distill_dtype = "float32"  # the teacher's weights and compute: float32 | bfloat16
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -69,6 +69,12 @@ def predict(model: SequenceClassifier, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 
+def teacher_model(encoder: BertConfig, model: dict, num_outputs: int, dtype: str):
+    """A distillation teacher (finetune/distill.py): the source's classifier, no dropout, in `dtype`."""
+    cfg = dataclasses.replace(encoder, dropout=0.0, attention_dropout=0.0, dtype=dtype, scan_layers=False)
+    return lambda rngs: SequenceClassifier(cfg, num_outputs, 0.0, rngs, pooling=model.get("pooling", "cls"))
+
+
 def encoder_depth(num_layers: int):
     """Embeddings 0, layer i at i + 1, the pooler above the layers (finetune/methods.py)."""
     def depth(keys: tuple) -> int:

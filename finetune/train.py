@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from data import labelled
-from finetune import tasks
+from finetune import distill, tasks
 from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
@@ -62,6 +62,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
 
     # ---- Family: data, model, source ---------------------------------------------------------
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
+    teacher_source = distill.teacher_source(config, workdir, init)  # checked before anything is written
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
@@ -90,11 +91,19 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
     objective = tasks.objective(task, family.predict, method.label_smoothing, family.mix)
+    teacher = None
+    if teacher_source is not None:
+        teacher = distill.load_teacher(config, teacher_source, len(family.label_names or [0]), mesh)
+        objective = distill.objective(task, family.predict, method.label_smoothing,
+                                      method.distill_temperature, method.distill_alpha)
+        with config.unlocked():  # run.json pins the teacher's checkpoint for a rerun
+            config.method.distill_from = teacher_source.path
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
-                                         frozen=frozen, penalties=penalties),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
+    step_fn = make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
+                              frozen=frozen, penalties=penalties)
+    train_step = (distill.jit_step(step_fn, teacher, shardings, batch_sharding) if teacher else
+                  jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                          donate_argnums=0))
     predict_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.predict(model, batch, None)),
                            in_shardings=(shardings["params"], batch_sharding))
     share = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -174,6 +183,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                                    family.label_names, task.predictions(logits))
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
+    if teacher is not None:
+        results["distill"] = {**teacher.record, "student_bytes": distill.param_bytes(params)}
     results["config"] = config.to_dict()
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

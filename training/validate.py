@@ -70,6 +70,10 @@ _FINETUNE = {
     "method.label_smoothing": Real(0, 1, hi_open=True),
     "method.mixup_alpha": RATE,         # 0: off (image families)
     "method.cutmix_alpha": RATE,
+    "method.distill_from": Text(meaning="a teacher folder, or '' for none"),  # finetune/distill.py
+    "method.distill_temperature": Real(0, lo_open=True),
+    "method.distill_alpha": PROB,
+    "method.distill_dtype": Choice(("float32", "bfloat16"), "teacher dtype"),
     "checkpoint.every_steps": NONNEG,   # 0: at every evaluation
     "eval.every_steps": NONNEG,         # 0: once per epoch
     "eval.batch_size": NONNEG,          # 0: train.batch_size
