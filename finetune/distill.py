@@ -6,11 +6,8 @@ folder. The student's loss is
 
     alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(hard labels)
 
-(T^2 keeps the soft term's gradient on the scale of the hard one's as T grows). The teacher's
-weights are sharded on the student's mesh but live outside the train state: its logits are
-computed inside the same jit-compiled step, under stop_gradient, on the whole batch before it is
-split into microbatches, so no optimizer moment or checkpoint ever holds it. run.json pins the
-teacher's checkpoint folder; a rerun reloads it from there.
+The teacher runs beside the student in the same jit-compiled step, outside the train state
+(training/distill.py). run.json pins the teacher's checkpoint folder; a rerun reloads it from there.
 
 Everything a teacher can get wrong (a missing folder, another task or label set, another
 tokenizer) is checked here before the family's setup writes anything to the workdir.
@@ -28,9 +25,10 @@ import numpy as np
 from flax import nnx
 
 from finetune import tasks
+from training import distill as shared
 from training import storage
 from training.errors import UserError
-from training.init_source import init_key, load_params, load_tokenizer, resolve_source, take_params
+from training.init_source import load_params, load_tokenizer, resolve_source, take_params
 from training.mesh import shardings_of
 from training.state import graphdef_and_specs, init_params
 from training.step import Objective
@@ -60,7 +58,7 @@ def teacher_source(config, workdir, init: str):
     if not given:
         return None
     where = f"method.distill_from={given}"
-    pinned = _pinned(workdir, given)
+    pinned = shared.pinned(workdir, "method", given)
     if not storage.absolute(pinned or given).is_dir():
         raise UserError(f"{where}: no such folder; {USAGE}")
     try:
@@ -76,20 +74,6 @@ def teacher_source(config, workdir, init: str):
     if source.spec().tokenizer != "none":
         _check_tokenizer(config, workdir, init, source, where)
     return source
-
-
-def _pinned(workdir, given: str) -> str | None:
-    """The teacher checkpoint a run in `workdir` first resolved, if it was given the same path."""
-    record = storage.as_path(workdir) / "run.json"
-    if not record.is_file():
-        return None
-    config = json.loads((storage.as_path(workdir) / "config.json").read_text())
-    first = config.get("method", {}).get("distill_from")
-    if first and init_key(first) != init_key(given):
-        raise UserError(f"{workdir} was distilled from method.distill_from={first}; pass the same "
-                        f"teacher to resume, or another --workdir")
-    pinned = json.loads(record.read_text()).get("resolved", {}).get("method", {}).get("distill_from")
-    return pinned
 
 
 def _check_labels(config, source, where: str) -> None:
@@ -167,40 +151,19 @@ def load_teacher(config, source, num_outputs: int, mesh) -> Teacher:
     record = {"teacher": source.path, "teacher_kind": source.kind, "teacher_family": spec.name,
               "teacher_size": spec.size_of(source.model_config()), "teacher_step": source.step,
               "temperature": config.method.distill_temperature, "alpha": config.method.distill_alpha,
-              "teacher_dtype": dtype, "teacher_bytes": param_bytes(params)}
+              "teacher_dtype": dtype, "teacher_bytes": shared.param_bytes(params)}
     return Teacher(graphdef, params, module.predict, record)
 
 
-def param_bytes(params) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
-
-
-def jit_step(train_step, teacher: Teacher, shardings, batch_sharding):
-    """`train_step(state, batch)` of training/step.py with the teacher's logits added to the
-    batch first (`teacher_logits`, no gradient), jit-compiled; the teacher's params are an
-    argument, never a constant or part of the state."""
-    def step(state, batch, teacher_params):
-        logits = teacher.predict(nnx.merge(teacher.graphdef, teacher_params), batch, None)
-        batch = {**batch, "teacher_logits": jax.lax.stop_gradient(logits.astype(jnp.float32))}
-        return train_step(state, batch)
-
-    teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher.params)
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, teacher_shardings),
-                     out_shardings=(shardings, None), donate_argnums=0)
-    return lambda state, batch: jitted(state, batch, teacher.params)
+def teacher_logits(teacher: Teacher):
+    """The batch entries the student's objective reads: the teacher's logits (training/distill.py)."""
+    return lambda params, batch: {"teacher_logits": teacher.predict(
+        nnx.merge(teacher.graphdef, params), batch, None).astype(jnp.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The loss
 # ---------------------------------------------------------------------------------------------
-
-def soft_sums(student_BC, teacher_BC, weights_B, temperature: float):
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) summed over the weighted examples."""
-    log_p_BC = jax.nn.log_softmax(teacher_BC / temperature)
-    log_q_BC = jax.nn.log_softmax(student_BC / temperature)
-    kl_B = jnp.sum(jnp.exp(log_p_BC) * (log_p_BC - log_q_BC), axis=-1)
-    return temperature ** 2 * jnp.sum(kl_B * weights_B.astype(jnp.float32))
-
 
 def objective(task, predict, label_smoothing: float, temperature: float, alpha: float) -> Objective:
     """finetune/tasks.py's objective on the hard labels, mixed with the teacher's soft targets
@@ -217,7 +180,7 @@ def objective(task, predict, label_smoothing: float, temperature: float, alpha: 
         if task.regression:
             kd = jnp.sum((logits[:, 0] - batch["teacher_logits"][:, 0]) ** 2 * batch["weights"])
         else:
-            kd = soft_sums(logits, batch["teacher_logits"], batch["weights"], temperature)
+            kd = shared.soft_sums(logits, batch["teacher_logits"], batch["weights"], temperature)
         return {**hard, "loss": alpha * kd + (1.0 - alpha) * hard["loss"], "ce": hard["loss"], "kd": kd}
 
     def summarize(sums, prefix):

@@ -25,6 +25,7 @@ from finetune import distill, tasks
 from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
+from training import distill as shared_distill
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
@@ -101,7 +102,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     batch_sharding = mesh_lib.batch_sharding(mesh)
     step_fn = make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
                               frozen=frozen, penalties=penalties)
-    train_step = (distill.jit_step(step_fn, teacher, shardings, batch_sharding) if teacher else
+    train_step = (shared_distill.jit_step(step_fn, distill.teacher_logits(teacher), teacher.params, shardings,
+                                          batch_sharding) if teacher else
                   jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                           donate_argnums=0))
     predict_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.predict(model, batch, None)),
@@ -184,7 +186,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     results["examples"] = {name: len(s) for name, s in family.splits.items()}
     results.update(family.results)
     if teacher is not None:
-        results["distill"] = {**teacher.record, "student_bytes": distill.param_bytes(params)}
+        results["distill"] = {**teacher.record, "student_bytes": shared_distill.param_bytes(params)}
     results["config"] = config.to_dict()
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
