@@ -58,7 +58,7 @@ def teacher_source(config, workdir, init: str):
     if not given:
         return None
     where = f"method.distill_from={given}"
-    pinned = shared.pinned(workdir, "method", given)
+    pinned = shared.pinned(workdir, "method.distill_from", given)
     if not storage.absolute(pinned or given).is_dir():
         raise UserError(f"{where}: no such folder; {USAGE}")
     try:

@@ -50,15 +50,15 @@ def param_bytes(params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
 
 
-def pinned(workdir, group: str, given: str) -> str | None:
+def pinned(workdir, key: str, given: str) -> str | None:
     """The teacher checkpoint a run in `workdir` resolved when it started (run.json's resolved
-    `group.distill_from`), if it was given the same teacher; a different one is refused."""
+    `key`, e.g. "method.distill_from"), if it was given the same teacher; another is refused."""
     workdir = storage.as_path(workdir)
     if not (workdir / "run.json").is_file():
         return None
-    first = json.loads((workdir / "config.json").read_text()).get(group, {}).get("distill_from")
+    group, field = key.split(".")
+    first = json.loads((workdir / "config.json").read_text()).get(group, {}).get(field)
     if first and init_key(first) != init_key(given):
-        raise UserError(f"{workdir} was distilled from {group}.distill_from={first}; pass the same "
-                        f"teacher to resume, or another --workdir")
-    resolved = json.loads((workdir / "run.json").read_text()).get("resolved", {})
-    return resolved.get(group, {}).get("distill_from")
+        raise UserError(f"{workdir} was distilled from {key}={first}; pass the same teacher to "
+                        f"resume, or another --workdir")
+    return json.loads((workdir / "run.json").read_text()).get("resolved", {}).get(group, {}).get(field)

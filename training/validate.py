@@ -82,7 +82,14 @@ _FINETUNE = {
 TRAINERS = {"pretrain": _PRETRAIN, "finetune": _FINETUNE}
 
 # Fields any config may have or leave out. search.space: training/search.py parses it (--search).
-OPTIONAL = {"search.space": Text()}
+OPTIONAL = {"search.space": Text(),
+            # pretraining distillation (pretrain/distill.py); configs without the group do none
+            "distill.teacher": Text(meaning="a pretraining workdir, or '' for none"),
+            "distill.temperature": Real(0, lo_open=True),
+            "distill.alpha_soft": RATE, "distill.alpha_mlm": RATE, "distill.alpha_cos": RATE,
+            "distill.student_layers": Int(0, special={0: "half the teacher's"}),
+            "distill.init_from_teacher": Bool(),
+            "distill.dtype": Choice(("float32", "bfloat16"), "teacher dtype")}
 
 
 def _cross_checks(c) -> str | None:
