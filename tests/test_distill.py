@@ -65,14 +65,18 @@ def teacher(tmp_path_factory, data_dir):
     return workdir
 
 
+@pytest.mark.slow
 def test_student_learns_from_workdir_and_huggingface_teacher(teacher, data_dir, tmp_path):
     from models import hf_cli
     tok = str(teacher / "tokenizer")
     plain = train_and_evaluate(ft_config(data_dir, data__tokenizer=tok), tmp_path / "plain", "none")
     # alpha 0: the teacher runs but its term has no weight, so the student trains as alone (bitwise)
+    # (and a bfloat16 teacher: half the bytes)
     zero = train_and_evaluate(ft_config(data_dir, data__tokenizer=tok, method__distill_from=str(teacher / "best"),
-                                        method__distill_alpha=0.0), tmp_path / "zero", "none")
+                                        method__distill_alpha=0.0, method__distill_dtype="bfloat16"),
+                              tmp_path / "zero", "none")
     assert zero["dev"] == plain["dev"] and zero["test"] == plain["test"]
+    assert 2 * zero["distill"]["teacher_bytes"] == zero["distill"]["student_bytes"]
     losses = lambda d, k="train/loss": [m[k] for m in read_metrics(d) if k in m]
     assert losses(tmp_path / "zero") == losses(tmp_path / "plain")
 
@@ -99,6 +103,16 @@ def test_student_learns_from_workdir_and_huggingface_teacher(teacher, data_dir, 
     np.testing.assert_allclose(losses(again, "train/kd"), losses(student, "train/kd"), rtol=2e-4)
 
 
+def test_missing_teacher_is_one_line_and_writes_nothing(data_dir, tmp_path, capsys):
+    flags = [f"--config.{k}={v}" for k, v in {**TINY_FT, "data.data_dir": data_dir}.items()]
+    workdir = tmp_path / "w"
+    err = cli_error(capsys, main, ["--workdir", str(workdir), "--init", "none", *flags,
+                                   f"--config.method.distill_from={tmp_path / 'nope'}"])
+    assert "method.distill_from" in err and "no such folder" in err
+    assert not workdir.exists() or [p.name for p in workdir.iterdir()] == []
+
+
+@pytest.mark.slow
 def test_bad_teachers_are_one_line_and_write_nothing(teacher, data_dir, tmp_path, capsys):
     from models import hf_cli
     from models.tokenizer import Tokenizer
