@@ -64,6 +64,7 @@ def test_distilled_student_from_a_cli_teacher(data_dir, tmp_path, capsys):
                            "--config.model.size=mini", *flags], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     main(["--workdir", str(student), f"--config.distill.teacher={teacher}", *flags])
+    capsys.readouterr()  # the run's progress, before the errors' one line each
     record = json.loads((student / "run.json").read_text())["resolved"]
     assert record["distill"]["teacher"] == str(teacher / "checkpoints" / "2")
     assert record["model"]["num_layers"] == 2 and record["model"]["hidden_size"] == 256
