@@ -121,6 +121,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""             # non-empty: also log to this W&B project
 
+    # Pretraining distillation (pretrain/distill.py): a pretraining workdir teaches a student of
+    # its shape with fewer layers, started from every other teacher layer (DistilBERT).
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""           # "": no distillation
+    c.distill.student_layers = 0     # 0: half the teacher's
+    c.distill.init_from_teacher = True
+    c.distill.temperature = 2.0
+    c.distill.alpha_soft = 5.0       # DistilBERT's weights: soft MLM targets, labels, hidden-state cosine
+    c.distill.alpha_mlm = 2.0
+    c.distill.alpha_cos = 1.0
+    c.distill.dtype = "float32"      # the teacher's weights and compute: float32 | bfloat16
+
     # --search N: the fields a study tunes and their ranges, "KEY=float:LOW:HIGH[:log],
     # KEY=int:LOW:HIGH,KEY=choice:A|B|C" (training/search.py)
     c.search = ml_collections.ConfigDict()

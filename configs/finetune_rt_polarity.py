@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.method.prune_every = 10
     c.method.quantize = "none"       # int8: quantisation-aware fine-tuning (qwix, straight-through)
     c.method.quantize_after = "none"  # int8: also score the best checkpoint's int8 weights
+    c.method.distill_from = ""       # a fine-tuned teacher (finetune/distill.py); "": no distillation
+    c.method.distill_temperature = 2.0
+    c.method.distill_alpha = 0.5     # alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE
+    c.method.distill_dtype = "float32"  # the teacher's weights and compute: float32 | bfloat16
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

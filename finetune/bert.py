@@ -8,6 +8,8 @@ every text family shares); this module gives it BERT's classifier, its inputs an
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,6 +89,12 @@ class QuestionAnswering(nnx.Module):
 def predict(model: SequenceClassifier | TokenClassifier | QuestionAnswering, batch: dict,
             key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
+
+
+def teacher_model(encoder: BertConfig, model: dict, num_outputs: int, dtype: str):
+    """A distillation teacher (finetune/distill.py): the source's classifier, no dropout, in `dtype`."""
+    cfg = dataclasses.replace(encoder, dropout=0.0, attention_dropout=0.0, dtype=dtype, scan_layers=False)
+    return lambda rngs: SequenceClassifier(cfg, num_outputs, 0.0, rngs, pooling=model.get("pooling", "cls"))
 
 
 def encoder_depth(num_layers: int):

@@ -33,6 +33,13 @@ def depth(num_layers: int):
     return layer_depth
 
 
+def teacher_model(encoder: ModernBertConfig, model: dict, num_outputs: int, dtype: str):
+    """A distillation teacher (finetune/distill.py): the source's classifier, no dropout, in `dtype`."""
+    cfg = dataclasses.replace(encoder, dropout=0.0, attention_dropout=0.0, dtype=dtype, scan_layers=False)
+    return lambda rngs: ModernBertForSequenceClassification(cfg, num_outputs, rngs, pooling=model.get("pooling", "cls"),
+                                                            classifier_dropout=0.0)
+
+
 def predict(model, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["attention_mask"], key=key)
 

@@ -23,10 +23,11 @@ import jax
 import numpy as np
 
 from data import labelled
-from finetune import quantize, tasks
+from finetune import distill, quantize, tasks
 from models import family as families
 from finetune.methods import frozen_mask, l2sp_penalty, layer_scales
 from models.layers import is_stacked
+from training import distill as shared_distill
 from training import mesh as mesh_lib
 from training import pruning
 from training import storage
@@ -66,6 +67,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
 
     # ---- Family: data, model, source ---------------------------------------------------------
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
+    teacher_source = distill.teacher_source(config, workdir, init)  # checked before anything is written
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
     float_model_fn = family.model_fn
     family.model_fn = quantize.training_model_fn(family.model_fn, method)  # method.quantize
@@ -102,13 +104,22 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
         shardings["masks"] = prune.mask_shardings(shardings["params"])
         target["masks"] = {k: jax.ShapeDtypeStruct(m.shape, bool, sharding=shardings["masks"][k])
                            for k, m in prune.init_masks(shapes).items()}
-    kind = tasks.kind_module(task)  # None: one label per example, scored here
+    kind = tasks.kind_module(task)  # None: one label per example
     objective = (kind or tasks).objective(task, family.predict, method.label_smoothing, family.mix)
+    teacher = None
+    if teacher_source is not None:
+        teacher = distill.load_teacher(config, teacher_source, len(family.label_names or [0]), mesh)
+        objective = distill.objective(task, family.predict, method.label_smoothing,
+                                      method.distill_temperature, method.distill_alpha)
+        # run.json pins the teacher's checkpoint for a rerun
+        family.resolved.setdefault("method", {})["distill_from"] = teacher_source.path
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
-                                         frozen=frozen, penalties=penalties, pruner=prune),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
+    step_fn = make_train_step(graphdef, tx, objective, seed=tc.seed, grad_accum=tc.grad_accum,
+                              frozen=frozen, penalties=penalties, pruner=prune)
+    train_step = (shared_distill.jit_step(step_fn, distill.teacher_logits(teacher), teacher.params, shardings,
+                                          batch_sharding) if teacher else
+                  jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                          donate_argnums=0))
     predict_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.predict(model, batch, None)),
                            in_shardings=(shardings["params"], batch_sharding))
     share = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -205,6 +216,8 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     results.update(family.results)
     if prune is not None:
         results["pruning"] = {**prune.record(), **pruning.report(prune.axes, jax.tree.map(mesh_lib.to_host, params))}
+    if teacher is not None:
+        results["distill"] = {**teacher.record, "student_bytes": shared_distill.param_bytes(params)}
     results["config"] = run_record.merged(given, family.resolved)
     if jax.process_index() == 0:
         (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

@@ -184,20 +184,24 @@ class BertForPreTraining(nnx.Module):
         self.nsp = _dense(cfg, cfg.hidden_size, 2, ["embed"], [None], rngs)
         self.cfg = cfg
 
-    def __call__(self, input_ids, token_type_ids, attention_mask, masked_positions=None, *, key=None):
-        """Returns (MLM logits, NSP logits BC), both float32.
+    def __call__(self, input_ids, token_type_ids, attention_mask, masked_positions=None, *, key=None,
+                 hidden: bool = False):
+        """Returns (MLM logits, NSP logits BC), both float32, and with `hidden` the last hidden
+        states BTD too (pretraining distillation's cosine loss, pretrain/distill.py).
 
         With `masked_positions` (BP) the vocabulary projection runs only at those P positions,
         as the original BERT did (logits BPV); without, at every position (logits BTV).
         """
         x_BTD, pooled_BD = self.encoder(input_ids, token_type_ids, attention_mask, key=key)
+        last_BTD = x_BTD
         if masked_positions is not None:
             x_BTD = jnp.take_along_axis(x_BTD, masked_positions[..., None], axis=1)
         h_BTD = jax.nn.gelu(self.mlm_transform(x_BTD), approximate=False)
         h_BTD = self.mlm_norm(h_BTD).astype(self.cfg.dtype)
         logits_BTV = tied_logits(h_BTD, self.encoder.embed.word.embedding[...], self.mlm_bias[...])
         logits_BTV = constrain(logits_BTV, "batch", None, "vocab")
-        return logits_BTV, self.nsp(pooled_BD).astype(jnp.float32)
+        nsp_BC = self.nsp(pooled_BD).astype(jnp.float32)
+        return (logits_BTV, nsp_BC, last_BTD) if hidden else (logits_BTV, nsp_BC)
 
 
 # ---------------------------------------------------------------------------------------------

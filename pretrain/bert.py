@@ -84,6 +84,18 @@ def objective(nsp_weight: float = 1.0) -> Objective:
     return Objective(sums, normalisers, loss, summarize)
 
 
+def pretraining_model(cfg: BertConfig):
+    return lambda rngs: BertForPreTraining(cfg, rngs)
+
+
+def distill_outputs(model, batch, key):
+    """Pretraining distillation's view of the model (pretrain/distill.py): MLM logits at the
+    masked positions, the last hidden states, and the family's own sums of them."""
+    mlm_BPV, nsp_BC, hidden_BTD = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                        batch["masked_positions"], key=key, hidden=True)
+    return {"mlm": mlm_BPV, "hidden": hidden_BTD, "sums": mlm_nsp_sums(mlm_BPV, nsp_BC, batch)}
+
+
 def train_flops(cfg: BertConfig, batch_size: int, seq_len: int, max_predictions: int) -> float:
     """Matmul FLOPs of one training step: 2 per multiply-add, backward = 2x forward, so 3x
         B*T * L * (2*(4*D^2 + 2*D*F) + 4*T*D)   q, k, v, out projections, MLP; scores and mix
@@ -151,7 +163,7 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Pre
         items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",
         flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
-    return PretrainSetup(lambda rngs: BertForPreTraining(model_cfg, rngs), objective(nsp_weight), train,
+    return PretrainSetup(pretraining_model(model_cfg), objective(nsp_weight), train,
                          eval_batches, throughput,
                          initial_params=None if source is None else lambda fresh: source_params(source, fresh),
                          resolved=resolved, source=source)

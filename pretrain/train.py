@@ -14,6 +14,8 @@ import dataclasses
 import jax
 
 from models import family as families
+from pretrain import distill
+from training import distill as shared_distill
 from training import mesh as mesh_lib
 from training import storage
 from training.checkpoint import Checkpointer
@@ -50,7 +52,8 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
-    given = config.to_dict()  # config.json: as given; what the setup resolved goes to run.json
+    given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
+    teacher_source = distill.prepare(config, workdir, init, set(explicit))  # before anything is written
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
@@ -61,10 +64,14 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     plan = plan_state(abstract_params(family.model_fn), tx, mesh)  # the model's one abstract trace
     target, shardings, graphdef = plan.target, plan.shardings, plan.graphdef
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(graphdef, tx, family.objective, seed=tc.seed,
-                                         grad_accum=tc.grad_accum),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                         donate_argnums=0)
+    teacher = None
+    if teacher_source is not None:
+        teacher = distill.load(config, teacher_source, mesh, family.objective)
+        family.objective, family.initial_params = teacher.objective, teacher.initial_params
+    step_fn = make_train_step(graphdef, tx, family.objective, seed=tc.seed, grad_accum=tc.grad_accum)
+    train_step = (shared_distill.jit_step(step_fn, teacher.outputs, teacher.params, shardings, batch_sharding)
+                  if teacher else jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                                          out_shardings=(shardings, None), donate_argnums=0))
     eval_step = jax.jit(make_eval_step(graphdef, lambda model, batch: family.objective.sums(model, batch, None)),
                         in_shardings=(shardings["params"], batch_sharding))
     pictures = None

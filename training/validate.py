@@ -77,6 +77,10 @@ _FINETUNE = {
     "method.prune_every": COUNT,
     "method.quantize": Choice(QUANTIZE, "quantisation type"),        # quantisation-aware
     "method.quantize_after": Choice(QUANTIZE, "quantisation type"),  # post-training
+    "method.distill_from": Text(meaning="a teacher folder, or '' for none"),  # finetune/distill.py
+    "method.distill_temperature": Real(0, lo_open=True),
+    "method.distill_alpha": PROB,
+    "method.distill_dtype": Choice(("float32", "bfloat16"), "teacher dtype"),
     "checkpoint.every_steps": NONNEG,   # 0: at every evaluation
     "eval.every_steps": NONNEG,         # 0: once per epoch
     "eval.batch_size": NONNEG,          # 0: train.batch_size
@@ -85,7 +89,14 @@ _FINETUNE = {
 TRAINERS = {"pretrain": _PRETRAIN, "finetune": _FINETUNE}
 
 # Fields any config may have or leave out. search.space: training/search.py parses it (--search).
-OPTIONAL = {"search.space": Text()}
+OPTIONAL = {"search.space": Text(),
+            # pretraining distillation (pretrain/distill.py); configs without the group do none
+            "distill.teacher": Text(meaning="a pretraining workdir, or '' for none"),
+            "distill.temperature": Real(0, lo_open=True),
+            "distill.alpha_soft": RATE, "distill.alpha_mlm": RATE, "distill.alpha_cos": RATE,
+            "distill.student_layers": Int(0, special={0: "half the teacher's"}),
+            "distill.init_from_teacher": Bool(),
+            "distill.dtype": Choice(("float32", "bfloat16"), "teacher dtype")}
 
 
 def _cross_checks(c) -> str | None:
