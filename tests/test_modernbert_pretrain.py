@@ -164,6 +164,94 @@ def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir):
     assert not (workdir / "tokenizer").exists()
 
 
+def hf_masked_lm(folder: Path, data_dir, **config):
+    """A tiny ModernBertForMaskedLM and its BPE tokenizer as transformers' save_pretrained writes
+    them: the vocabulary learned on pydocs, special ids from it, a 16-token window and the release's
+    two rotary bases, norm scales and the decoder bias moved off 1 and 0."""
+    import torch
+    import transformers
+    from data.corpora import load_documents
+    from models.tokenizer import Tokenizer
+    Tokenizer.train(load_documents("pydocs", data_dir), 512, kind="bpe").save(folder / "vocab")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "vocab")
+    torch.manual_seed(0)
+    model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "local_attention": 16,
+        "global_rope_theta": 160_000.0, "local_rope_theta": 10_000.0,
+        "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id, **config})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+    model.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    return folder / "hf", model
+
+
+@pytest.mark.slow  # a BPE, a corpus and a run: ~60 s idle, more under load
+def test_init_from_a_transformers_folder_first_step_loss_equals_transformers(tmp_path, data_dir, capsys):
+    """`python -m pretrain --init FOLDER` of a folder transformers saved: the first step's MLM
+    loss is transformers' on the same batch, each document of a row run alone through
+    ModernBertForMaskedLM; rows of 32 tokens against a 16-token window and two rotary bases, so
+    both attention kinds count (packing itself: test_modernbert.py)."""
+    import torch
+    src, model = hf_masked_lm(tmp_path, data_dir)
+    workdir = tmp_path / "run"
+    pretrain_main(["--workdir", str(workdir), "--init", str(src), *flags(data_dir, **{
+        "train.steps": 1, "train.log_every": 1, "model.dropout": 0.0,
+        "model.global_rope_base": 160000.0, "checkpoint.every_steps": 1000})])
+    assert "weights from huggingface ModernBertForMaskedLM" in capsys.readouterr().out
+    recorded = run_record.read(workdir)[0]
+    assert recorded["init"]["kind"] == "huggingface" and recorded["model"]["hidden_size"] == 64
+
+    # The first batch as the loop saw it (the corpus tokenised with SRC's tokenizer).
+    from data.pretraining import PretrainingData
+    from data.preparation import prepare
+    dc, tc = ml_collections.ConfigDict(recorded["data"]), recorded["train"]
+    assert dc.tokenizer == str(src.resolve())
+    batch = PretrainingData(prepare(dc, verbose=False)).batch(
+        0, tc["batch_size"], seed=tc["seed"], max_predictions=dc.max_predictions, mask_prob=dc.mask_prob)
+    nll = []
+    for row in range(len(batch["input_ids"])):
+        ids, docs = batch["input_ids"][row], batch["attention_mask"][row]
+        start = {d: int(np.argmax(docs == d)) for d in np.unique(docs[docs > 0])}
+        for d, first in start.items():
+            length = int((docs == d).sum())
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(ids[None, first:first + length].astype(np.int64))
+                               ).logits[0].numpy().astype(np.float64)
+            for p, label, w in zip(batch["masked_positions"][row], batch["masked_ids"][row],
+                                   batch["masked_weights"][row]):
+                if w > 0 and first <= p < first + length:
+                    z = logits[p - first]
+                    nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[label])
+    assert len(nll) == int(batch["masked_weights"].sum())
+    theirs = float(np.mean(nll))
+    ours = next(m for m in read_metrics(workdir) if m["step"] == 1)["train/mlm_loss"]
+    print(f"\n[--init transformers ModernBertForMaskedLM] first-step MLM loss ours {ours:.6f} vs "
+          f"transformers {theirs:.6f}, |diff| {abs(ours - theirs):.2g}")
+    assert abs(ours - theirs) < 1e-5
+
+
+def test_init_from_a_transformers_folder_of_another_architecture_is_one_line(capsys, tmp_path, data_dir):
+    import transformers
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    capsys.readouterr()  # transformers' progress bar
+    workdir = tmp_path / "run"
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(tmp_path / "bert"),
+                                            *flags(data_dir)])
+    assert "holds a bert model, but this config trains the modernbert family" in err, err
+    written = [p.name for p in workdir.rglob("*") if p.is_file()] if workdir.exists() else []
+    assert written == [], written
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning from a ModernBERT pretraining run (python -m finetune)
 # ---------------------------------------------------------------------------------------------
