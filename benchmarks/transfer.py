@@ -98,9 +98,10 @@ def main() -> None:
         sweep = json.loads((out / name / "sweep.json").read_text())
         best = next(r for r in sweep["settings"] if r["setting"] == sweep["best"]["setting"])
         summary[name] = {"setting": best["setting"], "dev": best["dev"], "test": best.get("test")}
+        metric = sweep.get("metric", "accuracy")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    print(f"\n{Path(args.config).stem} accuracy, median [min, max] over {args.seeds} seeds; pretrained = {src}")
+    print(f"\n{Path(args.config).stem} {metric}, median [min, max] over {args.seeds} seeds; pretrained = {src}")
     print(f"{'condition':<13} {'setting':<12} {'dev':<24} {'test':<24}")
     for name, s in summary.items():
         cell = lambda d: f"{d['median']:.4f} [{d['min']:.4f}, {d['max']:.4f}]" if d else "-"

@@ -404,17 +404,17 @@ def test_shape_mismatch(tiny, tmp_path):
 
 def test_unknown_architecture(tiny, tmp_path):
     _, params, cfg, folder = tiny
-    with pytest.raises(hf.ConversionError, match="unknown architecture 'BertForTokenClassification'"):
-        hf.export_params(params, cfg, tmp_path / "out", architecture="BertForTokenClassification")
+    with pytest.raises(hf.ConversionError, match="unknown architecture 'BertForMultipleChoice'"):
+        hf.export_params(params, cfg, tmp_path / "out", architecture="BertForMultipleChoice")
     src = tmp_path / "mlm"
     src.mkdir()
     config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["BertForTokenClassification"]
+    config["architectures"] = ["BertForMultipleChoice"]
     (src / "config.json").write_text(json.dumps(config))
     (src / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(hf.ConversionError) as e:
         hf.import_params(src)
-    assert "unknown architecture 'BertForTokenClassification'" in one_line(e)
+    assert "unknown architecture 'BertForMultipleChoice'" in one_line(e)
     # Reading it as the architecture it really holds works.
     back, _, _ = hf.import_params(src, architecture="BertForPreTraining")
     assert_same_tree(params, back)
