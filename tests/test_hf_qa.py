@@ -32,6 +32,8 @@ def bert_qa(cfg, params):
     return b.build(graphdef, params)
 
 
+# ~40 s each on the loaded 2-core machine (transformers builds and saves two models each).
+@pytest.mark.slow
 def test_bert_export_and_import(tmp_path):
     _, pretrained, cfg = b.random_model("tiny", seed=3)
     rng = np.random.default_rng(3)
@@ -70,6 +72,7 @@ def test_bert_export_and_import(tmp_path):
     m.assert_same_tree(jax.tree.map(np.asarray, expect), again)
 
 
+@pytest.mark.slow
 def test_modernbert_export_and_import(tmp_path):
     params = m.random_params(ModernBertForQuestionAnswering, m.OURS, seed=5)
     assert hf.infer_architecture(params, "modernbert") == "ModernBertForQuestionAnswering"
