@@ -15,7 +15,7 @@ the release's first phase did; its context extension raises the global base to 1
 
 Expected: not yet measured to the end. train.steps gives the 14.3M tokens of bert_tiny's run
 (7,000 x 2,048). Measured beside bert_tiny on the shared machine (benchmarks/RESULTS.md, must-show
-4): eval/mlm_accuracy 0.121 at step 500 and 0.206 at 1,000 (bert_tiny: 0.079 and 0.110, on
+4): eval/mlm_accuracy 0.121, 0.206, 0.236 at steps 500, 1,000, 1,500 (bert_tiny: 0.079, 0.110, 0.124, on
 its own WordPiece tokens), at half bert_tiny's tokens/s (its FLOPs per token are ~1.7x), so the
 7,000 steps take about twice bert_tiny's 17 idle minutes. Lower train.steps (and
 optim.decay_steps with it) if your budget is smaller.
