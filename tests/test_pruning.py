@@ -18,7 +18,7 @@ import pytest
 from conftest import cli_error, sigterm_when
 from finetune.__main__ import main
 from finetune.image import ImageClassifier
-from finetune.text import SequenceClassifier
+from finetune.bert import SequenceClassifier
 from models.bert import BertConfig
 from models.mae import MAEConfig
 from models.modernbert import ModernBertConfig, ModernBertForSequenceClassification

@@ -12,7 +12,7 @@ import qwix
 from flax import nnx
 
 from conftest import cli_error
-from finetune.text import SequenceClassifier
+from finetune.bert import SequenceClassifier
 from models import quantize
 from models.bert import BertConfig
 from training.state import abstract_model
