@@ -12,13 +12,15 @@ ModernBertForMaskedLM's weights into the classifier; the classifier starts fresh
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from finetune import text
 from finetune.setup import FinetuneSetup
 from infra.errors import UserError
-from models.modernbert import (ModernBertForQuestionAnswering, ModernBertForSequenceClassification,
-                               ModernBertForTokenClassification)
+from models.modernbert import (ModernBertConfig, ModernBertForQuestionAnswering,
+                               ModernBertForSequenceClassification, ModernBertForTokenClassification)
 from training.init_source import load_params, take_params
 
 

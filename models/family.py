@@ -33,6 +33,7 @@ class FamilySpec:
     sizes: dict                     # the size table: name -> shape tuple
     size_of: Callable[[Any], str]   # a config -> its `sizes` name, or "custom"
     shape_fields: tuple[str, ...]   # the config fields a source fixes (run.json records them)
+    carried_fields: tuple[str, ...] = ()  # fields pretraining's --init of an HF folder brings (no flag)
     pretrain: str | None = None     # module with `setup(config, workdir, init, explicit)` (or
     finetune: str | None = None     # "module:function"); the same for fine-tuning
     hf: str | None = None           # "module:NAME" of its models.hf_table.Family record

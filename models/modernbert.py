@@ -318,10 +318,12 @@ def _checks() -> dict:
 
 SPEC = register(FamilySpec(
     name="modernbert", config_class=ModernBertConfig, sizes=SIZES, size_of=size_name,
-    # What a source fixes: the weights' shapes. The context and the rotary bases stay the config's,
-    # so that --init from a phase-1 run extends the context (longer rows, a higher global base).
+    # What a source fixes: the weights' shapes. A HuggingFace folder's attention pattern and rotary
+    # bases come with it unless a flag sets them (the release's bases are 160,000 and 10,000); --init of one of our runs
+    # takes the config's, so that a context extension (longer rows) sets a higher global base.
     shape_fields=("vocab_size", "num_layers", "hidden_size", "num_heads", "intermediate_size",
                   "norm_eps"),
+    carried_fields=("local_window", "global_every", "global_rope_base", "local_rope_base"),
     pretrain="pretrain.modernbert", finetune="finetune.modernbert",
     hf="models.hf_modernbert:MODERNBERT", tokenizer="bpe", heads=("head", "decoder_bias"),
     pretrain_sources=("ModernBertForMaskedLM", "ModernBertModel"),

@@ -202,11 +202,12 @@ def test_init_from_a_transformers_folder_first_step_loss_equals_transformers(tmp
     src, model = hf_masked_lm(tmp_path, data_dir)
     workdir = tmp_path / "run"
     pretrain_main(["--workdir", str(workdir), "--init", str(src), *flags(data_dir, **{
-        "train.steps": 1, "train.log_every": 1, "model.dropout": 0.0,
-        "model.global_rope_base": 160000.0, "checkpoint.every_steps": 1000})])
+        "train.steps": 1, "train.log_every": 1, "model.dropout": 0.0, "checkpoint.every_steps": 1000})])
     assert "weights from huggingface ModernBertForMaskedLM" in capsys.readouterr().out
     recorded = run_record.read(workdir)[0]
     assert recorded["init"]["kind"] == "huggingface" and recorded["model"]["hidden_size"] == 64
+    # The folder's rotary bases, not modernbert_tiny.py's phase-1 global base of 10,000.
+    assert (recorded["model"]["global_rope_base"], recorded["model"]["local_rope_base"]) == (160000.0, 10000.0)
 
     # The first batch as the loop saw it (the corpus tokenised with SRC's tokenizer).
     from data.pretraining import PretrainingData

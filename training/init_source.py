@@ -278,7 +278,11 @@ def pretrain_source(config, workdir, init: str | None, explicit) -> tuple[Source
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UserError(f"--init {source.init}: its tokenizer has {tokenizer.vocab_size} tokens "
                         f"but its model only {cfg.vocab_size} embeddings")
-    resolved = {"model": model_record(spec, cfg)}
+    # A published model's carried fields are facts of its weights; a run of ours is continued with
+    # the config's (a context extension raises them), and a flag always wins.
+    carried = spec.carried_fields if source.kind == "huggingface" else ()
+    resolved = {"model": {**model_record(spec, cfg), **{
+        field: getattr(cfg, field) for field in carried if f"model.{field}" not in explicit}}}
     if source.tokenizer_dir:
         resolved["data"] = {"tokenizer": init_key(source.tokenizer_dir)}
     problem = spec.cross_check(run_record.view(config, resolved), "pretrain") if spec.cross_check else None
