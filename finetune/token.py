@@ -13,27 +13,22 @@ from __future__ import annotations
 
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from seqeval import metrics as seqeval
 
 from data.conll import encode_words as encode  # words -> sub-tokens, a tag at each first one
+from finetune import tasks
 from training.step import Objective
 
 
 def loss_sums(logits_BTC, labels_BT, weights_B, label_smoothing: float = 0.0) -> dict:
-    """{"loss", "correct", "count"} summed over the labelled tokens of rows with weight 1."""
-    w_BT = ((labels_BT >= 0) & (weights_B[:, None] > 0)).astype(jnp.float32)
-    labels_BT = jnp.maximum(labels_BT, 0).astype(jnp.int32)
-    if label_smoothing:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels_BT, logits_BTC.shape[-1]), label_smoothing)
-        nll_BT = optax.softmax_cross_entropy(logits_BTC, targets)
-    else:
-        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTC, labels_BT)
-    correct_BT = (jnp.argmax(logits_BTC, axis=-1) == labels_BT).astype(jnp.float32)
-    return {"loss": jnp.sum(nll_BT * w_BT), "correct": jnp.sum(correct_BT * w_BT), "count": jnp.sum(w_BT)}
+    """{"loss", "correct", "count"} summed over the labelled tokens of rows with weight 1: the
+    classification sums of finetune/tasks.py with every token an example."""
+    w_BT = (labels_BT >= 0) & (weights_B[:, None] > 0)
+    return tasks.loss_sums(logits_BTC.reshape(-1, logits_BTC.shape[-1]),
+                           jnp.maximum(labels_BT, 0).reshape(-1), w_BT.reshape(-1),
+                           regression=False, label_smoothing=label_smoothing)
 
 
 def objective(task, predict, label_smoothing: float = 0.0, mix=None) -> Objective:

@@ -162,3 +162,28 @@ def mounted_tmpfs(folder, options: str):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def ft_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+    """finetune_rt_polarity's config at TINY_FT's size; overrides as fields (train__steps=3)."""
+    from configs import finetune_rt_polarity
+    return with_fields(finetune_rt_polarity.get_config(), {
+        **TINY_FT, "data.data_dir": str(data_dir), **{k.replace("__", "."): v for k, v in overrides.items()}})
+
+
+def perturbed_params(model, seed: int) -> dict:
+    """A model's parameters with norm scales and biases moved off 1 and 0 (parity tests)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, x):
+        name = str(path[-1].key)
+        x = np.asarray(x)
+        if name == "scale":
+            return x + rng.normal(0, 0.2, x.shape).astype(np.float32)
+        if name in ("bias", "decoder_bias"):
+            return rng.normal(0, 0.3, x.shape).astype(np.float32)
+        return x
+    return jax.tree_util.tree_map_with_path(perturb, nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -9,22 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY_FT, cli_error
-from configs import finetune_rt_polarity
+from conftest import TINY_FT, cli_error, ft_config
 from finetune import distill, tasks
 from finetune.__main__ import main
 from finetune.train import train_and_evaluate
 from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
-
-
-def ft_config(data_dir, **overrides):
-    c = finetune_rt_polarity.get_config()
-    for key, value in {**TINY_FT, "data.data_dir": str(data_dir),
-                       **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-    return c
 
 
 def test_loss_and_student_gradient_equal_torch():

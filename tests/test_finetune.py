@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import finetune_rt_polarity
-from conftest import TINY_FT, cli_error, tiny_flags
+from conftest import TINY_FT, cli_error, tiny_flags, ft_config
 from finetune import tasks
 from finetune.__main__ import main
 from finetune.sweep import run_sweep
@@ -27,15 +27,6 @@ from training.checkpoint_reader import read_params
 from training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def ft_config(data_dir, **overrides):
-    c = finetune_rt_polarity.get_config()
-    for key, value in {**TINY_FT, "data.data_dir": str(data_dir),
-                       **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
-    return c
 
 
 def ft_flags(data_dir, **overrides) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import perturbed_params
 from models import hf
 from models.layers import stack_layers
 from models.modernbert import (ModernBertConfig, ModernBertForMaskedLM,
@@ -72,18 +73,7 @@ def build(cls, cfg, params, *args):
 def random_params(cls, cfg, *args, seed=0):
     """Our model's init with norm scales and biases moved off 1 and 0."""
     with nnx.use_eager_sharding(False):
-        model = cls(cfg, *args, rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed)
-
-    def perturb(path, x):
-        name = str(path[-1].key)
-        x = np.asarray(x)
-        if name == "scale":
-            return x + rng.normal(0, 0.2, x.shape).astype(np.float32)
-        if name in ("bias", "decoder_bias"):
-            return rng.normal(0, 0.3, x.shape).astype(np.float32)
-        return x
-    return jax.tree_util.tree_map_with_path(perturb, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return perturbed_params(cls(cfg, *args, rngs=nnx.Rngs(seed)), seed)
 
 
 def assert_same_tree(a, b):

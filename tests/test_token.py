@@ -22,7 +22,7 @@ from models import hf, hf_cli
 from models.bert import BertConfig
 from models.modernbert import ModernBertConfig, ModernBertForTokenClassification
 from models.tokenizer import Tokenizer
-from conftest import TINY_FT, cli_error
+from conftest import TINY_FT, cli_error, perturbed_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -183,19 +183,6 @@ def test_first_sub_token_carries_the_tag(kind):
 # Parity with transformers, both ways (float32)
 # ---------------------------------------------------------------------------------------------
 
-def _perturbed(model, seed):
-    rng = np.random.default_rng(seed)
-
-    def perturb(path, x):
-        name = str(path[-1].key)
-        x = np.asarray(x)
-        if name == "scale":
-            return x + rng.normal(0, 0.2, x.shape).astype(np.float32)
-        if name == "bias":
-            return rng.normal(0, 0.3, x.shape).astype(np.float32)
-        return x
-    return jax.tree_util.tree_map_with_path(perturb, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
 
 def _ours(make, params):
     with nnx.use_eager_sharding(False):
@@ -238,7 +225,7 @@ PARITY = [pytest.param("bert"), pytest.param("modernbert", marks=pytest.mark.slo
 def test_export_parity(family, tmp_path):
     cfg, architecture, make, call = FAMILIES[family]
     with nnx.use_eager_sharding(False):
-        params = _perturbed(make(cfg, nnx.Rngs(3)), seed=3)
+        params = perturbed_params(make(cfg, nnx.Rngs(3)), seed=3)
     hf.export_params(params, cfg, tmp_path / "out", architecture=architecture, id2label=LABELS)
     model, info = transformers.AutoModelForTokenClassification.from_pretrained(
         tmp_path / "out", output_loading_info=True)
