@@ -30,7 +30,7 @@ from models.layers import unstack_layers
 from training import distill as shared
 from training import run_record, storage
 from training.errors import UserError
-from training.init_source import init_key, load_params, resolve_source, take_params
+from training.init_source import init_key, model_record, load_params, resolve_source, take_params
 from training.mesh import shardings_of
 from training.state import graphdef_and_specs, init_params
 from training.step import Objective
@@ -46,12 +46,12 @@ class Teacher:
     initial_params: object   # fresh student params -> the student's first weights
 
 
-def prepare(config, workdir, init, explicit) -> "Source | None":
-    """The teacher's source (None without distill.teacher), checked before anything is written;
-    sets the student's shape (config.model) and tokenizer (data.tokenizer) from it."""
+def prepare(config, workdir, init, explicit) -> tuple["Source | None", dict]:
+    """The teacher's source (None without distill.teacher), checked before anything is written,
+    and what it resolves of the config: the student's shape (model) and tokenizer (data)."""
     dc = config.get("distill")
     if dc is None or not dc.teacher:
-        return None
+        return None, {}
     given, where = dc.teacher, f"distill.teacher={dc.teacher}"
     spec = families.of_config(config)
     if not hasattr(importlib.import_module(spec.pretrain), "distill_outputs"):
@@ -79,13 +79,10 @@ def prepare(config, workdir, init, explicit) -> "Source | None":
         raise UserError(f"distill.student_layers={layers}: the teacher has {teacher.num_layers} layers; "
                         f"choose 1 to {teacher.num_layers}")
     student = dataclasses.replace(teacher, num_layers=layers)
-    with config.unlocked():  # the student's shape, which the family's setup builds from config.model
-        config.model.size = "" if spec.size_of(student) == "custom" else spec.size_of(student)
-        for field in spec.shape_fields:
-            config.model[field] = getattr(student, field)
-        config.data.tokenizer = init_key(source.tokenizer_dir)
-        config.distill.teacher = source.path  # run.json pins the step for a rerun
-    return source
+    # The student's shape and tokenizer, and the teacher's step pinned for a rerun (run.json).
+    return source, {"model": model_record(spec, student),
+                    "data": {"tokenizer": init_key(source.tokenizer_dir)},
+                    "distill": {"teacher": source.path}}
 
 
 def load(config, source, mesh, base: Objective) -> Teacher:

@@ -53,7 +53,9 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
-    teacher_source = distill.prepare(config, workdir, init, set(explicit))  # before anything is written
+    teacher_source, student = distill.prepare(config, workdir, init, set(explicit))  # before anything is written
+    if student:  # the family builds the student the teacher's distillation resolved
+        config = run_record.view(config, student)
     family = setup_family(config, workdir, init, set(explicit))
     if init is not None and family.initial_params is None:
         family.train_batches.close()
@@ -94,7 +96,7 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
         state, start, resumed = restore_or_init(ckpt, target, fresh_state, family.train_batches)
         if jax.process_index() == 0:
             source = family.source and dataclasses.asdict(family.source)
-            run_record.write(workdir, given, family.resolved, "pretrain", source)
+            run_record.write(workdir, given, run_record.merged(student, family.resolved), "pretrain", source)
         outcome = run(
             config, workdir, mesh=mesh, state=state, start=start, total_steps=tc.steps,
             train_step=train_step, batches=family.train_batches, ckpt=ckpt,
