@@ -155,6 +155,7 @@ def test_attention_dropout_always_takes_the_reference_path():
 # bfloat16 compute, float32 weights and statistics
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # whole runs or a long compile: the default pytest stays under 15 minutes
 def test_bfloat16_forward_is_close_to_float32_and_the_weights_stay_float32():
     from conftest import random_batch
     b = random_batch(np.random.default_rng(4), 4, 32, 256, 5)

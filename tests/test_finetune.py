@@ -265,6 +265,7 @@ def stable(workdir) -> list[dict]:
     return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in read_metrics(workdir)]
 
 
+@pytest.mark.slow  # whole runs or a long compile: the default pytest stays under 15 minutes
 def test_sigterm_then_rerun_gives_identical_results(pretrained, data_dir, tmp_path):
     steps = dict(train__steps=40, eval__every_steps=8, data__max_train_examples=128)
     full = subprocess.run(cli(tmp_path / "full", pretrained, data_dir, **steps), cwd=REPO,

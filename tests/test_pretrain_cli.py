@@ -22,6 +22,7 @@ def losses(workdir) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
 
 
+@pytest.mark.slow  # whole runs or a long compile: the default pytest stays under 15 minutes
 def test_sigterm_then_rerun_resumes_bitwise(tmp_path, data_dir):
     steps = dict(train__steps=14, checkpoint__every_steps=4)
     full = subprocess.run(cli(tmp_path / "full", data_dir, **steps), cwd=REPO,

@@ -107,6 +107,7 @@ def test_int8_logits_close_to_float_and_qwix_int8_paths_agree(trained):
     np.testing.assert_allclose(ptq(*x), with_params(classifier, dense_only)(*x), atol=1e-5)
 
 
+@pytest.mark.slow  # whole runs or a long compile: the default pytest stays under 15 minutes
 def test_qat_gradients_flow_straight_through(trained):
     params, channels, quantised = trained
     x, labels = inputs(), jnp.array([0, 1, 2, 1])
