@@ -18,7 +18,7 @@ from data.squad import Question, Windows, read_json, token_span, window_starts
 from finetune import span
 from models.tokenizer import Tokenizer
 
-SQUAD = Path(__file__).resolve().parent / "data" / "squad"
+SQUAD = Path(__file__).resolve().parent / "squad_files"  # not tests/data: `data` is our package
 
 
 # ---------------------------------------------------------------------------------------------
