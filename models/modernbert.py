@@ -214,14 +214,16 @@ class ModernBertForMaskedLM(nnx.Module):
         self.decoder_bias = nnx.Param(zeros("vocab")(rngs.params(), (cfg.vocab_size,)))
         self.cfg = cfg
 
-    def __call__(self, input_ids, attention_mask, masked_positions=None, *, key=None):
+    def __call__(self, input_ids, attention_mask, masked_positions=None, *, key=None, hidden: bool = False):
         """float32 MLM logits: at `masked_positions` (BP) only (BPV), or without them at every
-        position (BTV)."""
-        x_BTD = self.encoder(input_ids, attention_mask, key=key)
+        position (BTV); with `hidden`, (logits, the last hidden states BTD) for pretraining
+        distillation's cosine loss (pretrain/distill.py)."""
+        last_BTD = x_BTD = self.encoder(input_ids, attention_mask, key=key)
         if masked_positions is not None:
             x_BTD = jnp.take_along_axis(x_BTD, masked_positions[..., None], axis=1)
         logits = tied_logits(self.head(x_BTD), self.encoder.embed.embedding[...], self.decoder_bias[...])
-        return constrain(logits, "batch", None, "vocab")
+        logits = constrain(logits, "batch", None, "vocab")
+        return (logits, last_BTD) if hidden else logits
 
 
 def pool(x_BTD: jax.Array, attention_mask: jax.Array, pooling: str) -> jax.Array:

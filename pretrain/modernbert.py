@@ -31,16 +31,30 @@ from training.perf import peak_flops_per_device
 from training.step import Objective
 
 
+def mlm_sums(logits_BPV, batch) -> dict:
+    w_BP = batch["masked_weights"].astype(jnp.float32)
+    nll, hit = _nll_and_correct(logits_BPV, batch["masked_ids"])
+    return {"mlm_loss": jnp.sum(nll * w_BP), "mlm_correct": jnp.sum(hit * w_BP), "mlm_count": jnp.sum(w_BP)}
+
+
+def pretraining_model(cfg: ModernBertConfig):
+    return lambda rngs: ModernBertForMaskedLM(cfg, rngs)
+
+
+def distill_outputs(model, batch, key):
+    """Pretraining distillation's view of the model (pretrain/distill.py): MLM logits at the
+    masked positions, the last hidden states, and the family's own sums of them."""
+    logits_BPV, hidden_BTD = model(batch["input_ids"], batch["attention_mask"], batch["masked_positions"],
+                                   key=key, hidden=True)
+    return {"mlm": logits_BPV, "hidden": hidden_BTD, "sums": mlm_sums(logits_BPV, batch)}
+
+
 def mlm_objective() -> Objective:
     """Summed MLM loss and hits at the masked positions; normalised by the global count."""
 
     def sums(model, batch, key):
-        logits_BPV = model(batch["input_ids"], batch["attention_mask"], batch["masked_positions"],
-                           key=key)
-        w_BP = batch["masked_weights"].astype(jnp.float32)
-        nll, hit = _nll_and_correct(logits_BPV, batch["masked_ids"])
-        return {"mlm_loss": jnp.sum(nll * w_BP), "mlm_correct": jnp.sum(hit * w_BP),
-                "mlm_count": jnp.sum(w_BP)}
+        return mlm_sums(model(batch["input_ids"], batch["attention_mask"], batch["masked_positions"],
+                              key=key), batch)
 
     def normalisers(batch):
         return {"mlm": jnp.maximum(jnp.sum(batch["masked_weights"]), 1.0)}
@@ -96,7 +110,7 @@ def setup(config, workdir, init: str | None = None, explicit=frozenset()) -> Pre
         items_per_step=tc.batch_size * dc.max_seq_len, unit="tokens",
         flops_per_step=train_flops(model_cfg, tc.batch_size, dc.max_seq_len, dc.max_predictions),
         peak_flops=peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
-    return PretrainSetup(lambda rngs: ModernBertForMaskedLM(model_cfg, rngs), mlm_objective(), train,
+    return PretrainSetup(pretraining_model(model_cfg), mlm_objective(), train,
                          eval_batches, throughput,
                          initial_params=None if source is None else lambda fresh: source_params(source, fresh),
                          resolved=resolved, source=source)

@@ -1,6 +1,7 @@
 """ModernBERT pretraining: packed MLM at two masking rates, its objective and FLOPs, a SIGTERM
 and rerun that continues bitwise, and one-line errors for bad input."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -334,3 +335,22 @@ def test_finetuned_classifier_exports_to_transformers_with_our_logits(tmp_path, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = batch["input_ids"][1][batch["attention_mask"][1] > 0].tolist()
     assert tokenizer(texts[1])["input_ids"] == ids
+
+
+@pytest.mark.slow  # two runs
+def test_distilled_student_starts_from_every_other_teacher_layer(tmp_path, data_dir):
+    """Pretraining distillation (pretrain/distill.py) takes the ModernBERT family: a 2-layer student
+    of a 4-layer teacher, its layers the teacher's 0 and 2 (lr 0 keeps them as they started),
+    trained on the soft targets and the hidden-state cosine as well as its own MLM loss."""
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    pretrain_main(["--workdir", str(teacher), *flags(data_dir, **{"train.steps": 2})])
+    pretrain_main(["--workdir", str(student), *flags(data_dir, **{
+        "train.steps": 2, "train.log_every": 2, "optim.lr": 0.0, "distill.teacher": str(teacher)})])
+    assert json.loads((student / "run.json").read_text())["resolved"]["model"]["num_layers"] == 2
+    ours, theirs = read_params(student)[0]["encoder"], read_params(teacher)[0]["encoder"]
+    assert sorted(ours["layers"]) == [0, 1] and len(theirs["layers"]) == 4
+    for mine, their in ((0, 0), (1, 2)):
+        for a, b in zip(jax.tree.leaves(ours["layers"][mine]), jax.tree.leaves(theirs["layers"][their])):
+            np.testing.assert_array_equal(a, b)
+    row = next(m for m in read_metrics(student) if "train/soft" in m)
+    assert row["train/soft"] > 0 and row["train/cos"] > 0
