@@ -46,32 +46,32 @@ def flags(data_dir, **fields) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bert_run(tmp_path_factory, data_dir):
-    """A 1-step bert_tiny workdir: a source of another family."""
-    from conftest import tiny_flags
-    workdir = tmp_path_factory.mktemp("bert") / "run"
-    pretrain_main(["--workdir", str(workdir), *tiny_flags(data_dir, train__steps=1)])
-    return workdir
+def default_run(tmp_path_factory, data_dir):
+    """README command 1 shrunk by field overrides alone: `python -m pretrain.prepare`, then
+    `python -m pretrain`, with no --config or --workdir, in a fresh directory (returned)."""
+    from pretrain.prepare import main as prepare_main
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        prepare_main(overrides(data_dir))
+        pretrain_main(overrides(data_dir, **{"train.steps": 1}))
+    return cwd
 
 
-def test_the_default_run_is_modernbert_tiny_into_runs_modernbert_tiny(tmp_path, data_dir, monkeypatch):
-    """README command 1, `python -m pretrain` with no --config or --workdir (shrunk by field
-    overrides alone), after `python -m pretrain.prepare` likewise: modernbert_tiny's recipe, packed
-    MLM with a byte-level BPE, written to runs/modernbert_tiny (the config's name)."""
+def test_the_default_run_is_modernbert_tiny_into_runs_modernbert_tiny(default_run):
+    """modernbert_tiny's recipe, packed MLM with a byte-level BPE, written to
+    runs/modernbert_tiny (the config's name) and nowhere else."""
     import json
 
-    from pretrain.prepare import main as prepare_main
-    monkeypatch.chdir(tmp_path)
-    prepare_main(overrides(data_dir))
-    pretrain_main(overrides(data_dir, **{"train.steps": 1}))
-    workdir = tmp_path / "runs" / "modernbert_tiny"
+    workdir = default_run / "runs" / "modernbert_tiny"
     config, record = run_record.read(workdir)
     assert record["family"] == "modernbert" and config["data"]["objective"] == "mlm_packed"
     assert config["data"]["mask_prob"] == 0.3 and config["optim"]["decay"] == "1-sqrt"
     assert json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     metrics = {k for m in read_metrics(workdir) for k in m}
     assert "eval/mlm_accuracy" in metrics and not any("nsp" in k for k in metrics)
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["modernbert_tiny"]
+    assert [p.name for p in default_run.iterdir()] == ["runs"]
+    assert [p.name for p in (default_run / "runs").iterdir()] == ["modernbert_tiny"]
 
 
 def test_train_masks_30_percent_and_eval_15_on_packed_rows(data_dir, tmp_path):
@@ -185,12 +185,15 @@ def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
     assert any("eval/mlm_accuracy" in m for m in read_metrics(phase2))
 
 
-def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir, bert_run):
-    capsys.readouterr()
+def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir, default_run):
+    """bert_tiny (one --config away) from the default run's weights: refused, nothing written."""
+    from conftest import tiny_flags
+    capsys.readouterr()  # the default run's progress, where this test set it up
     workdir = tmp_path / "run"
-    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(bert_run), *flags(data_dir)])
-    assert "holds a bert model, but this config trains the modernbert family" in err, err
-    assert not (workdir / "tokenizer").exists()
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init",
+                                            str(default_run / "runs" / "modernbert_tiny"), *tiny_flags(data_dir)])
+    assert "holds a modernbert model, but this config trains the bert family" in err, err
+    assert not workdir.exists() or not any(p.name != "lease.json" for p in workdir.iterdir())
 
 
 def hf_masked_lm(folder: Path, data_dir, **config):
@@ -318,12 +321,16 @@ def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir
     assert model["local_window"] == 16 and model["num_layers"] == 4 and model["pooling"] == "mean"
 
 
-def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir, bert_run):
+def test_bert_finetuning_from_the_default_run_is_one_line(capsys, tmp_path, data_dir, default_run):
+    """A BERT fine-tuning config (the README's examples) from the default ModernBERT run."""
+    from conftest import TINY_FT
     from finetune.__main__ import main as finetune_main
+    flags = [f"--config.{k}={v}" for k, v in {**TINY_FT, "data.data_dir": str(data_dir)}.items()]
     capsys.readouterr()
-    err = cli_error(capsys, finetune_main, ["--workdir", str(tmp_path / "ft"), "--init", str(bert_run),
-                                            *ft_flags(data_dir)])
-    assert "holds a bert model, but this config trains the modernbert family" in err, err
+    err = cli_error(capsys, finetune_main, [
+        "--config", str(REPO / "configs" / "finetune_rt_polarity.py"), "--workdir", str(tmp_path / "ft"),
+        "--init", str(default_run / "runs" / "modernbert_tiny"), *flags])
+    assert "holds a modernbert model, but this config trains the bert family" in err, err
 
 
 @pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes
