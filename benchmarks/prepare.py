@@ -6,7 +6,7 @@
 Each measurement is a fresh `python -m pretrain.prepare` process on an empty data dir (the
 news wheel is linked in from ~/.cache/pretrax/wheels so that nothing is downloaded), timed from
 start to exit: the documents read, split into sentences, tokenised (the fast batch API) and
-written, then the NSP examples made and written (the default config: vocabulary 8,192, 64
+written, then the NSP examples made and written (configs/bert_tiny.py: vocabulary 8,192, 64
 tokens, dupe_factor 5), in shards of 500 documents (`data.shard_documents`: 8 shards of news).
 
   1. news, the WordPiece vocabulary trained as well (one process, no workers)
@@ -60,8 +60,8 @@ def run_prepare(data_dir: Path, **fields) -> dict:
     fields = {"data_dir": data_dir, "shard_documents": SHARD_DOCUMENTS, **fields}
     flags = [f"--config.data.{k}={v}" for k, v in fields.items()]
     start, cpu = time.perf_counter(), _children_cpu()
-    subprocess.run([sys.executable, "-m", "pretrain.prepare", *flags], cwd=REPO, check=True,
-                   capture_output=True, text=True)
+    subprocess.run([sys.executable, "-m", "pretrain.prepare", "--config", "configs/bert_tiny.py", *flags],
+                   cwd=REPO, check=True, capture_output=True, text=True)
     seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
     (tokens_report,) = data_dir.glob("prepared/*/report.json")
     (examples_report,) = data_dir.glob("prepared/*/nsp-*/report.json")

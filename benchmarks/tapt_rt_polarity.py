@@ -9,7 +9,8 @@ on the task's own unlabelled train texts help, where news pretraining alone ties
 Three conditions, each fine-tuned with the same seeds and budget by
 benchmarks/transfer.py (full fine-tuning, best dev checkpoint):
 
-  tapt         PRETRAIN_WORKDIR, then `python -m pretrain --init PRETRAIN_WORKDIR` on
+  tapt         PRETRAIN_WORKDIR (a bert_tiny run: the fine-tuning configs are BERT's), then
+               `python -m pretrain --config configs/bert_tiny.py --init PRETRAIN_WORKDIR` on
                --tapt-source (the train split's texts only; never dev or test) for --tapt-steps
                steps, warming up over 10% and decaying linearly to 0 (mlm_packed by default:
                most rt_polarity snippets are one sentence, so NSP pairs would be all random)
@@ -20,7 +21,7 @@ Runs go to DIR/tapt (pretraining), DIR/ft_tapt and DIR/ft_base (fine-tuning); th
 [min, max] over seeds of dev and test accuracy) and the wall time of each phase are printed and
 written to DIR/summary.json. Rerunning resumes or reuses finished runs.
 
-Measured on the 2-core machine (shared, load 5-8), from the default run (7,000 BERT-tiny steps on
+Measured on the 2-core machine (shared, load 5-8), from bert_tiny's run (7,000 BERT-tiny steps on
 news, eval/mlm_accuracy 0.285), defaults (TAPT: 2,000 steps of mlm_packed at lr 5e-4 over the
 6,459 packed 64-token rows of rt_polarity's 10,178 train texts, about 10 passes; held-out rt MLM
 accuracy 0.241 -> 0.341; fine-tuning 3 epochs at lr 5e-4), medians [min, max] of 3 seeds:
@@ -76,7 +77,7 @@ def main() -> None:
 
     tapt = out / "tapt"
     walls["tapt pretraining"] = run([
-        sys.executable, "-m", "pretrain", "--init", str(src), "--workdir", str(tapt),
+        sys.executable, "-m", "pretrain", "--config", "configs/bert_tiny.py", "--init", str(src), "--workdir", str(tapt),
         f"--config.data.source={args.tapt_source}", f"--config.data.objective={args.tapt_objective}",
         f"--config.train.steps={args.tapt_steps}", f"--config.optim.lr={args.tapt_lr}",
         f"--config.optim.warmup_steps={max(1, args.tapt_steps // 10)}", "--config.optim.decay_steps=0",

@@ -1,14 +1,16 @@
-"""BERT-tiny (2 layers, 128 hidden) MLM + NSP on the embedded English news corpus: the default.
+"""BERT-tiny (2 layers, 128 hidden) MLM + NSP on the embedded English news corpus, with a WordPiece
+vocabulary; also the shared groups every other config starts from. (The default run,
+`python -m pretrain` with no flags, is configs/modernbert_tiny.py.)
 
-Run (what `python -m pretrain` does with no flags):
-    python -m pretrain --config configs/bert_tiny.py --workdir runs/bert_tiny
+Run:
+    python -m pretrain --config configs/bert_tiny.py      # into runs/bert_tiny
 
 Continued pretraining (weights, tokenizer and model shape from --init, a fresh optimizer and
 step; the new corpus is tokenised with that tokenizer), e.g. task-adaptive on rt_polarity's train
 texts, or on a mixture of sources with weights:
-    python -m pretrain --init runs/bert_tiny --workdir runs/tapt_rt \
+    python -m pretrain --config configs/bert_tiny.py --init runs/bert_tiny --workdir runs/tapt_rt \
         --config.data.source=task:rt_polarity --config.data.objective=mlm_packed
-    python -m pretrain --init runs/bert_tiny --workdir runs/mix \
+    python -m pretrain --config configs/bert_tiny.py --init runs/bert_tiny --workdir runs/mix \
         --config.data.source=news:0.7,task:rt_polarity:0.3
 
 Measured on 2 CPU cores (2026-11-23, clean clone, install included): 16.7 minutes, ~14-17k

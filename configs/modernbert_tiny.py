@@ -1,6 +1,7 @@
-"""ModernBERT-tiny (4 layers, 128 hidden) with ModernBERT's recipe on the embedded English news corpus.
+"""ModernBERT-tiny (4 layers, 128 hidden) with ModernBERT's recipe on the embedded English news
+corpus: the default, what `python -m pretrain` runs with no flags (configs.PRETRAIN_DEFAULT).
 
-Run:
+Run (the same as `python -m pretrain`):
     python -m pretrain --config configs/modernbert_tiny.py --workdir runs/modernbert_tiny
 
 The recipe of Warner et al. (2024) at this machine's scale: MLM alone on packed rows (attention
@@ -13,12 +14,10 @@ local ones (a 128-token window, so 128-token rows make it matter) both use rotar
 the release's first phase did; its context extension raises the global base to 160,000
 (configs/modernbert_base_long.py).
 
-Expected: not yet measured to the end. train.steps gives the 14.3M tokens of bert_tiny's run
-(7,000 x 2,048). Measured beside bert_tiny on the shared machine (benchmarks/RESULTS.md, must-show
-4): eval/mlm_accuracy 0.121, 0.206, 0.236 at steps 500, 1,000, 1,500 (bert_tiny: 0.079, 0.110, 0.124, on
-its own WordPiece tokens), at half bert_tiny's tokens/s (its FLOPs per token are ~1.7x), so the
-7,000 steps take about twice bert_tiny's 17 idle minutes. Lower train.steps (and
-optim.decay_steps with it) if your budget is smaller.
+Expected on 2 idle CPU cores: FIGURE_MINUTES minutes, install included, ending at
+eval/mlm_accuracy FIGURE_ACC (bert_tiny: 17 minutes, 0.27 on its own WordPiece tokens).
+train.steps buys bert_tiny's wall clock: 4,000 x 2,048 = 8.2M tokens, 0.57 of bert_tiny's, as
+its FLOPs per token are ~1.7x. Beside bert_tiny on the same corpus (benchmarks/RESULTS.md): FIGURE_TABLE
 """
 
 from configs import bert_tiny

@@ -258,13 +258,22 @@ def write_tokenizer(src, dest: Path, do_lower_case: bool | None = None, model_ma
 
 
 def _write_bpe_tokenizer(folder, dest: Path, model_max_length: int, model_vocab_size: int | None) -> None:
-    """A byte-level BPE (models/tokenizer.py's ModernBERT option): its tokenizer.json as it is,
-    which transformers' PreTrainedTokenizerFast runs unchanged, and the special tokens named."""
+    """A byte-level BPE (models/tokenizer.py's ModernBERT option): its tokenizer.json, which
+    transformers' PreTrainedTokenizerFast runs unchanged, and the special tokens named.
+
+    One change: [MASK] takes the space before it (lstrip, as in ModernBERT's released tokenizer).
+    Training masks whole tokens such as "ĠMonday"; without it "on [MASK] that" would give the
+    model a lone "Ġ" before the mask, which it never saw, and fill-mask would guess word pieces.
+    """
     tok = Tokenizer.load(folder)
     if model_vocab_size is not None and tok.vocab_size > model_vocab_size:
         raise ConversionError(f"the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{model_vocab_size} embeddings")
     tok.save(dest)  # tokenizer.json and a tokenizer_config.json for PreTrainedTokenizerFast
+    spec = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    for added in spec["added_tokens"]:
+        added["lstrip"] = added["lstrip"] or added["content"] == SPECIAL_TOKENS["mask_token"]
+    write_json(dest / "tokenizer.json", spec)
     config = json.loads((dest / "tokenizer_config.json").read_text())
     write_json(dest / "tokenizer_config.json", {**config, "model_max_length": model_max_length})
     write_json(dest / "special_tokens_map.json", SPECIAL_TOKENS)

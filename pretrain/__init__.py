@@ -1,1 +1,1 @@
-"""BERT pretraining with MLM and NSP: `python -m pretrain`."""
+"""`python -m pretrain`: ModernBERT (the default), BERT and MAE pretraining on one loop."""

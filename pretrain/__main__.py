@@ -1,9 +1,10 @@
 """`python -m pretrain [--config configs/NAME.py] [--workdir DIR] [--init SRC] [--config.FIELD=VALUE ...]`.
 
-With no flags it runs the embedded default; the same command on the same workdir resumes.
-`--init SRC` continues pretraining from SRC's weights (a pretraining workdir, one of its
-checkpoints/<step> folders, or a HuggingFace BERT folder), with SRC's tokenizer and model shape
-and a fresh optimizer and step.
+With no flags it runs the default, configs/modernbert_tiny.py (configs.PRETRAIN_DEFAULT), into
+runs/modernbert_tiny; the same command on the same workdir resumes. `--init SRC` continues
+pretraining from SRC's weights (a pretraining workdir, one of its checkpoints/<step> folders, or a
+HuggingFace folder of the config's family), with SRC's tokenizer and model shape and a fresh
+optimizer and step.
 Multi-process: `--coordinator HOST:PORT --num_processes N --process_id I` on every process (or
 nothing on TPU pods and under srun, which are detected); `--cpu_devices M` fakes M CPU devices.
 `python -m launch.local` starts such runs on one machine (see launch/README.md).
@@ -12,7 +13,6 @@ WORKDIR/trials/<n>, scored by its eval loss (training/search.py).
 """
 
 import sys
-from pathlib import Path
 
 import configs
 from training import distributed
@@ -22,13 +22,13 @@ from training.search import SEARCH_ARGS
 
 INIT_ARG = ("--init", dict(default=None, metavar="SRC",
                            help="continue from SRC's weights: a pretraining workdir, a "
-                                "checkpoints/<step> folder, or a HuggingFace BERT folder"))
+                                "checkpoints/<step> folder, or a HuggingFace folder"))
 
 
 @exits_cleanly
 def main(argv=None) -> None:
-    config, args = parse_cli(sys.argv[1:] if argv is None else argv, str(Path(configs.__file__).with_name("bert_tiny.py")),
-                             "Pretrain a BERT encoder with MLM and NSP.",
+    config, args = parse_cli(sys.argv[1:] if argv is None else argv, configs.PRETRAIN_DEFAULT,
+                             "Pretrain an encoder (default: ModernBERT-tiny, MLM on packed rows).",
                              extra_args=[INIT_ARG, *SEARCH_ARGS, *distributed.DISTRIBUTED_ARGS])
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.cpu_devices,
                            **distributed.timeouts(config))

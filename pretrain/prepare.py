@@ -3,7 +3,6 @@ pretraining corpus ahead of time (data/preparation.py; `python -m pretrain` prep
 Takes the same multi-process flags as `python -m pretrain`; every process prepares its share."""
 
 import sys
-from pathlib import Path
 
 from data.preparation import prepare
 from training import distributed
@@ -15,7 +14,7 @@ from training.errors import exits_cleanly
 def main(argv=None) -> None:
     import configs
     config, args = parse_cli(sys.argv[1:] if argv is None else argv,
-                             str(Path(configs.__file__).with_name("bert_tiny.py")),
+                             configs.PRETRAIN_DEFAULT,
                              "Tokenise a text source into pretraining examples (cached).",
                              extra_args=distributed.DISTRIBUTED_ARGS)
     if distributed.initialize(args.coordinator, args.num_processes, args.process_id,

@@ -1,6 +1,7 @@
 """Shared fixtures. Eight fake CPU devices, set before JAX first touches its backend."""
 
 import contextlib
+from pathlib import Path
 
 import jax
 
@@ -13,8 +14,10 @@ import pytest  # noqa: E402
 from configs import bert_tiny  # noqa: E402
 
 
-# The default config shrunk for tests: pydocs corpus (no download), short sequences, tiny batches;
-# dropout on, so resume and mesh-equality tests cover the dropout random stream too.
+# bert_tiny shrunk for tests (the loop, checkpoints, storage and processes seen through BERT's NSP
+# and WordPiece): pydocs corpus (no download), short sequences, tiny batches; dropout on, so resume
+# and mesh-equality tests cover the dropout random stream too.
+BERT_TINY = str(Path(__file__).resolve().parents[1] / "configs" / "bert_tiny.py")
 TINY = {
     "model.dropout": 0.1, "model.attention_dropout": 0.1, "data.source": "pydocs", "data.vocab_size": 512, "data.max_seq_len": 32,
     "data.max_predictions": 5, "data.dupe_factor": 1, "train.steps": 6, "train.batch_size": 16,
@@ -63,10 +66,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def tiny_flags(data_dir, **overrides) -> list[str]:
-    """TINY as `--config.KEY=VALUE` flags; override keys use `__` for dots (train__steps=3)."""
+    """`--config` bert_tiny (named: the trainers' default is modernbert_tiny) and TINY as
+    `--config.KEY=VALUE` flags; override keys use `__` for dots (train__steps=3)."""
     values = {**TINY, "data.data_dir": str(data_dir),
               **{k.replace("__", "."): v for k, v in overrides.items()}}
-    return [f"--config.{k}={v}" for k, v in values.items()]
+    return ["--config", BERT_TINY, *[f"--config.{k}={v}" for k, v in values.items()]]
 
 
 @pytest.fixture(scope="session")

@@ -37,10 +37,42 @@ def tiny_config(data_dir, **overrides) -> ml_collections.ConfigDict:
                        {**TINY_MB, "data.data_dir": str(data_dir), **overrides})
 
 
-def flags(data_dir, **overrides) -> list[str]:
-    values = {**TINY_MB, "data.data_dir": str(data_dir), **overrides}
-    return ["--config", str(REPO / "configs" / "modernbert_tiny.py"),
-            *[f"--config.{k}={v}" for k, v in values.items()]]
+def overrides(data_dir, **fields) -> list[str]:
+    values = {**TINY_MB, "data.data_dir": str(data_dir), **fields}
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def flags(data_dir, **fields) -> list[str]:
+    return ["--config", str(REPO / "configs" / "modernbert_tiny.py"), *overrides(data_dir, **fields)]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, data_dir):
+    """README command 1 shrunk by field overrides alone: `python -m pretrain.prepare`, then
+    `python -m pretrain`, with no --config or --workdir, in a fresh directory (returned)."""
+    from pretrain.prepare import main as prepare_main
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        prepare_main(overrides(data_dir))
+        pretrain_main(overrides(data_dir, **{"train.steps": 1}))
+    return cwd
+
+
+def test_the_default_run_is_modernbert_tiny_into_runs_modernbert_tiny(default_run):
+    """modernbert_tiny's recipe, packed MLM with a byte-level BPE, written to
+    runs/modernbert_tiny (the config's name) and nowhere else."""
+    import json
+
+    workdir = default_run / "runs" / "modernbert_tiny"
+    config, record = run_record.read(workdir)
+    assert record["family"] == "modernbert" and config["data"]["objective"] == "mlm_packed"
+    assert config["data"]["mask_prob"] == 0.3 and config["optim"]["decay"] == "1-sqrt"
+    assert json.loads((workdir / "tokenizer" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    metrics = {k for m in read_metrics(workdir) for k in m}
+    assert "eval/mlm_accuracy" in metrics and not any("nsp" in k for k in metrics)
+    assert [p.name for p in default_run.iterdir()] == ["runs"]
+    assert [p.name for p in (default_run / "runs").iterdir()] == ["modernbert_tiny"]
 
 
 def test_train_masks_30_percent_and_eval_15_on_packed_rows(data_dir, tmp_path):
@@ -154,15 +186,15 @@ def test_context_extension_starts_from_the_phase_1_weights(tmp_path, data_dir):
     assert any("eval/mlm_accuracy" in m for m in read_metrics(phase2))
 
 
-def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir):
+def test_init_from_another_family_is_one_line(capsys, tmp_path, data_dir, default_run):
+    """bert_tiny (one --config away) from the default run's weights: refused, nothing written."""
     from conftest import tiny_flags
-    bert = tmp_path / "bert"
-    pretrain_main(["--workdir", str(bert), *tiny_flags(data_dir, train__steps=1)])
-    capsys.readouterr()
+    capsys.readouterr()  # the default run's progress, where this test set it up
     workdir = tmp_path / "run"
-    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init", str(bert), *flags(data_dir)])
-    assert "holds a bert model, but this config trains the modernbert family" in err, err
-    assert not (workdir / "tokenizer").exists()
+    err = cli_error(capsys, pretrain_main, ["--workdir", str(workdir), "--init",
+                                            str(default_run / "runs" / "modernbert_tiny"), *tiny_flags(data_dir)])
+    assert "holds a modernbert model, but this config trains the bert family" in err, err
+    assert not workdir.exists() or not any(p.name != "lease.json" for p in workdir.iterdir())
 
 
 def hf_masked_lm(folder: Path, data_dir, **config):
@@ -290,15 +322,16 @@ def test_finetune_starts_from_the_pretrained_encoder_and_head(tmp_path, data_dir
     assert model["local_window"] == 16 and model["num_layers"] == 4 and model["pooling"] == "mean"
 
 
-def test_finetune_from_a_bert_run_is_one_line(capsys, tmp_path, data_dir):
-    from conftest import tiny_flags
+def test_bert_finetuning_from_the_default_run_is_one_line(capsys, tmp_path, data_dir, default_run):
+    """A BERT fine-tuning config (the README's examples) from the default ModernBERT run."""
+    from conftest import TINY_FT
     from finetune.__main__ import main as finetune_main
-    bert = tmp_path / "bert"
-    pretrain_main(["--workdir", str(bert), *tiny_flags(data_dir, train__steps=1)])
+    flags = [f"--config.{k}={v}" for k, v in {**TINY_FT, "data.data_dir": str(data_dir)}.items()]
     capsys.readouterr()
-    err = cli_error(capsys, finetune_main, ["--workdir", str(tmp_path / "ft"), "--init", str(bert),
-                                            *ft_flags(data_dir)])
-    assert "holds a bert model, but this config trains the modernbert family" in err, err
+    err = cli_error(capsys, finetune_main, [
+        "--config", str(REPO / "configs" / "finetune_rt_polarity.py"), "--workdir", str(tmp_path / "ft"),
+        "--init", str(default_run / "runs" / "modernbert_tiny"), *flags])
+    assert "holds a modernbert model, but this config trains the bert family" in err, err
 
 
 @pytest.mark.slow  # whole runs: the default pytest stays under 15 minutes

@@ -54,6 +54,25 @@ def test_bpe_saved_folder_loads_here_and_in_auto_tokenizer(bpe, tmp_path):
     assert bpe.encode("a [MASK] b").count(bpe.mask_id) == 1
 
 
+def test_the_export_masks_a_whole_word_as_training_did(bpe, tmp_path):
+    """fill-mask on an export: "on [MASK] that" must be the ids training makes when it masks the
+    word after "on" (a "Ġword" token), with no lone "Ġ" before the mask."""
+    from transformers import AutoTokenizer
+
+    from models.hf import export_tokenizer
+    bpe.save(tmp_path / "run")
+    export_tokenizer(tmp_path / "run", tmp_path / "hf")
+    want = bpe.encode("said on") + [bpe.mask_id] + bpe.encode(" that")
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert exported("said on [MASK] that", add_special_tokens=False)["input_ids"] == want
+    for text in TEXTS:  # and everything without a mask exactly as training tokenized it
+        if "[MASK]" not in text:
+            assert exported(text)["input_ids"] == bpe.encode_pair(text, None, 512)[0], text
+    # negative control: the run's own folder keeps the space as a token of its own
+    spaced = AutoTokenizer.from_pretrained(tmp_path / "run")("said on [MASK] that", add_special_tokens=False)
+    assert spaced["input_ids"] != want and bpe.encode(" ")[0] in spaced["input_ids"]
+
+
 def test_bpe_ids_are_the_same_in_every_process():
     code = ("from models.tokenizer import Tokenizer; "
             "t = Tokenizer.train(['qwe rty uio pas dfg hjk lzx cvb nm ' * 3] * 20, 300, kind='bpe'); "

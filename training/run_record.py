@@ -54,7 +54,8 @@ def write(folder, given: dict, resolved: dict, trainer: str, source: dict | None
     `source`)."""
     folder = storage.as_path(folder)
     resolved = {k: v for k, v in resolved.items() if k != "init"}  # the source has its own key
-    record = {"trainer": trainer, "family": resolved.get("family"), "source": source,
+    # a setup resolves the family only where it differs from the config's (as given: most runs)
+    record = {"trainer": trainer, "family": resolved.get("family", given.get("family")), "source": source,
               "resolved": changes(given, resolved)}
     (folder / "config.json").write_text(json.dumps(given, indent=2, sort_keys=True, default=str) + "\n")
     (folder / FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
