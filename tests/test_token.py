@@ -17,10 +17,10 @@ from data.wheels import DataError
 from finetune import token
 from finetune.__main__ import main as finetune_main
 from finetune.tasks import TOKEN, get_task
-from finetune.bert import TokenClassifier
+from finetune.bert import PositionClassifier
 from models import hf, hf_cli
 from models.bert import BertConfig
-from models.modernbert import ModernBertConfig, ModernBertForTokenClassification
+from models.modernbert import ModernBertConfig, ModernBertForPositionClassification
 from models.tokenizer import Tokenizer
 from conftest import TINY_FT, cli_error, perturbed_params
 
@@ -209,12 +209,33 @@ MODERNBERT = ModernBertConfig(vocab_size=320, num_layers=4, hidden_size=64, num_
                               intermediate_size=96, max_position=512, local_window=16)
 FAMILIES = {
     "bert": (BERT, "BertForTokenClassification",
-             lambda cfg, rngs: TokenClassifier(cfg, len(LABELS), 0.0, rngs),
+             lambda cfg, rngs: PositionClassifier(cfg, len(LABELS), 0.0, rngs),
              lambda m, ids, mask: m(ids, jnp.zeros_like(ids), mask)),
     "modernbert": (MODERNBERT, "ModernBertForTokenClassification",
-                   lambda cfg, rngs: ModernBertForTokenClassification(cfg, len(LABELS), rngs),
+                   lambda cfg, rngs: ModernBertForPositionClassification(cfg, len(LABELS), rngs),
                    lambda m, ids, mask: m(ids, mask)),
 }
+
+
+# The QA model is the same class with two outputs named as HF's QA head (tests/test_hf_qa.py
+# has its parity with transformers).
+CLASSES = {"bert": lambda cfg, n, rngs, **kw: PositionClassifier(cfg, n, 0.0, rngs, **kw),
+           "modernbert": lambda cfg, n, rngs, **kw: ModernBertForPositionClassification(cfg, n, rngs, **kw)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_per_position_class_is_the_token_and_the_qa_model(family):
+    cfg, architecture, _, _ = FAMILIES[family]
+    with nnx.use_eager_sharding(False):  # abstract: the parameter trees alone
+        token_params, qa_params = (nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+            lambda: CLASSES[family](cfg, n, nnx.Rngs(0), **kw)), nnx.Param))
+            for n, kw in ((len(LABELS), {}), (2, {"output": "qa_outputs"})))
+    assert hf.infer_architecture(token_params, family) == architecture
+    assert hf.infer_architecture(qa_params, family) == architecture.replace("TokenClassification", "QuestionAnswering")
+    assert qa_params["qa_outputs"]["kernel"].shape == (cfg.hidden_size, 2)
+    assert token_params["token_classifier"]["kernel"].shape == (cfg.hidden_size, len(LABELS))
+    rest = lambda params, name: jax.tree.map(lambda x: x.shape, {k: v for k, v in params.items() if k != name})
+    assert rest(token_params, "token_classifier") == rest(qa_params, "qa_outputs")
 
 
 # ModernBERT's (4 layers, a window) takes ~20 s a direction: the slow suite's.
