@@ -18,6 +18,7 @@ from finetune import token
 from finetune.__main__ import main as finetune_main
 from finetune.tasks import TOKEN, get_task
 from finetune.bert import PositionClassifier
+from finetune.text import labelled_parts
 from models import hf, hf_cli
 from models.bert import BertConfig
 from models.modernbert import ModernBertConfig, ModernBertForPositionClassification
@@ -157,6 +158,30 @@ def test_bad_file_through_the_cli_is_one_line_and_writes_nothing(tmp_path, capsy
         f"--config.data.task=conll:{data}"])
     assert f"{data / 'dev.conll'}:2: " in err
     assert not workdir.exists() or not any(p.name not in ("lease.json",) for p in workdir.iterdir())
+
+
+def test_each_split_is_encoded_once_for_all_its_evaluations(tmp_path, monkeypatch):
+    for split in ("train", "dev", "test"):
+        write(tmp_path, f"{split}.conll", CONLL)
+    task, data = get_task(f"conll:{tmp_path}"), load_task(f"conll:{tmp_path}", tmp_path)
+    tokenizer = Tokenizer.train(["the eu rejects german beef, peter blackburn said"] * 5, 120)
+    encoded = []
+    monkeypatch.setattr(token, "encode", lambda split, *a: (encoded.append(len(split)), encode_words(split, *a))[1])
+    parts = labelled_parts(task, data, data.splits, tokenizer, 16)
+    logits = np.random.default_rng(0).normal(size=(2, 16, len(data.label_names))).astype(np.float32)
+    first = parts["score"]("dev", logits)[0]
+    assert encoded == [2]  # the two dev sentences, once
+    assert [parts["score"]("dev", logits)[0] for _ in range(3)] == [first] * 3 and encoded == [2]
+    parts["write_predictions"](tmp_path, "dev", logits)
+    parts["score"]("test", logits)
+    assert encoded == [2, 2]  # test's own, once
+    # what the cached labels score is what a fresh encoding scores (seqeval on the words' tags)
+    labels = encode_words(data.splits["dev"], tokenizer, 16)["labels"]
+    words = [len(w) for w in data.splits["dev"].words]
+    predicted = token.word_predictions(logits, labels, words, data.label_names.index("O"))
+    names = data.label_names
+    gold = [[names[t] for t in tags] for tags in data.splits["dev"].tags]
+    assert first["f1"] == seqeval.f1_score(gold, [[names[t] for t in p] for p in predicted])
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
