@@ -49,45 +49,30 @@ class SequenceClassifier(nnx.Module):
         return self.classifier(pooled_BD).astype(jnp.float32)
 
 
-class TokenClassifier(nnx.Module):
-    """`encoder` and `token_classifier` (D -> C) on every position's hidden state, with dropout:
-    HuggingFace's BertForTokenClassification, parameter for parameter (its BertModel has no
-    pooler: ours is kept, unused, and export leaves it out). `token_classifier` is HF's
-    `classifier`; the name tells export which head a tree holds."""
+class PositionClassifier(nnx.Module):
+    """`encoder` (BertEncoder) and a D -> C layer on every position's hidden state, after
+    dropout. Named `token_classifier` (HF's `classifier`) it is HuggingFace's
+    BertForTokenClassification; named `qa_outputs` with C = 2 (a start and an end logit) and
+    no dropout, BertForQuestionAnswering; parameter for parameter, and the name tells export
+    which. Neither has a pooler in HF: ours is kept, unused, so that any BERT source loads, and
+    export leaves it out."""
 
-    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, num_outputs: int, classifier_dropout: float, rngs: nnx.Rngs,
+                 output: str = "token_classifier"):
         self.encoder = BertEncoder(cfg, rngs)
-        self.token_classifier = nnx.Linear(
+        setattr(self, output, nnx.Linear(
             cfg.hidden_size, num_outputs, dtype=jnp.dtype(cfg.dtype),
-            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
-        self.classifier_dropout = classifier_dropout
+            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs))
+        self.output, self.classifier_dropout = output, classifier_dropout
 
     def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
         """Logits BTC in float32. `key=None` disables dropout."""
         x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=fold(key, 0))
         x_BTD = dropout(x_BTD, self.classifier_dropout, fold(key, 1))
-        return self.token_classifier(x_BTD).astype(jnp.float32)
+        return getattr(self, self.output)(x_BTD).astype(jnp.float32)
 
 
-class QuestionAnswering(nnx.Module):
-    """`encoder` (BertEncoder) and `qa_outputs` (D -> 2: a start and an end logit at every
-    position): HuggingFace's BertForQuestionAnswering, whose BertModel has no pooler (ours keeps
-    it unused, so that any BERT source loads; the export leaves it out)."""
-
-    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
-        self.encoder = BertEncoder(cfg, rngs)
-        self.qa_outputs = nnx.Linear(
-            cfg.hidden_size, 2, dtype=jnp.dtype(cfg.dtype),
-            kernel_init=normal(cfg.initializer_range, "embed", None), bias_init=zeros(None), rngs=rngs)
-
-    def __call__(self, input_ids, token_type_ids, attention_mask, *, key=None):
-        """float32 start and end logits BT2."""
-        x_BTD, _ = self.encoder(input_ids, token_type_ids, attention_mask, key=key)
-        return self.qa_outputs(x_BTD).astype(jnp.float32)
-
-
-def predict(model: SequenceClassifier | TokenClassifier | QuestionAnswering, batch: dict,
-            key=None) -> jax.Array:
+def predict(model: SequenceClassifier | PositionClassifier, batch: dict, key=None) -> jax.Array:
     return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], key=key)
 
 
@@ -112,8 +97,8 @@ CLASSIFIER = text.Classifier(
     model=lambda cfg, outputs, mc, rngs: SequenceClassifier(cfg, outputs, mc.classifier_dropout, rngs,
                                                             pooling=mc.pooling),
     predict=predict, depth=encoder_depth,
-    token_model=lambda cfg, outputs, mc, rngs: TokenClassifier(cfg, outputs, mc.classifier_dropout, rngs),
-    span_model=lambda cfg, outputs, mc, rngs: QuestionAnswering(cfg, rngs))
+    token_model=lambda cfg, outputs, mc, rngs: PositionClassifier(cfg, outputs, mc.classifier_dropout, rngs),
+    span_model=lambda cfg, outputs, mc, rngs: PositionClassifier(cfg, 2, 0.0, rngs, output="qa_outputs"))
 
 
 def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:

@@ -1,8 +1,8 @@
 """The ModernBERT family for fine-tuning: transformers' ModernBertForSequenceClassification (the
 encoder, pooling of the first token or the mean of the real ones, the prediction head, dropout,
 a classifier with a bias), or for a token task ModernBertForTokenClassification (the same on
-every position), or ModernBertForQuestionAnswering for a span task, on the text tasks of
-finetune/text.py.
+every position), or ModernBertForQuestionAnswering for a span task (the same with two outputs;
+one class here, models/modernbert.py), on the text tasks of finetune/text.py.
 
 `--init` names a ModernBERT pretraining workdir (its latest checkpoint), one checkpoint step
 folder, a fine-tuning workdir of this family, or "none" (finetune/text.py). A pretraining
@@ -19,8 +19,8 @@ import jax
 from finetune import text
 from finetune.setup import FinetuneSetup
 from infra.errors import UserError
-from models.modernbert import (ModernBertConfig, ModernBertForQuestionAnswering,
-                               ModernBertForSequenceClassification, ModernBertForTokenClassification)
+from models.modernbert import (ModernBertConfig, ModernBertForPositionClassification,
+                               ModernBertForSequenceClassification)
 from training.init_source import load_params, take_params
 
 
@@ -60,10 +60,10 @@ CLASSIFIER = text.Classifier(
     model=lambda cfg, outputs, mc, rngs: ModernBertForSequenceClassification(
         cfg, outputs, rngs, pooling=mc.pooling, classifier_dropout=mc.classifier_dropout),
     predict=predict, depth=depth, take=take,
-    token_model=lambda cfg, outputs, mc, rngs: ModernBertForTokenClassification(
+    token_model=lambda cfg, outputs, mc, rngs: ModernBertForPositionClassification(
         cfg, outputs, rngs, classifier_dropout=mc.classifier_dropout),
-    span_model=lambda cfg, outputs, mc, rngs: ModernBertForQuestionAnswering(
-        cfg, rngs, classifier_dropout=mc.classifier_dropout))
+    span_model=lambda cfg, outputs, mc, rngs: ModernBertForPositionClassification(
+        cfg, 2, rngs, classifier_dropout=mc.classifier_dropout, output="qa_outputs"))
 
 
 def setup(config, workdir, init: str, explicit: set) -> FinetuneSetup:

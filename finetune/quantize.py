@@ -10,7 +10,6 @@ from flax import nnx
 
 from models import quantize
 from training.errors import UserError
-from training.state import abstract_model
 
 
 def check(method) -> None:
@@ -24,12 +23,13 @@ def check(method) -> None:
                 raise UserError(f"method.{field}: {e}") from None
 
 
-def training_model_fn(model_fn, method):
-    """The model the step trains: with method.quantize, one whose weights are fake-quantised
-    (straight-through) in every forward pass, train and eval alike."""
+def qat_transform(method):
+    """What the step trains (training/state.py abstract_params' `transform`): with
+    method.quantize, the model whose weights are fake-quantised (straight-through) in every
+    forward pass, train and eval alike; None without."""
     if method.get("quantize", "none") == "none":
-        return model_fn
-    return lambda rngs: quantize.qat_model(model_fn(rngs), method.quantize)
+        return None
+    return lambda model: quantize.qat_model(model, method.quantize)
 
 
 def qtype(method) -> str | None:
@@ -40,10 +40,11 @@ def qtype(method) -> str | None:
     return None
 
 
-def post_training(model_fn, params: dict, qtype: str) -> tuple[dict, dict]:
+def post_training(model: nnx.Module, params: dict, qtype: str) -> tuple[dict, dict]:
     """(params with every weight replaced by its int8 value dequantised, what results.json
-    records: dtype, float32 and quantised bytes)."""
-    channels = quantize.weight_channels(abstract_model(model_fn))
+    records: dtype, float32 and quantised bytes). `model`: the float model, abstract (the
+    plan's, training/state.py Abstract.model) or not; only its modules are read."""
+    channels = quantize.weight_channels(model)
     host = jax.tree.map(lambda x: jax.device_get(x), params)
     quantised = quantize.quantize_params(host, channels, qtype)
     record = {"dtype": qtype, "weights": len(quantised),

@@ -162,7 +162,8 @@ def labelled_parts(task, data, splits: dict, tokenizer, max_len: int) -> dict:
     parts = dict(splits=splits, label_names=data.label_names,
                  encode=rows_encoder(task, splits, tokenizer, max_len))
     if task.kind == tasks.TOKEN:
-        view = types.SimpleNamespace(**parts)  # what finetune/token.py reads of a setup
+        # what finetune/token.py reads of a setup, and where it keeps each split's encoded tags
+        view = types.SimpleNamespace(**parts, gold_labels={})
         parts.update(score=lambda split, out: (token.score(task, view, split, out), out),
                      write_predictions=lambda workdir, split, out: token.write_predictions(
                          workdir, view, split, out))

@@ -78,12 +78,21 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str
                 "accuracy": float(seqeval.accuracy_score(gold, predicted))}
 
 
+def gold_labels(family, split: str) -> np.ndarray:
+    """The split's sub-token labels NT (a tag at each word's first sub-token): the tokenizer's
+    work on the whole split, done at its first evaluation and kept on the setup
+    (`family.gold_labels`, finetune/text.py) for every later one."""
+    if split not in family.gold_labels:
+        rows = np.arange(len(family.splits[split]))
+        family.gold_labels[split] = family.encode(split, rows, rows)["labels"]
+    return family.gold_labels[split]
+
+
 def _predicted(family, split: str, logits_NTC: np.ndarray) -> tuple[list, np.ndarray]:
-    data = family.splits[split]
-    rows = np.arange(len(data))
-    labels_NT = family.encode(split, rows, rows)["labels"]
+    labels_NT = gold_labels(family, split)
     outside = family.label_names.index("O")
-    return word_predictions(logits_NTC, labels_NT, [len(w) for w in data.words], outside), labels_NT
+    words = [len(w) for w in family.splits[split].words]
+    return word_predictions(logits_NTC, labels_NT, words, outside), labels_NT
 
 
 def score(task, family, split: str, logits_NTC: np.ndarray) -> dict[str, float]:

@@ -21,6 +21,7 @@ import json
 import math
 import jax
 import numpy as np
+from flax import nnx
 
 from data import labelled
 from finetune import distill, quantize, tasks
@@ -37,8 +38,7 @@ from training.lease import WorkdirLease
 from training.errors import UserError
 from training.loop import Throughput, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
-from training.state import (abstract_params, create_train_state, graphdef_and_specs, init_params,
-                            plan_state)
+from training.state import abstract_params, create_train_state, init_params, plan_state
 from training.step import make_eval_step, make_train_step
 from training.validate import validate
 
@@ -69,8 +69,6 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     teacher_source = distill.teacher_source(config, workdir, init)  # checked before anything is written
     family = families.of_config(config).setup("finetune")(config, workdir, init, set(explicit))
-    float_model_fn = family.model_fn
-    family.model_fn = quantize.training_model_fn(family.model_fn, method)  # method.quantize
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
     eval_batch = config.eval.batch_size or tc.batch_size
@@ -80,8 +78,9 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     eval_every = config.eval.every_steps or steps_per_epoch
 
     # ---- Method, optimizer, steps ------------------------------------------------------------
-    abstract = abstract_params(family.model_fn)  # the model's one abstract trace
-    shapes = abstract[1]
+    # the model's one abstract trace; with method.quantize the step runs its QAT graph
+    abstract = abstract_params(family.model_fn, quantize.qat_transform(method))
+    shapes = abstract.params
     if is_stacked(shapes) and (method.freeze_bottom >= 0 or method.layer_decay != 1.0):
         raise UserError("method.freeze_bottom and method.layer_decay treat each layer on its own, "
                         "which a scanned stack's stacked weights cannot; set "
@@ -99,7 +98,7 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
     if method.l2sp_alpha > 0:  # the anchor w0 lives in the state, so a resumed run keeps it
         target["anchor"], shardings["anchor"] = target["params"]["encoder"], shardings["params"]["encoder"]
         penalties["l2sp"] = l2sp_penalty(method.l2sp_alpha, frozen)
-    prune = pruning.pruner(method, abstract[2], total)
+    prune = pruning.pruner(method, abstract.specs, total)
     if prune is not None:  # the masks live in the state, so a resumed run keeps them
         shardings["masks"] = prune.mask_shardings(shardings["params"])
         target["masks"] = {k: jax.ShapeDtypeStruct(m.shape, bool, sharding=shardings["masks"][k])
@@ -206,10 +205,11 @@ def _train(config, workdir, init: str, explicit, lease, on_eval=None) -> dict | 
                 _write_predictions(workdir / f"predictions_{split}.tsv", family.splits[split], task,
                                    family.label_names, predictions)
         if qtype := quantize.qtype(method):  # the int8 weights, scored by the same eval
-            qparams, results["quantized"] = quantize.post_training(float_model_fn, params, qtype)
-            float_step = jax.jit(make_eval_step(graphdef_and_specs(float_model_fn)[0],
-                                                lambda model, batch: family.predict(model, batch, None)),
-                                 in_shardings=(shardings["params"], batch_sharding))
+            qparams, results["quantized"] = quantize.post_training(abstract.model, params, qtype)
+            # the float graph scores the int8 weights: the step's, unless it trained QAT's
+            float_step = predict_step if quantize.qat_transform(method) is None else jax.jit(
+                make_eval_step(nnx.graphdef(abstract.model), lambda model, batch: family.predict(model, batch, None)),
+                in_shardings=(shardings["params"], batch_sharding))
             for split in [s for s in family.splits if s != "train"]:
                 results["quantized"][split] = score(qparams, split, float_step)[0] or None
     results["examples"] = {name: len(s) for name, s in family.splits.items()}

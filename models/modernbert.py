@@ -256,42 +256,25 @@ class ModernBertForSequenceClassification(nnx.Module):
         return self.classifier(h_BD).astype(jnp.float32)
 
 
-class ModernBertForTokenClassification(nnx.Module):
-    """HF's class: every position's hidden state -> prediction head -> dropout -> classifier
-    (with bias). The classifier is `token_classifier` here (HF's `classifier`), so a parameter
-    tree tells which of the two classifiers it holds."""
+class ModernBertForPositionClassification(nnx.Module):
+    """HF's per-position classes: every position's hidden state -> prediction head -> dropout ->
+    a layer with a bias. Named `token_classifier` it is ModernBertForTokenClassification, named
+    `qa_outputs` with 2 outputs (start and end logits) ModernBertForQuestionAnswering; both are
+    HF's `classifier`, and the name tells export which of them a parameter tree holds."""
 
     def __init__(self, cfg: ModernBertConfig, num_labels: int, rngs: nnx.Rngs, *,
-                 classifier_dropout: float = 0.0):
+                 classifier_dropout: float = 0.0, output: str = "token_classifier"):
         self.encoder = ModernBertEncoder(cfg, rngs)
         self.head = PredictionHead(cfg, rngs)
-        self.token_classifier = _dense(cfg, cfg.hidden_size, num_labels, ["embed"], [None], rngs,
-                                       std=cfg.hidden_size ** -0.5, use_bias=True)
-        self.classifier_dropout = classifier_dropout
+        setattr(self, output, _dense(cfg, cfg.hidden_size, num_labels, ["embed"], [None], rngs,
+                                     std=cfg.hidden_size ** -0.5, use_bias=True))
+        self.output, self.classifier_dropout = output, classifier_dropout
 
     def __call__(self, input_ids, attention_mask, *, key=None):
         """float32 logits BTC."""
         h_BTD = self.head(self.encoder(input_ids, attention_mask, key=fold(key, 0)))
         h_BTD = dropout(h_BTD, self.classifier_dropout, fold(key, 1))
-        return self.token_classifier(h_BTD).astype(jnp.float32)
-
-
-class ModernBertForQuestionAnswering(nnx.Module):
-    """HF's class: the prediction head on every position -> dropout -> a start and an end logit
-    (our `qa_outputs`, HF's `classifier`)."""
-
-    def __init__(self, cfg: ModernBertConfig, rngs: nnx.Rngs, *, classifier_dropout: float = 0.0):
-        self.encoder = ModernBertEncoder(cfg, rngs)
-        self.head = PredictionHead(cfg, rngs)
-        self.qa_outputs = _dense(cfg, cfg.hidden_size, 2, ["embed"], [None], rngs,
-                                 std=cfg.hidden_size ** -0.5, use_bias=True)
-        self.classifier_dropout = classifier_dropout
-
-    def __call__(self, input_ids, attention_mask, *, key=None):
-        """float32 start and end logits BT2."""
-        h_BTD = self.head(self.encoder(input_ids, attention_mask, key=fold(key, 0)))
-        h_BTD = dropout(h_BTD, self.classifier_dropout, fold(key, 1))
-        return self.qa_outputs(h_BTD).astype(jnp.float32)
+        return getattr(self, self.output)(h_BTD).astype(jnp.float32)
 
 
 # The family spec (models/family.py): its HuggingFace record today; its setups when they exist.

@@ -44,7 +44,9 @@ def qat_model(model: nnx.Module, qtype: str) -> nnx.Module:
     Our dense layers contract through `layers.projection`, a custom_vjp over a reshaped matmul
     (faster on XLA:CPU) in which qwix cannot find the kernel parameter: the quantised model's
     layers call `jax.lax.dot_general` itself, which qwix intercepts. The params are unchanged
-    (no new variables for weight-only quantisation), so checkpoints stay ordinary float ones."""
+    (no new variables for weight-only quantisation), so checkpoints stay ordinary float ones.
+    `model` itself is left as it was (an abstract one too: training/state.py abstract_params)."""
+    model = nnx.clone(model)
     use_lax_dot_general(model)
     # dot_general only: attention's einsums multiply activations, which stay in float. The
     # backward pass reuses the quantised weights (qwix's default with a float backward is the

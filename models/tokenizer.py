@@ -12,6 +12,7 @@ folder (tokenizer.json and tokenizer_config.json) loads in `AutoTokenizer`.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -53,6 +54,52 @@ def _bpe_pipeline() -> _HFTokenizer:
     return tok
 
 
+ALPHABET_LIMIT = 1000  # as in HuggingFace's BERT recipe: rarer characters become [UNK]
+
+
+def _word_counts(texts: Iterable[str], lowercase: bool) -> Counter:
+    """The words BERT's pipeline cuts `texts` into, counted: what the WordPiece trainer counts.
+    Rust normalises; Python splits at the spaces (all whitespace is one after clean_text) and
+    pre-tokenizes each distinct piece once."""
+    normalizer = _bert_pipeline(models.WordPiece(unk_token=UNK), lowercase).normalizer
+    pieces = Counter()
+    for text in texts:
+        pieces.update(normalizer.normalize_str(text).split())
+    words, cut = Counter(), pre_tokenizers.BertPreTokenizer()
+    for piece, count in pieces.items():
+        for word, _ in cut.pre_tokenize_str(piece):
+            words[word] += count
+    return words
+
+
+def _train_wordpiece(words: Counter, vocab_size: int, order=sorted) -> set[str]:
+    """The vocabulary tokenizers' WordPiece trainer learns from these word counts.
+
+    The trainer numbers the `##` pieces of single characters in the order of a hash map seeded
+    anew at each call, and breaks ties between equally frequent pairs by those numbers: left to
+    itself, it learned another vocabulary on each run. Here the alphabet (the ALPHABET_LIMIT
+    most frequent characters, ties to the lower code point) and those pieces (numbered in
+    `order`, right after the special tokens) are given to it up front, so nothing it does
+    depends on a hash; it is fed the counted words, already normalised."""
+    chars, inner = Counter(), set()
+    for word, count in words.items():
+        for c in word:
+            chars[c] += count
+        inner.update(word[1:])
+    alphabet = sorted(sorted(chars, key=lambda c: (-chars[c], c))[:ALPHABET_LIMIT])
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, continuing_subword_prefix="##", show_progress=False,
+        special_tokens=[*SPECIAL_TOKENS, *order(f"##{c}" for c in alphabet if c in inner)],
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet))
+    tok = _HFTokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # each word as many times as it was counted, a few thousand to a text
+    tok.train_from_iterator((" ".join([word] * min(4096, count - done))
+                             for word, count in sorted(words.items()) for done in range(0, count, 4096)),
+                            trainer=trainer)
+    return set(tok.get_vocab())
+
+
 def read_vocab(path) -> list[str]:
     """The tokens of a vocab.txt in id order, one a line. Split on line breaks only, like BERT's
     load_vocab (not on str.splitlines' other separators, which can be parts of tokens)."""
@@ -91,21 +138,14 @@ class Tokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True,
               kind: str = "wordpiece") -> "Tokenizer":
         """Learns a vocabulary of `vocab_size` tokens (special tokens included): WordPiece, or
-        with kind="bpe" a cased byte-level BPE (`lowercase` is then not used)."""
+        with kind="bpe" a cased byte-level BPE (`lowercase` is then not used). The same texts
+        give the same vocabulary, file for file, in any process."""
         if kind == "bpe":
             return cls._train_bpe(texts, vocab_size)
         if kind != "wordpiece":
             raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
-        tok = _bert_pipeline(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"),
-                             lowercase)
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix="##", show_progress=False,
-            limit_alphabet=1000)  # as in HuggingFace's BERT recipe: rare characters become [UNK]
-        tok.train_from_iterator(texts, trainer=trainer)
-        # The trainer orders tokens of equal frequency by hash order, which changes from one
-        # process to the next: number the learned vocabulary the same way everywhere.
-        learned = tok.get_vocab().keys() - set(SPECIAL_TOKENS)
+        # The trainer numbers tokens as it meets them: number them the same way everywhere.
+        learned = _train_wordpiece(_word_counts(texts, lowercase), vocab_size) - set(SPECIAL_TOKENS)
         return cls.from_vocab(list(SPECIAL_TOKENS) + sorted(learned), lowercase)
 
     @classmethod

@@ -125,6 +125,22 @@ def test_fine_tuning_a_new_family_from_its_checkpoint_resumes_bitwise(pretrained
     assert_same_params(tmp_path / "stopped", tmp_path / "full")
 
 
+def test_quantisation_aware_fine_tuning_traces_the_model_once_too(pretrained, tmp_path, monkeypatch):
+    from models import quantize
+    source, _ = pretrained
+    _, ft = configs()
+    ft.method.quantize = "int8"  # the step trains qwix's fake-quantised graph; the int8 weights are scored
+    ft.train.steps = 3
+    transformed, qat = [], quantize.qat_model
+    monkeypatch.setattr(quantize, "qat_model", lambda model, qtype: (transformed.append(model), qat(model, qtype))[1])
+    with builds() as built:
+        results = finetune(ft, tmp_path, str(source))
+    assert built == [2]  # as a float run: QAT's graph, the int8 channels and the float eval from one trace
+    assert len(transformed) == 1 and isinstance(transformed[0], toy_family.Regressor)
+    record = results["quantized"]
+    assert record["dtype"] == "int8" and record["weights"] == 2 and set(record["dev"]) == set(results["dev"])
+
+
 def test_continued_with_init_starts_from_the_source_and_exports_through_its_record(pretrained, tmp_path):
     source, last_eval = pretrained
     pre, _ = configs()

@@ -2,15 +2,17 @@
 ModernBertForQuestionAnswering, float32, both ways: our export loads in transformers with the
 same start/end logits, and a model transformers made imports into ours with the same logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from finetune.bert import QuestionAnswering
+from finetune.bert import PositionClassifier
 from models import hf
-from models.modernbert import ModernBertForQuestionAnswering
+from models.modernbert import ModernBertForPositionClassification
 from tests import test_hf as b
 from tests import test_hf_modernbert as m
 
@@ -18,6 +20,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
+# ModernBertForQuestionAnswering: the per-position class with two outputs named as HF's QA head
+MODERNBERT_QA = functools.partial(ModernBertForPositionClassification, output="qa_outputs")
 
 
 def hf_logits(model, **inputs) -> np.ndarray:
@@ -28,7 +32,7 @@ def hf_logits(model, **inputs) -> np.ndarray:
 
 def bert_qa(cfg, params):
     with nnx.use_eager_sharding(False):
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: QuestionAnswering(cfg, nnx.Rngs(0))))
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: PositionClassifier(cfg, 2, 0.0, nnx.Rngs(0), output="qa_outputs")))
     return b.build(graphdef, params)
 
 
@@ -74,13 +78,13 @@ def test_bert_export_and_import(tmp_path):
 
 @pytest.mark.slow
 def test_modernbert_export_and_import(tmp_path):
-    params = m.random_params(ModernBertForQuestionAnswering, m.OURS, seed=5)
+    params = m.random_params(MODERNBERT_QA, m.OURS, 2, seed=5)
     assert hf.infer_architecture(params, "modernbert") == "ModernBertForQuestionAnswering"
     hf.export_params(params, m.OURS, tmp_path / "qa", architecture="ModernBertForQuestionAnswering")
     model = m.load_hf(transformers.AutoModelForQuestionAnswering, tmp_path / "qa")
     assert type(model).__name__ == "ModernBertForQuestionAnswering"
     ids, mask = m.inputs(seed=5)
-    ours = np.asarray(m.build(ModernBertForQuestionAnswering, m.OURS, params)(
+    ours = np.asarray(m.build(MODERNBERT_QA, m.OURS, params, 2)(
         jnp.asarray(ids), jnp.asarray(mask)))
     real = mask == 1  # transformers leaves padding positions' states undefined (it unpads)
     diff = np.abs(ours - hf_logits(model, input_ids=ids, attention_mask=mask))[real].max()
@@ -92,7 +96,7 @@ def test_modernbert_export_and_import(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back, back_cfg, architecture = hf.import_params(tmp_path / "theirs")
     assert architecture == "ModernBertForQuestionAnswering"
-    got = np.asarray(m.build(ModernBertForQuestionAnswering, back_cfg, back)(
+    got = np.asarray(m.build(MODERNBERT_QA, back_cfg, back, 2)(
         jnp.asarray(ids), jnp.asarray(mask)))
     diff = np.abs(got - hf_logits(theirs, input_ids=ids, attention_mask=mask))[real].max()
     print(f"[ModernBertForQuestionAnswering import] start/end logits max |diff| {diff:.3g}")

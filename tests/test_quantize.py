@@ -195,7 +195,7 @@ def test_finetune_int8_results_and_quantized_export_load_in_transformers(data_di
     # transformers on the dequantised export = our model on our int8 weights
     model_fn = lambda r: SequenceClassifier(BertConfig(**results["encoder"]), 2, 0.1, r)
     params = read_params(tmp_path / "ft" / "best")[0]
-    deq, _ = post_training(model_fn, params, "int8")
+    deq, _ = post_training(abstract_model(model_fn), params, "int8")
     texts = ["A three-hour cinema master class.", "So muddled, repetitive and ragged."]
     batch = encode(Split(texts, None, np.zeros(2), np.arange(2)), Tokenizer.load(tmp_path / "ft" / "tokenizer"), 32)
     keys = ("input_ids", "token_type_ids", "attention_mask")

@@ -17,10 +17,11 @@ from data.wheels import DataError
 from finetune import token
 from finetune.__main__ import main as finetune_main
 from finetune.tasks import TOKEN, get_task
-from finetune.bert import TokenClassifier
+from finetune.bert import PositionClassifier
+from finetune.text import labelled_parts
 from models import hf, hf_cli
 from models.bert import BertConfig
-from models.modernbert import ModernBertConfig, ModernBertForTokenClassification
+from models.modernbert import ModernBertConfig, ModernBertForPositionClassification
 from models.tokenizer import Tokenizer
 from conftest import TINY_FT, cli_error, perturbed_params
 
@@ -159,6 +160,30 @@ def test_bad_file_through_the_cli_is_one_line_and_writes_nothing(tmp_path, capsy
     assert not workdir.exists() or not any(p.name not in ("lease.json",) for p in workdir.iterdir())
 
 
+def test_each_split_is_encoded_once_for_all_its_evaluations(tmp_path, monkeypatch):
+    for split in ("train", "dev", "test"):
+        write(tmp_path, f"{split}.conll", CONLL)
+    task, data = get_task(f"conll:{tmp_path}"), load_task(f"conll:{tmp_path}", tmp_path)
+    tokenizer = Tokenizer.train(["the eu rejects german beef, peter blackburn said"] * 5, 120)
+    encoded = []
+    monkeypatch.setattr(token, "encode", lambda split, *a: (encoded.append(len(split)), encode_words(split, *a))[1])
+    parts = labelled_parts(task, data, data.splits, tokenizer, 16)
+    logits = np.random.default_rng(0).normal(size=(2, 16, len(data.label_names))).astype(np.float32)
+    first = parts["score"]("dev", logits)[0]
+    assert encoded == [2]  # the two dev sentences, once
+    assert [parts["score"]("dev", logits)[0] for _ in range(3)] == [first] * 3 and encoded == [2]
+    parts["write_predictions"](tmp_path, "dev", logits)
+    parts["score"]("test", logits)
+    assert encoded == [2, 2]  # test's own, once
+    # what the cached labels score is what a fresh encoding scores (seqeval on the words' tags)
+    labels = encode_words(data.splits["dev"], tokenizer, 16)["labels"]
+    words = [len(w) for w in data.splits["dev"].words]
+    predicted = token.word_predictions(logits, labels, words, data.label_names.index("O"))
+    names = data.label_names
+    gold = [[names[t] for t in tags] for tags in data.splits["dev"].tags]
+    assert first["f1"] == seqeval.f1_score(gold, [[names[t] for t in p] for p in predicted])
+
+
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe"])
 def test_first_sub_token_carries_the_tag(kind):
     words = [["Empire", "State", "Buildingz", "!"], ["paulwalk", "sees", "ESB"]]
@@ -209,12 +234,33 @@ MODERNBERT = ModernBertConfig(vocab_size=320, num_layers=4, hidden_size=64, num_
                               intermediate_size=96, max_position=512, local_window=16)
 FAMILIES = {
     "bert": (BERT, "BertForTokenClassification",
-             lambda cfg, rngs: TokenClassifier(cfg, len(LABELS), 0.0, rngs),
+             lambda cfg, rngs: PositionClassifier(cfg, len(LABELS), 0.0, rngs),
              lambda m, ids, mask: m(ids, jnp.zeros_like(ids), mask)),
     "modernbert": (MODERNBERT, "ModernBertForTokenClassification",
-                   lambda cfg, rngs: ModernBertForTokenClassification(cfg, len(LABELS), rngs),
+                   lambda cfg, rngs: ModernBertForPositionClassification(cfg, len(LABELS), rngs),
                    lambda m, ids, mask: m(ids, mask)),
 }
+
+
+# The QA model is the same class with two outputs named as HF's QA head (tests/test_hf_qa.py
+# has its parity with transformers).
+CLASSES = {"bert": lambda cfg, n, rngs, **kw: PositionClassifier(cfg, n, 0.0, rngs, **kw),
+           "modernbert": lambda cfg, n, rngs, **kw: ModernBertForPositionClassification(cfg, n, rngs, **kw)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_per_position_class_is_the_token_and_the_qa_model(family):
+    cfg, architecture, _, _ = FAMILIES[family]
+    with nnx.use_eager_sharding(False):  # abstract: the parameter trees alone
+        token_params, qa_params = (nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+            lambda: CLASSES[family](cfg, n, nnx.Rngs(0), **kw)), nnx.Param))
+            for n, kw in ((len(LABELS), {}), (2, {"output": "qa_outputs"})))
+    assert hf.infer_architecture(token_params, family) == architecture
+    assert hf.infer_architecture(qa_params, family) == architecture.replace("TokenClassification", "QuestionAnswering")
+    assert qa_params["qa_outputs"]["kernel"].shape == (cfg.hidden_size, 2)
+    assert token_params["token_classifier"]["kernel"].shape == (cfg.hidden_size, len(LABELS))
+    rest = lambda params, name: jax.tree.map(lambda x: x.shape, {k: v for k, v in params.items() if k != name})
+    assert rest(token_params, "token_classifier") == rest(qa_params, "qa_outputs")
 
 
 # ModernBERT's (4 layers, a window) takes ~20 s a direction: the slow suite's.

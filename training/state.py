@@ -6,7 +6,7 @@ process ever holds an unsharded copy of the parameters.
 """
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,23 +62,35 @@ class StatePlan:
         return self.target["params"]
 
 
-def abstract_params(model_fn):
-    """(graph definition, the parameters' ShapeDtypeStructs, their logical PartitionSpecs): the
-    model traced once, abstractly."""
-    graphdef, params = nnx.split(abstract_model(model_fn), nnx.Param)
-    return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                  nnx.to_pure_dict(params)), nnx.to_pure_dict(nnx.get_partition_spec(params))
+class Abstract(NamedTuple):
+    """The model traced once, abstractly: the graph definition the step runs, the parameters'
+    ShapeDtypeStructs and logical PartitionSpecs, and the traced model itself (the float one
+    where a transform gave the step another graph: what reads weights off the modules, such as
+    post-training quantisation, and an eval of the plain model take it from here)."""
+    graphdef: Any
+    params: dict
+    specs: dict
+    model: nnx.Module
 
 
-def plan_state(abstract, tx, mesh) -> StatePlan:
+def abstract_params(model_fn, transform: Callable[[nnx.Module], nnx.Module] | None = None) -> Abstract:
+    """The model traced once, abstractly. `transform(model)` gives the model the step runs from
+    the traced one, on the same parameters (quantisation-aware training: the same weights under
+    another graph); it is applied to the abstract model, which is not traced again."""
+    model = abstract_model(model_fn)
+    graphdef, params = nnx.split(model if transform is None else transform(model), nnx.Param)
+    return Abstract(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)),
+                    nnx.to_pure_dict(nnx.get_partition_spec(params)), model)
+
+
+def plan_state(abstract: Abstract, tx, mesh) -> StatePlan:
     """The train state's plan from `abstract_params(model_fn)`; only the optimizer is traced."""
-    graphdef, params, specs = abstract
-    abstract_state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+    abstract_state = {"params": abstract.params, "opt_state": jax.eval_shape(tx.init, abstract.params),
                       "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    shardings = state_shardings(abstract_state, shardings_of(specs, mesh), tx, mesh)
+    shardings = state_shardings(abstract_state, shardings_of(abstract.specs, mesh), tx, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
-    return StatePlan(graphdef, target, shardings)
+    return StatePlan(abstract.graphdef, target, shardings)
 
 
 def create_train_state(model_fn, tx, mesh, seed: int, params: dict | None = None,
