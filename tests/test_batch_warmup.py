@@ -5,19 +5,24 @@ settings refused in one line before anything is written."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from conftest import cli_error, random_batch, tiny_config, tiny_flags
+from conftest import cli_error, random_batch, stop_at, tiny_config, tiny_flags
 from data.pipeline import BatchWarmup
 from data.pretraining import PretrainingData
 from data.preparation import prepare
 from pretrain.__main__ import main
 from pretrain.bert import objective
+from pretrain.train import train_and_evaluate
 from test_train_step import SEQ, VOCAB, PREDS, mesh_of, model_fn
 from training import mesh as mesh_lib
+from training.checkpoint_reader import read_params
+from training.loop import LogWindow
+from training.metrics import read_metrics
 from training.optim import make_optimizer
 from training.state import create_train_state
 from training.step import make_train_step, microbatch_count
@@ -148,3 +153,39 @@ def test_a_start_that_does_not_divide_the_batch_is_one_line(capsys, tmp_path, st
                                    f"--config.train.batch_warmup_start={start}"])
     assert f"train.batch_warmup_start={start} must divide train.batch_size=32" in err
     assert not workdir.exists()
+
+
+def test_log_window_times_rows_and_leaves_each_new_size_out():
+    """tokens/s counts each step's rows; the first step at a new size (a compile) is not timed."""
+    window = LogWindow(start_step=0)
+    for step, rows in enumerate([8, 8, 8, 16, 16, 16], 1):
+        window.batch_rows(rows)
+        window.add(step, {"loss": jnp.float32(1.0)})
+        if step in (3, 6):
+            _, steps, steps_per_sec = window.take()
+            # Steps 2-3 (8 rows each) and 5-6 (16): steps 1 and 4 compile.
+            assert steps == 3 and window.rows_per_sec == pytest.approx(steps_per_sec * rows)
+
+
+@pytest.mark.slow  # three short runs
+def test_stopped_mid_warmup_and_rerun_continues_bitwise(tmp_path, data_dir, monkeypatch):
+    """SIGTERM's path at step 3, inside the 8-row stage of 4 -> 16 rows on a (4, 1, 2) mesh, then
+    the same command: every step's loss and the final weights as an unstopped run's."""
+    config = lambda: tiny_config(**{"data.data_dir": str(data_dir), "mesh.data": 4, "mesh.tensor": 2,
+                                    "train.batch_warmup_steps": 6, "train.batch_warmup_start": 4})
+    train_and_evaluate(config(), tmp_path / "full")
+    rows = [m for m in read_metrics(tmp_path / "full") if "train/loss" in m]
+    assert [m["train/batch_size"] for m in rows] == [4, 4, 8, 8, 12, 12]
+    for m in rows:  # one step a window: tokens per step are that step's rows x 32
+        if "perf/steps_per_sec" in m:
+            assert m["perf/tokens_per_sec"] == pytest.approx(m["perf/steps_per_sec"] * m["train/batch_size"] * 32)
+    stop_at(monkeypatch, 3)
+    train_and_evaluate(config(), tmp_path / "stopped")
+    monkeypatch.undo()
+    assert max(m["step"] for m in read_metrics(tmp_path / "stopped")) == 3
+    train_and_evaluate(config(), tmp_path / "stopped")
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in ms]
+    assert strip(read_metrics(tmp_path / "stopped")) == strip(read_metrics(tmp_path / "full"))
+    for a, b in zip(jax.tree.leaves(read_params(tmp_path / "full")[0]),
+                    jax.tree.leaves(read_params(tmp_path / "stopped")[0])):
+        np.testing.assert_array_equal(a, b)
