@@ -44,6 +44,18 @@ def test_schedule_golden_values():
         assert not off.on and off.unit == 16 and [off.units_before(s) for s in range(3)] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("name, warmup_tokens", [("modernbert_base", 50e9), ("modernbert_large", 10e9)])
+def test_modernbert_configs_count_the_releases_tokens(name, warmup_tokens):
+    """The release's schedule in tokens (Warner et al. 2024), as these configs' steps count it."""
+    import importlib
+    c = importlib.import_module(f"configs.{name}").get_config()
+    w, tokens = BatchWarmup.of(c.train), c.data.max_seq_len
+    seen = lambda step: w.unit * w.units_before(step) * tokens  # tokens before `step`
+    assert w.on and seen(w.steps) == pytest.approx(warmup_tokens, rel=1e-3)
+    assert seen(c.optim.warmup_steps) == pytest.approx(3e9, rel=1e-3)
+    assert seen(c.train.steps) == pytest.approx(1.7e12, rel=1e-5)
+
+
 def test_microbatch_count_golden_values():
     assert microbatch_count(16, max_rows=4, granule=4) == 4     # the full batch: train.grad_accum
     assert microbatch_count(8, max_rows=4, granule=4) == 2
