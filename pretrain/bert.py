@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from data.pipeline import BatchWarmup
 from data.pretraining import PretrainingData
 from models.bert import BertConfig, BertForPreTraining
 from pretrain.setup import PretrainSetup
@@ -144,7 +145,8 @@ def masked_batches(config, corpus: PretrainingData):
     masking = dict(seed=tc.seed, max_predictions=dc.max_predictions, mask_prob=dc.mask_prob,
                    whole_word=dc.whole_word, process_index=jax.process_index(),
                    process_count=jax.process_count())
-    train = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch, **masking)
+    train = corpus.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch,
+                                  warmup=BatchWarmup.of(tc), **masking)
     eval_masking = dict(masking, mask_prob=dc.get("eval_mask_prob", dc.mask_prob))
     eval_batches = lambda: corpus.eval_batches(tc.batch_size, config.eval.max_batches, **eval_masking)
     return train, eval_batches

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from data.images import Augment, ImagePipeline, load_images
+from data.pipeline import BatchWarmup
 from data.wheels import DataError
 from models.mae import MAEConfig, MAEForPreTraining, patchify, reconstruction_sums, unpatchify
 from pretrain.setup import PretrainSetup
@@ -116,7 +117,8 @@ def setup(config, workdir, init: str | None = None, explicit=()) -> PretrainSetu
     pipeline = ImagePipeline(data, image_size=cfg.image_size, num_patches=cfg.num_patches,
                              augment=Augment(crop_scale=(dc.crop_scale_min, 1.0), flip=dc.flip))
     share = dict(seed=tc.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    train = pipeline.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch, **share)
+    train = pipeline.train_iterator(tc.batch_size, workers=dc.workers, prefetch=dc.prefetch,
+                                    warmup=BatchWarmup.of(tc), **share)
     throughput = Throughput(tc.batch_size, "images", train_flops(cfg, tc.batch_size),
                             peak_flops_per_device(config.perf.peak_tflops) * jax.device_count())
     return PretrainSetup(lambda rngs: MAEForPreTraining(cfg, rngs), objective(cfg), train,

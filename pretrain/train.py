@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+
 import jax
 
+from data.pipeline import BatchWarmup
 from models import family as families
 from pretrain import distill
 from training import distill as shared_distill
@@ -25,7 +28,7 @@ from training.lease import WorkdirLease
 from training.loop import evaluate_objective, restore_or_init, run
 from training.optim import learning_rate_schedule, make_optimizer
 from training.state import abstract_params, create_train_state, init_params, plan_state
-from training.step import make_eval_step, make_train_step
+from training.step import make_eval_step, make_train_step, microbatch_count
 from training.validate import validate
 
 
@@ -52,6 +55,12 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     # ---- Mesh, family (model, objective, data) ----------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     mesh_lib.check_divisible(tc.batch_size, mesh, grad_accum=tc.grad_accum)
+    warmup = BatchWarmup.of(tc)  # the families' train iterators take each step's rows from it
+    grad_accum = tc.grad_accum
+    if warmup.on:  # every size splits over the data-parallel devices; microbatches stay in memory
+        mesh_lib.check_divisible(warmup.unit, mesh, "train.batch_warmup_start")
+        grad_accum = functools.partial(microbatch_count, max_rows=tc.batch_size // tc.grad_accum,
+                                       granule=mesh_lib.data_parallel_size(mesh))
     given = config.to_dict()  # config.json: as given; what the setup resolves goes to run.json
     teacher_source, student = distill.prepare(config, workdir, init, set(explicit))  # before anything is written
     if student:  # the family builds the student the teacher's distillation resolved
@@ -70,7 +79,7 @@ def _train(config, workdir, init: str | None, explicit, lease, on_eval=None) -> 
     if teacher_source is not None:
         teacher = distill.load(config, teacher_source, mesh, family.objective)
         family.objective, family.initial_params = teacher.objective, teacher.initial_params
-    step_fn = make_train_step(graphdef, tx, family.objective, seed=tc.seed, grad_accum=tc.grad_accum)
+    step_fn = make_train_step(graphdef, tx, family.objective, seed=tc.seed, grad_accum=grad_accum)
     train_step = (shared_distill.jit_step(step_fn, teacher.outputs, teacher.params, shardings, batch_sharding)
                   if teacher else jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                                           out_shardings=(shardings, None), donate_argnums=0))

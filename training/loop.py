@@ -44,6 +44,8 @@ class LogWindow:
     def __init__(self, start_step: int):
         self._first_step = start_step + 1
         self._previous = None
+        self._rows, self._new_shape = None, False
+        self.rows_per_sec = None  # of the window last taken: timed rows per second
         self._new_window()
 
     def _new_window(self):
@@ -52,7 +54,13 @@ class LogWindow:
         self.restart_timer()
 
     def restart_timer(self):
-        self._timer, self._timed_steps = time.perf_counter(), 0
+        self._timer, self._timed_steps, self._timed_rows = time.perf_counter(), 0, 0
+
+    def batch_rows(self, rows: int) -> None:
+        """The rows of the step about to be added: a batch-size warmup changes them, and the
+        first step at a new size compiles, so the timer leaves it out as it does the first."""
+        self._new_shape = self._rows is not None and rows != self._rows
+        self._rows = rows
 
     def add(self, step: int, sums):
         if jax.process_count() > 1:
@@ -66,7 +74,8 @@ class LogWindow:
         self._sums = sums if self._sums is None else jax.tree.map(jnp.add, self._sums, sums)
         self._steps += 1
         self._timed_steps += 1
-        if step == self._first_step:
+        self._timed_rows += self._rows or 0
+        if step == self._first_step or self._new_shape:
             jax.block_until_ready(sums)
             self.restart_timer()
 
@@ -76,6 +85,7 @@ class LogWindow:
         host = self._host_sums()
         elapsed = time.perf_counter() - self._timer
         steps_per_sec = self._timed_steps / elapsed if self._timed_steps else None
+        self.rows_per_sec = self._timed_rows / elapsed if self._timed_steps else None
         steps = self._steps
         self._new_window()
         return host, steps, steps_per_sec
@@ -97,7 +107,8 @@ class LogWindow:
 @dataclasses.dataclass(frozen=True)
 class Throughput:
     """What one step processes, for the perf/* metrics."""
-    items_per_step: float        # tokens, images or examples in one global batch
+    items_per_step: float        # tokens, images or examples in one global batch (train.batch_size
+                                 # rows; a batch-size warmup's steps count by their rows)
     unit: str                    # logged as perf/<unit>_per_sec
     flops_per_step: float = 0.0  # matmul FLOPs of one step; 0: no perf/mfu
     peak_flops: float = 0.0      # of all devices together; 0: unknown, no perf/mfu
@@ -151,7 +162,8 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
     `on_eval(step, metrics)` sees every evaluation once it is logged (a hyperparameter search
     reports it and may stop the run by raising, training/search.py).
     """
-    log_every = config.train.log_every
+    log_every, batch_size = config.train.log_every, config.train.batch_size
+    warming = config.train.get("batch_warmup_steps", 0) > 0  # then train/batch_size is logged
     metrics = MetricsWriter(workdir, config.wandb.project, config=config.to_dict(), after_step=start)
     epoch = (lambda s: {"epoch": s / steps_per_epoch}) if steps_per_epoch else (lambda s: {})
     stop = StopRequest()
@@ -183,9 +195,14 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
         with jax.set_mesh(mesh), mesh_lib.logical_rules():
             if eval_at_start and start == 0:  # where training starts from, for comparison
                 last_eval = report_eval(0, state["params"])
+            def one_step(state):
+                batch = mesh_lib.global_batch(next(batches), mesh)
+                rows = len(jax.tree.leaves(batch)[0])  # a batch-size warmup's steps differ
+                window.batch_rows(rows)
+                return (*train_step(state, batch), rows)
+
             while step < total_steps and not stopping:
-                state, out = profiler.run_step(step + 1, lambda: train_step(
-                    state, mesh_lib.global_batch(next(batches), mesh)))
+                state, out, rows = profiler.run_step(step + 1, lambda: one_step(state))
                 step += 1
                 window.add(step, out)
                 stopping = stop.should_stop(step)  # the same step on every process
@@ -205,11 +222,14 @@ def run(config, workdir, *, mesh, state, start: int, total_steps: int, train_ste
                     at = jax.device_put(np.int32(step - 1), NamedSharding(mesh, P()))
                     row["train/lr"] = float(jax.device_get(lr_of(at)))
                     row.update(epoch(step))
+                    if warming:
+                        row["train/batch_size"] = rows  # of the window's last step
                     if steps_per_sec:
+                        batches_per_sec = window.rows_per_sec / batch_size  # full batches a second
                         row["perf/steps_per_sec"] = steps_per_sec
-                        row[f"perf/{throughput.unit}_per_sec"] = steps_per_sec * throughput.items_per_step
+                        row[f"perf/{throughput.unit}_per_sec"] = batches_per_sec * throughput.items_per_step
                         if throughput.flops_per_step and throughput.peak_flops:
-                            row["perf/mfu"] = steps_per_sec * throughput.flops_per_step / throughput.peak_flops
+                            row["perf/mfu"] = batches_per_sec * throughput.flops_per_step / throughput.peak_flops
                     metrics.write(step, row)
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", refresh=False)
                     ckpt.check()  # a background save that failed stops the run here, in one line

@@ -47,10 +47,20 @@ def microbatches(batch: dict, grad_accum: int) -> dict:
     return jax.tree.map(lambda x: x.reshape(-1, grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+def microbatch_count(rows: int, max_rows: int, granule: int) -> int:
+    """The fewest equal microbatches of at most `max_rows` rows that a step of `rows` rows splits
+    into, each a multiple of `granule` (the data-parallel size: every device keeps its rows).
+    A run with batch-size warmup (data.pipeline.BatchWarmup) gives the step this for every size;
+    the full batch then gets train.grad_accum, the smaller ones fewer."""
+    per_device = rows // granule
+    return next(n for n in range(-(-rows // max_rows), per_device + 1) if per_device % n == 0)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objective, *,
-                    seed: int, grad_accum: int = 1, frozen=None,
+                    seed: int, grad_accum: int | Callable[[int], int] = 1, frozen=None,
                     penalties: dict[str, Callable] | None = None, pruner=None):
-    """One optimizer update over the global batch, split into `grad_accum` microbatches.
+    """One optimizer update over the global batch, split into `grad_accum` microbatches (or
+    `grad_accum(rows)` of them: a batch-size warmup's steps have several sizes, one compile each).
 
     `frozen`: a tree of bools like the params; frozen weights get no gradient and are passed
     through bitwise (pair it with an optimizer that gives them zero updates).
@@ -73,7 +83,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objec
     def train_step(state, batch):
         key = jax.random.fold_in(jax.random.key(seed), state["step"])
         norm = objective.normalisers(batch)
-        micro = microbatches(batch, grad_accum)
+        count = grad_accum(len(jax.tree.leaves(batch)[0])) if callable(grad_accum) else grad_accum
+        micro = microbatches(batch, count)
 
         def accumulate(carry, i):
             grads, sums = carry
@@ -86,7 +97,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, objective: Objec
                                 jax.tree.map(lambda x: x[0], micro))
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         zero_grads = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), jnp.arange(grad_accum))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), jnp.arange(count))
         means = {}
         for name, penalty in penalties.items():
             means[name], g = jax.value_and_grad(penalty)(state["params"], state)

@@ -50,6 +50,8 @@ _COMMON = {
 
 _PRETRAIN = {
     "train.steps": COUNT,
+    "train.batch_warmup_steps": NONNEG,  # 0: no batch-size warmup (data/pipeline.py BatchWarmup)
+    "train.batch_warmup_start": NONNEG,
     "optim.warmup_steps": NONNEG,
     "checkpoint.every_steps": NONNEG,   # 0: only at the end and when stopped
     "eval.every_steps": COUNT,
@@ -107,6 +109,11 @@ def _cross_checks(c) -> str | None:
     if c.train.batch_size % c.train.grad_accum:
         return (f"train.batch_size={c.train.batch_size} does not split into "
                 f"train.grad_accum={c.train.grad_accum} microbatches; use a multiple of it")
+    start, batch = c.train.get("batch_warmup_start", 0), c.train.batch_size
+    if c.train.get("batch_warmup_steps", 0) and not (0 < start <= batch and batch % start == 0):
+        return (f"train.batch_warmup_start={start} must divide train.batch_size={batch} (every "
+                f"step takes a whole number of batches of that many rows); set it to a divisor "
+                f"of {batch}, or train.batch_warmup_steps=0 for no batch-size warmup")
     if trainer(c) == "finetune" and c.train.steps == 0 and c.train.epochs == 0:
         return "train.steps=0 and train.epochs=0: set train.epochs or train.steps above 0"
     spec = families.of_config(c)
