@@ -5,8 +5,10 @@ Run (from the tiny pretraining, configs/modernbert_tiny.py):
     python -m finetune --config configs/finetune_modernbert_reuters_r8.py \
         --init runs/modernbert_tiny --workdir runs/ft_modernbert_reuters_r8
 
-Expected: well above the 0.49 of always answering the majority class (earn); not measured yet
-against BERT-tiny's 0.912 (configs/finetune_reuters_r8.py).
+Expected: well above the 0.49 of always answering the majority class (earn). Measured from the
+default pretraining (modernbert_tiny, 4,000 steps) with --config.data.max_seq_len=64
+--config.train.epochs=3 --config.optim.lr=5e-4, median of 3 seeds: test 0.951, against 0.914 from
+BERT-tiny's run the same way (benchmarks/RESULTS.md).
 """
 
 from configs import finetune_reuters_r8
