@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+from configs import PRETRAIN_DEFAULT
 from conftest import cli_error, random_batch, stop_at, tiny_config, tiny_flags
 from data.pipeline import BatchWarmup
 from data.pretraining import PretrainingData
@@ -21,6 +22,7 @@ from pretrain.train import train_and_evaluate
 from test_train_step import SEQ, VOCAB, PREDS, mesh_of, model_fn
 from training import mesh as mesh_lib
 from training.checkpoint_reader import read_params
+from training.config import load_config
 from training.loop import LogWindow
 from training.metrics import read_metrics
 from training.optim import make_optimizer
@@ -161,9 +163,10 @@ def test_a_start_that_does_not_divide_over_the_mesh_is_one_line(capsys, tmp_path
 @pytest.mark.parametrize("start", [64, 6, 0])  # over the batch, not a divisor, none
 def test_a_start_that_does_not_divide_the_batch_is_one_line(capsys, tmp_path, start):
     workdir = tmp_path / "run"
+    batch = load_config(PRETRAIN_DEFAULT).train.batch_size
     err = cli_error(capsys, main, ["--workdir", str(workdir), "--config.train.batch_warmup_steps=10",
                                    f"--config.train.batch_warmup_start={start}"])
-    assert f"train.batch_warmup_start={start} must divide train.batch_size=32" in err
+    assert f"train.batch_warmup_start={start} must divide train.batch_size={batch}" in err
     assert not workdir.exists()
 
 
